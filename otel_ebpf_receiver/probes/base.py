@@ -1,0 +1,221 @@
+"""What a probe is: a BPF program in ``bpf/<name>.bpf.c`` plus a Python class that says what it needs from the
+kernel, which metrics it produces and which features it contributes to the state model.
+
+Kernel maps stay cumulative (never cleared: clearing races with the kernel and loses updates); each interval a
+probe reads them and turns the change since the last read into a :class:`Reading`. The agent then records the
+reading into OpenTelemetry with the current ``system.state`` attached, so the probe never touches the SDK.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Hashable, Iterable, Mapping
+
+TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
+
+COUNTER = "counter"          # monotonic; recorded as deltas so each system.state series sums to the total
+GAUGE = "gauge"              # last value of the window
+HISTOGRAM = "histogram"      # kernel log2 buckets (see Reading.histograms)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One OpenTelemetry instrument a probe produces."""
+
+    name: str
+    kind: str
+    unit: str
+    description: str
+    attributes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One named input of the state model. Values are already scaled (log1p of a rate, a ratio in [0, 1]...),
+    so that the same host under the same load gives the same number whatever its interval or size."""
+
+    name: str
+    description: str
+
+
+@dataclass(frozen=True)
+class Hook:
+    """A kernel hook point, named as in tracefs: ``category:event``."""
+
+    tracepoint: str
+
+    @property
+    def category(self) -> str:
+        return self.tracepoint.split(":", 1)[0]
+
+    @property
+    def event(self) -> str:
+        return self.tracepoint.split(":", 1)[1]
+
+
+def tracefs_root() -> Path | None:
+    for candidate in TRACEFS_CANDIDATES:
+        if os.path.isdir(os.path.join(candidate, "events")):
+            return Path(candidate)
+    return None
+
+
+def hook_exists(hook: Hook) -> bool:
+    root = tracefs_root()
+    return root is not None and (root / "events" / hook.category / hook.event / "format").exists()
+
+
+def tracepoint_has_field(hook: Hook, field_name: str) -> bool:
+    """Tracepoint layouts change between kernels (sched_process_exit gained group_dead in 6.x): read, don't assume."""
+    root = tracefs_root()
+    if root is None:
+        return False
+    try:
+        text = (root / "events" / hook.category / hook.event / "format").read_text()
+    except OSError:
+        return False
+    return any(line.strip().startswith("field:") and f" {field_name};" in line for line in text.splitlines())
+
+
+@dataclass
+class Reading:
+    """What one probe saw in one window.
+
+    counters: (metric name, increase since last window, attributes)
+    gauges: (metric name, value, attributes)
+    histograms: (metric name, {upper bound: count increase}, sum increase, attributes) with bounds in the metric's unit
+    features: feature name -> scaled value for the state model
+    """
+
+    counters: list[tuple[str, float, Mapping[str, Any]]] = field(default_factory=list)
+    gauges: list[tuple[str, float, Mapping[str, Any]]] = field(default_factory=list)
+    histograms: list[tuple[str, Mapping[float, int], float, Mapping[str, Any]]] = field(default_factory=list)
+    features: dict[str, float] = field(default_factory=dict)
+    # Per-probe health, reported by the agent as self-metrics.
+    map_update_failures: int = 0
+    map_evictions: int = 0
+
+
+class CounterDeltas:
+    """Turns cumulative kernel counters into per-window increases.
+
+    A key that shrank was evicted from an LRU map and re-created: its whole current value is new.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, float] = {}
+
+    def delta(self, key: Hashable, cumulative: float) -> float:
+        previous = self._last.get(key, 0)
+        self._last[key] = cumulative
+        return cumulative - previous if cumulative >= previous else cumulative
+
+    def forget_missing(self, present: Iterable[Hashable]) -> None:
+        """Drop keys the kernel no longer has, so the table stays as bounded as the map."""
+        keep = set(present)
+        for key in [k for k in self._last if k not in keep]:
+            del self._last[key]
+
+
+def log1p_rate(count: float, seconds: float) -> float:
+    return math.log1p(max(count, 0.0) / seconds) if seconds > 0 else 0.0
+
+
+def ratio(part: float, whole: float) -> float:
+    return part / whole if whole > 0 else 0.0
+
+
+def decode_comm(raw: Any) -> str:
+    """bcc gives char[16] as bytes (c_char arrays) ending at the first NUL."""
+    value = raw.value if hasattr(raw, "value") else bytes(raw)
+    return value.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+class Probe:
+    """Base class. Subclasses set the class attributes and implement :meth:`read`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    hooks: ClassVar[tuple[Hook, ...]]
+    metrics: ClassVar[tuple[Metric, ...]]
+    features: ClassVar[tuple[Feature, ...]] = ()
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        self.settings = dict(settings or {})
+        self.bpf: Any = None
+        self.mode = ""  # how it attached, e.g. "raw_tracepoint" — shown by `probes` and the live view
+
+    # -- what the kernel must offer -------------------------------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """None when this kernel has every hook; otherwise one line saying what is missing."""
+        if tracefs_root() is None:
+            return "tracefs is not mounted (mount -t tracefs tracefs /sys/kernel/tracing, or run deploy/host-setup.sh)"
+        missing = [h.tracepoint for h in cls.hooks if not hook_exists(h)]
+        if missing:
+            return f"tracepoint {', '.join(missing)} not found on kernel {platform.release()}"
+        return None
+
+    @classmethod
+    def source_path(cls) -> Path:
+        return BPF_SOURCE_DIR / f"{cls.name}.bpf.c"
+
+    # -- loading ------------------------------------------------------------------------------------------
+    def cflags(self) -> list[str]:
+        """-D settings passed to the C program (map sizes, feature switches)."""
+        return []
+
+    def load(self) -> None:
+        """Compile and attach. bcc attaches TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE functions by itself."""
+        from bcc import BPF  # imported late: `probes` and `doctor` must work where bcc is broken
+
+        self.bpf = BPF(src_file=str(self.source_path()), cflags=self.cflags())
+        if not self.mode:
+            self.mode = "tracepoint"
+
+    def close(self) -> None:
+        """Detach every program and close the maps."""
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def program_ids(self) -> list[int]:
+        """Kernel ids of this probe's loaded programs (to prove detaching in tests)."""
+        if self.bpf is None:
+            return []
+        return [pid for fn in self.bpf.funcs.values() if (pid := _prog_info_id(fn.fd))]
+        for fn in self.bpf.funcs.values():
+            try:
+                from bcc import libbcc  # noqa: F401
+                info = _prog_info_id(fn.fd)
+            except Exception:  # pragma: no cover - informational only
+                continue
+            if info:
+                ids.append(info)
+        return ids
+
+    # -- each window ---------------------------------------------------------------------------------------
+    def read(self, seconds: float) -> Reading:
+        raise NotImplementedError
+
+
+def _prog_info_id(fd: int) -> int | None:
+    """Program id of a BPF fd, from /proc/self/fdinfo (no libbpf call needed)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as fh:
+            for line in fh:
+                if line.startswith("prog_id:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def sum_percpu(values: Any) -> int:
+    """bcc returns per-CPU map values as a list-like of per-CPU numbers or structs."""
+    return int(sum(values))
