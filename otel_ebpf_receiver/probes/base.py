@@ -96,7 +96,7 @@ class Reading:
     gauges: list[tuple[str, float, Mapping[str, Any]]] = field(default_factory=list)
     histograms: list[tuple[str, Mapping[float, int], float, Mapping[str, Any]]] = field(default_factory=list)
     features: dict[str, float] = field(default_factory=dict)
-    # Per-probe health, reported by the agent as self-metrics.
+    # Per-probe map health, cumulative since load; the agent reports the increases as self-metrics.
     map_update_failures: int = 0
     map_evictions: int = 0
 
@@ -144,11 +144,27 @@ class Probe:
     hooks: ClassVar[tuple[Hook, ...]]
     metrics: ClassVar[tuple[Metric, ...]]
     features: ClassVar[tuple[Feature, ...]] = ()
+    # Settings a user may give under probe_settings.<name>, with their defaults (the type is checked).
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
-        self.settings = dict(settings or {})
+        self.settings = {**self.defaults, **dict(settings or {})}
         self.bpf: Any = None
         self.mode = ""  # how it attached, e.g. "raw_tracepoint" — shown by `probes` and the live view
+
+    @classmethod
+    def validate_settings(cls, settings: Mapping[str, Any], where: str) -> None:
+        from ..errors import ConfigError
+
+        for key, value in settings.items():
+            if key not in cls.defaults:
+                known = ", ".join(cls.defaults) or "none"
+                raise ConfigError(f"probe_settings.{cls.name}: unknown setting {key!r} (from {where}); known: {known}")
+            expected = type(cls.defaults[key])
+            if expected is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"probe_settings.{cls.name}.{key} (from {where}) must be a positive integer, got {value!r}")
+            if expected is not int and not isinstance(value, expected):
+                raise ConfigError(f"probe_settings.{cls.name}.{key} (from {where}) must be a {expected.__name__}, got {value!r}")
 
     # -- what the kernel must offer -------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,110 @@
+// file_open: file opens and failed opens per process name, and the most-opened paths.
+//
+// The path pointer is saved at sys_enter and the string read at sys_exit, when we know whether the open
+// succeeded; user memory is still mapped then. Paths are unbounded keys, so they live in an LRU map and
+// user space counts what was evicted (new keys inserted minus entries present).
+#include <linux/sched.h>
+
+#ifndef MAX_INFLIGHT
+#define MAX_INFLIGHT 10240
+#endif
+#ifndef MAX_COMMS
+#define MAX_COMMS 4096
+#endif
+#ifndef MAX_PATHS
+#define MAX_PATHS 8192
+#endif
+#ifndef PATH_BYTES
+#define PATH_BYTES 128
+#endif
+
+enum stat_index { STAT_UPDATE_FAILED = 0, STAT_NEW_PATH_KEYS = 1, STAT_MAX = 2 };
+
+struct comm_key {
+    char comm[TASK_COMM_LEN];
+};
+struct open_counts {
+    u64 opens;
+    u64 failed;
+};
+struct path_key {
+    char path[PATH_BYTES];
+};
+
+BPF_HASH(inflight, u64, const char *, MAX_INFLIGHT);
+BPF_PERCPU_HASH(comm_counts, struct comm_key, struct open_counts, MAX_COMMS);
+BPF_TABLE("lru_hash", struct path_key, u64, path_counts, MAX_PATHS);
+BPF_PERCPU_ARRAY(path_scratch, struct path_key, 1);  // too large for the 512-byte BPF stack
+BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+
+static __always_inline void bump_stat(u32 index) {
+    u64 *v = stats.lookup(&index);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline int on_enter(const char *filename) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (inflight.update(&id, &filename) != 0)
+        bump_stat(STAT_UPDATE_FAILED);
+    return 0;
+}
+
+static __always_inline int on_exit(long ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    const char **filename = inflight.lookup(&id);
+    if (!filename)
+        return 0;  // entered before we attached
+    const char *path = *filename;
+    inflight.delete(&id);
+
+    struct comm_key ck = {};
+    bpf_get_current_comm(&ck.comm, sizeof(ck.comm));
+    struct open_counts *counts = comm_counts.lookup(&ck);
+    if (!counts) {
+        struct open_counts zero = {};
+        if (comm_counts.update(&ck, &zero) != 0) {
+            bump_stat(STAT_UPDATE_FAILED);
+            return 0;
+        }
+        counts = comm_counts.lookup(&ck);
+        if (!counts)
+            return 0;
+    }
+    counts->opens++;
+    if (ret < 0) {
+        counts->failed++;
+        return 0;
+    }
+
+    u32 zero_index = 0;
+    struct path_key *pk = path_scratch.lookup(&zero_index);
+    if (!pk)
+        return 0;
+    __builtin_memset(pk->path, 0, sizeof(pk->path));
+    bpf_probe_read_user_str(pk->path, sizeof(pk->path), path);
+    u64 *hits = path_counts.lookup(pk);
+    if (hits) {
+        __sync_fetch_and_add(hits, 1);
+    } else {
+        u64 one = 1;
+        if (path_counts.update(pk, &one) == 0)
+            bump_stat(STAT_NEW_PATH_KEYS);
+        else
+            bump_stat(STAT_UPDATE_FAILED);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat) { return on_enter(args->filename); }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return on_exit(args->ret); }
+
+#ifdef HAVE_SYS_ENTER_OPEN  // not on arm64 and other newer arches
+TRACEPOINT_PROBE(syscalls, sys_enter_open) { return on_enter(args->filename); }
+TRACEPOINT_PROBE(syscalls, sys_exit_open) { return on_exit(args->ret); }
+#endif
+
+#ifdef HAVE_SYS_ENTER_OPENAT2  // Linux >= 5.6
+TRACEPOINT_PROBE(syscalls, sys_enter_openat2) { return on_enter(args->filename); }
+TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return on_exit(args->ret); }
+#endif

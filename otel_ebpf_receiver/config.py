@@ -1,0 +1,152 @@
+"""Configuration: defaults < YAML file < OTEL_EBPF_RECEIVER_* variables < command-line flags.
+
+Exporter, endpoint, headers, timeout, resource and export interval are *not* here: they are the standard
+OTEL_* variables, read by the OpenTelemetry SDK itself (see telemetry.py). Every bad key or value raises
+ConfigError with one line naming it and saying what is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "OTEL_EBPF_RECEIVER_"
+ENV_CONFIG = ENV_PREFIX + "CONFIG"
+"""Path of the YAML configuration file (same as --config)."""
+ENV_INTERVAL = ENV_PREFIX + "INTERVAL"
+"""Window length, e.g. 1s, 500ms (same as --interval)."""
+ENV_PROBES = ENV_PREFIX + "PROBES"
+"""Comma-separated probe names, or 'all' (same as --probes)."""
+ENV_EXPORTER = ENV_PREFIX + "EXPORTER"
+"""otlp, console or none (same as --exporter)."""
+ENV_MODEL_DIR = ENV_PREFIX + "MODEL_DIR"
+"""Directory watched for .onnx state models (same as --model-dir)."""
+ENV_LIVE = ENV_PREFIX + "LIVE"
+"""auto, on or off: the terminal live view (same as --live)."""
+ENV_LOG_LEVEL = ENV_PREFIX + "LOG_LEVEL"
+"""debug, info, warning or error."""
+
+EXPORTERS = ("otlp", "console", "none")
+LIVE_MODES = ("auto", "on", "off")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_duration(text: str | float | int, what: str) -> float:
+    """'500ms', '1s', '10m', '2h', '1d' or a number of seconds -> seconds (> 0)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(str(text))
+        if not match:
+            raise ConfigError(f"{what} {text!r} is not a duration: use e.g. 500ms, 1s, 10m, 2h")
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{what} {text!r} must be greater than zero")
+    return seconds
+
+
+@dataclass
+class Config:
+    interval: float = 1.0
+    probes: list[str] = field(default_factory=list)  # empty = every probe available on this kernel
+    exporter: str = "otlp"
+    model_dir: str | None = None  # None = the bundled default model
+    live: str = "auto"
+    log_level: str = "info"
+    probe_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    source: str = "defaults"
+
+    KEYS = ("interval", "probes", "exporter", "model_dir", "live", "log_level", "probe_settings")
+
+
+def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
+    from .probes import REGISTRY  # late: the registry imports bcc-free modules only, but keep config light
+
+    if key == "interval":
+        cfg.interval = parse_duration(value, f"interval (from {where})")
+    elif key == "probes":
+        names = value if isinstance(value, list) else [p for p in str(value).replace(" ", "").split(",") if p]
+        if names == ["all"]:
+            names = []
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            raise ConfigError(f"unknown probe {unknown[0]!r} (from {where}); known probes: {', '.join(REGISTRY)}")
+        cfg.probes = list(names)
+    elif key == "exporter":
+        if value not in EXPORTERS:
+            raise ConfigError(f"exporter {value!r} (from {where}) must be one of: {', '.join(EXPORTERS)}")
+        cfg.exporter = value
+    elif key == "model_dir":
+        cfg.model_dir = str(value) if value else None
+    elif key == "live":
+        value = {True: "on", False: "off"}.get(value, value)
+        if value not in LIVE_MODES:
+            raise ConfigError(f"live {value!r} (from {where}) must be one of: {', '.join(LIVE_MODES)}")
+        cfg.live = value
+    elif key == "log_level":
+        if str(value).lower() not in LOG_LEVELS:
+            raise ConfigError(f"log_level {value!r} (from {where}) must be one of: {', '.join(LOG_LEVELS)}")
+        cfg.log_level = str(value).lower()
+    elif key == "probe_settings":
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"probe_settings (from {where}) must be a mapping of probe name to settings")
+        for probe, settings in value.items():
+            if probe not in REGISTRY:
+                raise ConfigError(f"probe_settings: unknown probe {probe!r} (from {where}); known: {', '.join(REGISTRY)}")
+            if not isinstance(settings, Mapping):
+                raise ConfigError(f"probe_settings.{probe} (from {where}) must be a mapping")
+            REGISTRY[probe].validate_settings(settings, where)
+            cfg.probe_settings[probe] = dict(settings)
+    else:
+        raise ConfigError(f"unknown configuration key {key!r} in {where}; known keys: {', '.join(Config.KEYS)}")
+
+
+def load_file(path: str | os.PathLike) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {p} is not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must contain a mapping of keys (interval, probes, ...)")
+    return data
+
+
+def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Build the effective configuration. ``flags`` holds only the flags the user gave (None = not given)."""
+    env = os.environ if environ is None else environ
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    cfg = Config()
+    path = flags.pop("config", None) or env.get(ENV_CONFIG)
+    if path:
+        for key, value in load_file(path).items():
+            _apply(cfg, key, value, str(path))
+        cfg.source = str(path)
+    env_keys = {ENV_INTERVAL: "interval", ENV_PROBES: "probes", ENV_EXPORTER: "exporter",
+                ENV_MODEL_DIR: "model_dir", ENV_LIVE: "live", ENV_LOG_LEVEL: "log_level"}
+    for var, key in env_keys.items():
+        if env.get(var):
+            _apply(cfg, key, env[var], var)
+    unknown_env = [k for k in env if k.startswith(ENV_PREFIX) and k not in env_keys and k != ENV_CONFIG]
+    if unknown_env:
+        raise ConfigError(f"unknown environment variable {unknown_env[0]}; known: {', '.join([ENV_CONFIG, *env_keys])}")
+    for key, value in flags.items():
+        _apply(cfg, key, value, f"--{key.replace('_', '-')}")
+    return cfg

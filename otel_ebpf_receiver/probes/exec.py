@@ -1,0 +1,73 @@
+"""exec: process exec per program name, processes and threads created, processes exited (the talk's execve
+example)."""
+
+from __future__ import annotations
+
+import os
+
+from ..bpfmaps import MapSnapshot, percpu_array_u64
+from .base import (COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, decode_comm, log1p_rate,
+                   tracepoint_has_field)
+
+PROCESSES_CREATED, THREADS_CREATED, PROCESS_EXITS, EXECS, STAT_UPDATE_FAILED = range(5)
+EXIT_HOOK = Hook("sched:sched_process_exit")
+
+
+class ExecProbe(Probe):
+    name = "exec"
+    summary = "exec per program, process/thread creation, process exits"
+    hooks = (Hook("sched:sched_process_exec"), Hook("task:task_newtask"), EXIT_HOOK)
+    metrics = (
+        # Same meaning as the semantic convention: processes (not threads) created.
+        Metric("system.process.created", COUNTER, "{process}", "Processes created (fork/clone without CLONE_THREAD)."),
+        Metric("otel_ebpf_receiver.threads.created", COUNTER, "{thread}", "Threads created (clone with CLONE_THREAD)."),
+        Metric("otel_ebpf_receiver.process.exits", COUNTER, "{process}", "Processes that exited (whole thread group)."),
+        Metric("otel_ebpf_receiver.exec", COUNTER, "{exec}", "Successful execve/execveat, per new program name.",
+               ("process.command",)),
+    )
+    features = (
+        Feature("exec.exec_rate_log1p", "log1p(execs per second per CPU)"),
+        Feature("exec.fork_rate_log1p", "log1p(processes created per second per CPU)"),
+        Feature("exec.thread_rate_log1p", "log1p(threads created per second per CPU)"),
+    )
+
+    def __init__(self, settings=None) -> None:
+        super().__init__(settings)
+        self._totals = CounterDeltas()
+        self._per_comm = CounterDeltas()
+        self._ncpu = os.cpu_count() or 1
+
+    def cflags(self) -> list[str]:
+        return ["-DHAVE_GROUP_DEAD"] if tracepoint_has_field(EXIT_HOOK, "group_dead") else []
+
+    def load(self) -> None:
+        super().load()
+        self._comm_snapshot = MapSnapshot(self.bpf["exec_counts"])
+
+    def read(self, seconds: float) -> Reading:
+        reading = Reading()
+        counters = percpu_array_u64(self.bpf["counters"])
+        created = self._totals.delta("created", float(counters[PROCESSES_CREATED]))
+        threads = self._totals.delta("threads", float(counters[THREADS_CREATED]))
+        exits = self._totals.delta("exits", float(counters[PROCESS_EXITS]))
+        execs = self._totals.delta("execs", float(counters[EXECS]))
+        for metric, value in (("system.process.created", created), ("otel_ebpf_receiver.threads.created", threads),
+                              ("otel_ebpf_receiver.process.exits", exits)):
+            if value:
+                reading.counters.append((metric, value, {}))
+
+        snap = self._comm_snapshot
+        for i in range(snap.read()):
+            comm = decode_comm(snap.keys[i].comm)
+            delta = self._per_comm.delta(comm, float(sum(snap.values[i])))
+            if delta:
+                reading.counters.append(("otel_ebpf_receiver.exec", delta, {"process.command": comm}))
+
+        reading.map_update_failures = int(counters[STAT_UPDATE_FAILED])
+        self.last_rate = execs / seconds
+        reading.features = {
+            "exec.exec_rate_log1p": log1p_rate(execs / self._ncpu, seconds),
+            "exec.fork_rate_log1p": log1p_rate(created / self._ncpu, seconds),
+            "exec.thread_rate_log1p": log1p_rate(threads / self._ncpu, seconds),
+        }
+        return reading

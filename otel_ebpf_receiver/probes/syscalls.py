@@ -1,0 +1,135 @@
+"""syscalls: system calls per syscall name, failures per syscall and errno, top processes by syscall rate."""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import platform
+
+from ..bpfmaps import MapSnapshot, percpu_array_u64
+from .base import COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, log1p_rate, ratio
+
+MAX_SYSCALLS = 1024
+
+
+def _syscall_names() -> dict[int, str]:
+    from bcc.syscall import syscalls  # number -> bytes name, for this arch
+
+    return {nr: name.decode() for nr, name in syscalls.items()}
+
+
+def process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as fh:
+            return fh.read().strip().decode("utf-8", "replace")
+    except OSError:
+        return "[exited]"
+
+
+class SyscallsProbe(Probe):
+    name = "syscalls"
+    summary = "system calls per name, failures per errno, busiest processes"
+    hooks = (Hook("raw_syscalls:sys_exit"),)
+    metrics = (
+        Metric("otel_ebpf_receiver.syscalls", COUNTER, "{call}", "System calls completed, per syscall name.",
+               ("syscall.name",)),
+        Metric("otel_ebpf_receiver.syscalls.failed", COUNTER, "{call}",
+               "System calls that returned an error, per syscall name and errno.", ("syscall.name", "error.type")),
+        Metric("otel_ebpf_receiver.syscalls.top_process.rate", GAUGE, "{call}/s",
+               "System call rate of the busiest processes this interval (top N only, bounded cardinality).",
+               ("process.pid", "process.command")),
+    )
+    features = (
+        Feature("syscalls.rate_log1p", "log1p(system calls per second per CPU)"),
+        Feature("syscalls.error_ratio", "failed / all system calls"),
+        Feature("syscalls.top_process_share", "share of all calls made by the busiest process"),
+        Feature("syscalls.active_processes_log1p", "log1p(processes that made a call this interval)"),
+    )
+
+    # force_tracepoint: use the classic tracepoint even where the cheaper raw tracepoint works.
+    defaults = {"top_processes": 5, "max_processes": 10240, "force_tracepoint": False}
+
+    def __init__(self, settings=None) -> None:
+        super().__init__(settings)
+        self.top_n = self.settings["top_processes"]
+        self.max_processes = self.settings["max_processes"]
+        self._names = _syscall_names()
+        self._calls = CounterDeltas()
+        self._errors = CounterDeltas()
+        self._procs = CounterDeltas()
+        self._snapshots: dict[str, MapSnapshot] = {}
+        self._ncpu = os.cpu_count() or 1
+
+    def cflags(self) -> list[str]:
+        flags = [f"-DMAX_SYSCALLS={MAX_SYSCALLS}", f"-DMAX_PROCESSES={self.max_processes}"]
+        if self._raw_tracepoint_usable():
+            flags.append("-DUSE_RAW_TRACEPOINT")
+        return flags
+
+    def _raw_tracepoint_usable(self) -> bool:
+        # The raw variant reads the syscall number from pt_regs->orig_ax, which exists on x86_64 only.
+        if self.settings["force_tracepoint"] or platform.machine() != "x86_64":
+            return False
+        from bcc import BPF
+
+        return bool(BPF.support_raw_tracepoint())
+
+    def load(self) -> None:
+        super().load()
+        self.mode = "raw_tracepoint" if "-DUSE_RAW_TRACEPOINT" in self.cflags() else "tracepoint"
+        self._snapshots = {name: MapSnapshot(self.bpf[name]) for name in ("syscall_errors", "process_counts")}
+
+    def syscall_name(self, nr: int) -> str:
+        return self._names.get(nr, f"syscall_{nr}")
+
+    def read(self, seconds: float) -> Reading:
+        reading = Reading()
+        total_calls = 0.0
+        counts = percpu_array_u64(self.bpf["syscall_counts"])
+        for nr in counts.nonzero()[0]:
+            delta = self._calls.delta(int(nr), float(counts[nr]))
+            if delta:
+                total_calls += delta
+                reading.counters.append(("otel_ebpf_receiver.syscalls", delta, {"syscall.name": self.syscall_name(int(nr))}))
+
+        total_errors = 0.0
+        snap = self._snapshots["syscall_errors"]
+        n = snap.read()
+        ncpu = len(snap.values[0]) if n else 1
+        for i in range(n):
+            key = snap.keys[i]
+            delta = self._errors.delta((key.nr, key.err), float(sum(snap.values[i][c] for c in range(ncpu))))
+            if delta:
+                total_errors += delta
+                reading.counters.append(("otel_ebpf_receiver.syscalls.failed", delta, {
+                    "syscall.name": self.syscall_name(key.nr),
+                    "error.type": errno.errorcode.get(key.err, str(key.err)),
+                }))
+
+        snap = self._snapshots["process_counts"]
+        n = snap.read()
+        pids = snap.u32_keys(n)
+        cumulative = snap.u64_values(n, ncpu=len(snap.values[0]) if n else 1)
+        per_pid = [(self._procs.delta(int(pid), float(c)), int(pid)) for pid, c in zip(pids, cumulative)]
+        self._procs.forget_missing(int(p) for p in pids)
+        active = [(d, pid) for d, pid in per_pid if d > 0]
+        active.sort(reverse=True)
+        for delta, pid in active[: self.top_n]:
+            reading.gauges.append(("otel_ebpf_receiver.syscalls.top_process.rate", delta / seconds,
+                                   {"process.pid": pid, "process.command": process_name(pid)}))
+
+        stats = percpu_array_u64(self.bpf["stats"])
+        reading.map_update_failures = int(stats[0])
+        reading.map_evictions = max(0, int(stats[1]) - n)
+
+        reading.features = {
+            "syscalls.rate_log1p": log1p_rate(total_calls / self._ncpu, seconds),
+            "syscalls.error_ratio": ratio(total_errors, total_calls),
+            "syscalls.top_process_share": ratio(active[0][0], total_calls) if active else 0.0,
+            "syscalls.active_processes_log1p": math.log1p(len(active)),
+        }
+        # Kept for the live view.
+        self.last_top = [(process_name(pid), pid, d / seconds) for d, pid in active[: self.top_n]]
+        self.last_rate = total_calls / seconds
+        return reading
