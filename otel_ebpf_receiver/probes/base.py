@@ -8,8 +8,11 @@ reading into OpenTelemetry with the current ``system.state`` attached, so the pr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
+import tempfile
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,7 +193,14 @@ class Probe:
         """Compile and attach. bcc attaches TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE functions by itself."""
         from bcc import BPF  # imported late: `probes` and `doctor` must work where bcc is broken
 
-        self.bpf = BPF(src_file=str(self.source_path()), cflags=self.cflags())
+        from ..errors import ProbeError
+
+        with captured_stderr() as compiler_output:
+            try:
+                self.bpf = BPF(src_file=str(self.source_path()), cflags=self.cflags())
+            except Exception as exc:
+                detail = first_error_line(compiler_output.read()) or str(exc)
+                raise ProbeError(f"probe {self.name} disabled: could not load bpf/{self.name}.bpf.c: {detail}") from None
         if not self.mode:
             self.mode = "tracepoint"
 
@@ -218,6 +228,30 @@ class Probe:
     # -- each window ---------------------------------------------------------------------------------------
     def read(self, seconds: float) -> Reading:
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def captured_stderr():
+    """libbcc and clang write straight to fd 2; keep that out of the user's terminal and keep it for errors."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+
+
+def first_error_line(text: str) -> str:
+    for line in text.splitlines():
+        low = line.lower()
+        # bcc first tries the in-kernel headers module and says so even when the headers on disk then work.
+        if ("error" in low or "fatal" in low) and "kheaders" not in low:
+            return line.strip()
+    return ""
 
 
 def _prog_info_id(fd: int) -> int | None:
