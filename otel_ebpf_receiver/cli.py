@@ -201,11 +201,14 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
             mod = __import__(module, fromlist=[attr])
         except ImportError:
             continue
-        registrars.append(getattr(mod, attr))
+        if hasattr(mod, attr):
+            registrars.append(getattr(mod, attr))
     return registrars
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC's C core logs connection churn (GOAWAY...) to stderr by itself; export health is reported by us, once.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     _setup_logging()
     parser = build_parser()
     args = parser.parse_args(argv)

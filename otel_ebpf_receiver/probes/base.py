@@ -111,9 +111,9 @@ class CounterDeltas:
     """
 
     def __init__(self) -> None:
-        self._last: dict[Hashable, float] = {}
+        self._last: dict[Hashable, int] = {}
 
-    def delta(self, key: Hashable, cumulative: float) -> float:
+    def delta(self, key: Hashable, cumulative: int) -> int:
         previous = self._last.get(key, 0)
         self._last[key] = cumulative
         return cumulative - previous if cumulative >= previous else cumulative

@@ -47,10 +47,10 @@ class ExecProbe(Probe):
     def read(self, seconds: float) -> Reading:
         reading = Reading()
         counters = percpu_array_u64(self.bpf["counters"])
-        created = self._totals.delta("created", float(counters[PROCESSES_CREATED]))
-        threads = self._totals.delta("threads", float(counters[THREADS_CREATED]))
-        exits = self._totals.delta("exits", float(counters[PROCESS_EXITS]))
-        execs = self._totals.delta("execs", float(counters[EXECS]))
+        created = self._totals.delta("created", int(counters[PROCESSES_CREATED]))
+        threads = self._totals.delta("threads", int(counters[THREADS_CREATED]))
+        exits = self._totals.delta("exits", int(counters[PROCESS_EXITS]))
+        execs = self._totals.delta("execs", int(counters[EXECS]))
         for metric, value in (("system.process.created", created), ("otel_ebpf_receiver.threads.created", threads),
                               ("otel_ebpf_receiver.process.exits", exits)):
             if value:
@@ -59,7 +59,7 @@ class ExecProbe(Probe):
         snap = self._comm_snapshot
         for i in range(snap.read()):
             comm = decode_comm(snap.keys[i].comm)
-            delta = self._per_comm.delta(comm, float(sum(snap.values[i])))
+            delta = self._per_comm.delta(comm, int(sum(snap.values[i])))
             if delta:
                 reading.counters.append(("otel_ebpf_receiver.exec", delta, {"process.command": comm}))
 

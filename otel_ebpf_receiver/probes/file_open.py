@@ -83,7 +83,7 @@ class FileOpenProbe(Probe):
         for i in range(n):
             key = bytes(snap.keys[i].path)
             keys_present.append(key)
-            delta = self._paths.delta(key, float(counts[i]))
+            delta = self._paths.delta(key, int(counts[i]))
             if delta:
                 successful += delta
                 top.append((delta, i))

@@ -88,7 +88,7 @@ class SyscallsProbe(Probe):
         total_calls = 0.0
         counts = percpu_array_u64(self.bpf["syscall_counts"])
         for nr in counts.nonzero()[0]:
-            delta = self._calls.delta(int(nr), float(counts[nr]))
+            delta = self._calls.delta(int(nr), int(counts[nr]))
             if delta:
                 total_calls += delta
                 reading.counters.append(("otel_ebpf_receiver.syscalls", delta, {"syscall.name": self.syscall_name(int(nr))}))
@@ -99,7 +99,7 @@ class SyscallsProbe(Probe):
         ncpu = len(snap.values[0]) if n else 1
         for i in range(n):
             key = snap.keys[i]
-            delta = self._errors.delta((key.nr, key.err), float(sum(snap.values[i][c] for c in range(ncpu))))
+            delta = self._errors.delta((key.nr, key.err), int(sum(snap.values[i][c] for c in range(ncpu))))
             if delta:
                 total_errors += delta
                 reading.counters.append(("otel_ebpf_receiver.syscalls.failed", delta, {
@@ -111,7 +111,7 @@ class SyscallsProbe(Probe):
         n = snap.read()
         pids = snap.u32_keys(n)
         cumulative = snap.u64_values(n, ncpu=len(snap.values[0]) if n else 1)
-        per_pid = [(self._procs.delta(int(pid), float(c)), int(pid)) for pid, c in zip(pids, cumulative)]
+        per_pid = [(self._procs.delta(int(pid), int(c)), int(pid)) for pid, c in zip(pids, cumulative)]
         self._procs.forget_missing(int(p) for p in pids)
         active = [(d, pid) for d, pid in per_pid if d > 0]
         active.sort(reverse=True)

@@ -1,0 +1,133 @@
+"""Each first probe attaches to this kernel and counts a workload the test drives with known numbers, read
+through the agent and the OpenTelemetry SDK's in-memory reader (the export path users get)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from otel_ebpf_receiver.agent import Agent, load_probes
+from otel_ebpf_receiver.config import Config
+from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE, Telemetry
+
+from .helpers import (data_points, exec_n_times, fail_open_n_times, metric_sum, open_file_n_times, syscall_loop,
+                      unique_name)
+
+pytestmark = [pytest.mark.bpf]
+
+
+@pytest.fixture(scope="module")
+def agent():
+    lines: list[str] = []
+    probes = load_probes(["syscalls", "file_open", "exec"], {}, lines.append)
+    assert [p.name for p in probes] == ["syscalls", "file_open", "exec"], lines
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry("none", metric_readers=[reader])
+    agent = Agent(Config(), telemetry, probes)
+    agent.reader = reader
+    agent.step(1.0)  # baseline
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+def test_file_open_counts_a_known_number_of_opens_per_process(agent):
+    comm = unique_name("fo")
+    with tempfile.NamedTemporaryFile(prefix="otel-ebpf-test-") as target:
+        open_file_n_times(comm, target.name, 1000)
+        agent.step(1.0)
+        opens = metric_sum(agent.reader, "otel_ebpf_receiver.file_opens", {"process.command": comm})
+        # The child opens nothing else after renaming itself; allow a few for the interpreter's exit path.
+        assert 1000 <= opens <= 1005
+        assert metric_sum(agent.reader, "otel_ebpf_receiver.file_open_failures", {"process.command": comm}) <= 5
+        top_paths = {p.attributes["file.path"]: p.value for n, p in data_points(agent.reader)
+                     if n == "otel_ebpf_receiver.file_opens.top_path.rate"}
+        # +1: the test itself created the file through open().
+        assert 1000 <= top_paths.get(target.name, 0) <= 1001, top_paths
+
+
+def test_file_open_counts_failed_opens(agent):
+    comm = unique_name("ff")
+    fail_open_n_times(comm, f"/nonexistent/{comm}", 300)
+    agent.step(1.0)
+    failures = metric_sum(agent.reader, "otel_ebpf_receiver.file_open_failures", {"process.command": comm})
+    assert 300 <= failures <= 305
+
+
+def test_exec_counts_execs_of_a_unique_binary(agent):
+    created_before = metric_sum(agent.reader, "system.process.created")
+    name = exec_n_times(200)
+    agent.step(1.0)
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.exec", {"process.command": name}) == 200
+    assert metric_sum(agent.reader, "system.process.created") - created_before >= 200
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.process.exits") >= 200
+
+
+def test_syscalls_counts_a_known_loop_and_its_failures(agent):
+    comm = unique_name("sc")
+    before = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls", {"syscall.name": "getppid"})
+    failed_before = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls.failed",
+                               {"syscall.name": "close", "error.type": "EBADF"})
+    pid = syscall_loop(comm, 50_000)
+    agent.step(1.0)
+    getppid = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls", {"syscall.name": "getppid"}) - before
+    assert 50_000 <= getppid <= 50_000 + 200  # other processes rarely call getppid
+    ebadf = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls.failed",
+                       {"syscall.name": "close", "error.type": "EBADF"}) - failed_before
+    assert 50_000 <= ebadf <= 50_000 + 200
+    top = [p for n, p in data_points(agent.reader) if n == "otel_ebpf_receiver.syscalls.top_process.rate"]
+    assert any(p.attributes["process.pid"] == pid and p.value >= 100_000 for p in top), [p.attributes for p in top]
+
+
+def test_every_data_point_carries_the_state(agent):
+    points = list(data_points(agent.reader))
+    assert points
+    missing = [n for n, p in points if STATE_ATTRIBUTE not in p.attributes]
+    assert not missing
+
+
+def test_features_are_finite_and_named_by_the_schema(agent):
+    from otel_ebpf_receiver.features import feature_names
+
+    agent.step(1.0)
+    values = agent.last_window.values
+    assert set(feature_names(["syscalls", "file_open", "exec"])) <= set(values)
+    assert all(v == v and abs(v) < 1e6 for v in values.values())
+
+
+def test_syscalls_probe_falls_back_to_the_classic_tracepoint():
+    probes = load_probes(["syscalls"], {"syscalls": {"force_tracepoint": True}}, print)
+    try:
+        assert probes[0].mode == "tracepoint"
+        probes[0].read(1.0)
+        syscall_loop(unique_name("tp"), 1000)
+        reading = probes[0].read(1.0)
+        assert sum(v for n, v, a in reading.counters if a.get("syscall.name") == "getppid") >= 1000
+    finally:
+        for p in probes:
+            p.close()
+
+
+def test_missing_hook_disables_only_that_probe(monkeypatch):
+    from otel_ebpf_receiver import agent as agent_module
+    from otel_ebpf_receiver.probes.base import Hook
+    from otel_ebpf_receiver.probes.exec import ExecProbe
+
+    class GhostProbe(ExecProbe):
+        name = "ghost"
+        hooks = (Hook("nonexistent_category:no_such_event"),)
+
+    monkeypatch.setitem(agent_module.REGISTRY, "ghost", GhostProbe)
+    lines: list[str] = []
+    probes = load_probes(["ghost", "exec"], {}, lines.append)
+    try:
+        assert [p.name for p in probes] == ["exec"]
+        assert lines == [f"probe ghost disabled: tracepoint nonexistent_category:no_such_event not found on kernel "
+                         f"{os.uname().release}"]
+    finally:
+        for p in probes:
+            p.close()
