@@ -42,7 +42,7 @@ def assert_one_line_error(result, *needles: str, code: int | None = None) -> Non
     ("interval: 0s\n", ["must be greater than zero"]),
     ("probes: [syscalls, nope]\n", ["unknown probe 'nope'", "known probes: syscalls"]),
     ("exporter: kafka\n", ["exporter 'kafka'", "otlp, console, none"]),
-    ("probe_settings:\n  syscalls:\n    top_processes: -3\n", ["top_processes", "positive integer"]),
+    ("probe_settings:\n  syscalls:\n    top_processes: -3\n", ["top_processes", "non-negative integer"]),
     ("probe_settings:\n  syscalls:\n    colour: red\n", ["unknown setting 'colour'"]),
     ("interval: [1\n", ["not valid YAML at line"]),
     ("- just\n- a list\n", ["must contain a mapping"]),

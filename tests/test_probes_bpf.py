@@ -80,7 +80,9 @@ def test_syscalls_counts_a_known_loop_and_its_failures(agent):
                        {"syscall.name": "close", "error.type": "EBADF"}) - failed_before
     assert 50_000 <= ebadf <= 50_000 + 200
     top = [p for n, p in data_points(agent.reader) if n == "otel_ebpf_receiver.syscalls.top_process.rate"]
-    assert any(p.attributes["process.pid"] == pid and p.value >= 100_000 for p in top), [p.attributes for p in top]
+    # Per-process counts are sampled (1 in 64 per syscall number and CPU): ±10 % on 100,000 calls.
+    assert any(p.attributes["process.pid"] == pid and 90_000 <= p.value <= 115_000 for p in top), \
+        [(p.attributes, p.value) for p in top]
 
 
 def test_every_data_point_carries_the_state(agent):

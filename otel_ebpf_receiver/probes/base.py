@@ -164,8 +164,8 @@ class Probe:
                 known = ", ".join(cls.defaults) or "none"
                 raise ConfigError(f"probe_settings.{cls.name}: unknown setting {key!r} (from {where}); known: {known}")
             expected = type(cls.defaults[key])
-            if expected is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"probe_settings.{cls.name}.{key} (from {where}) must be a positive integer, got {value!r}")
+            if expected is int and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ConfigError(f"probe_settings.{cls.name}.{key} (from {where}) must be a non-negative integer, got {value!r}")
             if expected is not int and not isinstance(value, expected):
                 raise ConfigError(f"probe_settings.{cls.name}.{key} (from {where}) must be a {expected.__name__}, got {value!r}")
 

@@ -48,7 +48,8 @@ class SyscallsProbe(Probe):
     )
 
     # force_tracepoint: use the classic tracepoint even where the cheaper raw tracepoint works.
-    defaults = {"top_processes": 5, "max_processes": 10240, "force_tracepoint": False}
+    # process_sample_shift: per-process counts are sampled every 2^shift calls (0 = count every call, exact).
+    defaults = {"top_processes": 5, "max_processes": 10240, "force_tracepoint": False, "process_sample_shift": 6}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -62,7 +63,8 @@ class SyscallsProbe(Probe):
         self._ncpu = os.cpu_count() or 1
 
     def cflags(self) -> list[str]:
-        flags = [f"-DMAX_SYSCALLS={MAX_SYSCALLS}", f"-DMAX_PROCESSES={self.max_processes}"]
+        flags = [f"-DMAX_SYSCALLS={MAX_SYSCALLS}", f"-DMAX_PROCESSES={self.max_processes}",
+                 f"-DPROCESS_SAMPLE_SHIFT={self.settings['process_sample_shift']}"]
         if self._raw_tracepoint_usable():
             flags.append("-DUSE_RAW_TRACEPOINT")
         return flags
