@@ -14,6 +14,8 @@ RUN_ARGS   ?=
 
 .PHONY: run test setup host venv bench model clean help
 
+include collector-config/collector.mk
+
 help:
 	@echo "make run    - set up the host (idempotent) and start the agent"
 	@echo "make test   - set up the host (idempotent) and run the whole test-suite"
@@ -43,8 +45,12 @@ venv: host $(STAMPS)/venv
 run: setup
 	$(VPY) -m otel_ebpf_receiver run $(RUN_ARGS)
 
-test: setup
+test: setup collector
 	CI=$${CI:-} $(VPY) -m pytest -ra $(PYTEST_ARGS)
+
+# Rebuild the bundled default model from scenarios driven on this host (a few minutes).
+model: setup
+	$(VPY) -m model_export.default_model
 
 bench: setup
 	$(VPY) bench/run_all.py

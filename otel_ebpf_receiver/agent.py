@@ -107,7 +107,9 @@ class Agent:
         self.last_window: FeatureWindow | None = None
         self.last_window_seconds = 0.0
         self.window_listeners: list[Callable[[FeatureWindow, StateVerdict], None]] = []
-        metrics = [m for p in probes for m in p.metrics] + list(SELF_METRICS)
+        # The classifier reports like a probe (anomaly score, transitions), so its metrics are declared alongside.
+        self.sources: list[Any] = list(probes) + ([self.classifier] if hasattr(self.classifier, "read") else [])
+        metrics = [m for source in self.sources for m in source.metrics] + list(SELF_METRICS)
         self.sink = MetricSink(telemetry.meter, metrics)
         self._health: dict[tuple[str, str], int] = {}
         self._read_errors_reported: set[str] = set()
@@ -141,6 +143,8 @@ class Agent:
 
     def close(self) -> None:
         """Flush telemetry, then detach every program (in that order: the last window's data go out first)."""
+        if hasattr(self.classifier, "close"):
+            self.classifier.close()  # ends an open incident span, so it is exported too
         self.telemetry.shutdown()
         for probe in self.probes:
             probe.close()
@@ -167,6 +171,8 @@ class Agent:
         self.verdict = self.classifier.classify(window)
         state = self.verdict.attributes()
         gauges: dict[str, list[tuple[float, Any]]] = dict(self._attached_gauge)
+        if hasattr(self.classifier, "read"):
+            readings.append((self.classifier, self.classifier.read(seconds)))
         for probe, reading in readings:
             for name, value, attrs in reading.counters:
                 self.sink.add(name, value, attrs, state)

@@ -1,14 +1,208 @@
-"""Glue between the agent and the state model runtime (model.py): loading, hot swap, debounce, events."""
+"""Between the agent and the model runtime: which model serves (bundled default, then the model directory, hot
+swapped), debounce, and what a state change produces — a log event, a transition counter, and an incident span
+from entering a non-normal state to leaving it (so Jaeger/Tempo show the incident timeline)."""
 
 from __future__ import annotations
 
+import logging
+import time
+from pathlib import Path
 from typing import Any, Callable
 
 from .config import Config
+from .features import FeatureWindow, feature_names
+from .probes.base import COUNTER, GAUGE, Metric, Reading
+
+log = logging.getLogger("otel_ebpf_receiver")
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models"
+BASELINE_STATES = ("normal",)
+UNKNOWN = "unknown"
+
+EVENT_STATE_CHANGE = "system.state.change"
+EVENT_MODEL_SWAP = "system.state.model.swap"
+EVENT_MODEL_REJECTED = "system.state.model.rejected"
+INCIDENT_SPAN = "system.state.incident"
+
+
+class Incidents:
+    """One span per non-normal episode: opened when the host leaves the baseline, closed when it returns.
+    Other parts of the agent (early warning, mitigation) add span events to the open incident."""
+
+    def __init__(self, tracer: Any, host: str) -> None:
+        self.tracer = tracer
+        self.host = host
+        self.span: Any = None
+        self.peak_score = 0.0
+        self.states: list[str] = []
+
+    @property
+    def open(self) -> bool:
+        return self.span is not None
+
+    def event(self, name: str, attributes: dict[str, Any]) -> None:
+        if self.span is not None:
+            self.span.add_event(name, attributes)
+
+    def on_window(self, score: float) -> None:
+        if self.span is not None:
+            self.peak_score = max(self.peak_score, score)
+
+    def on_transition(self, from_state: str, to_state: str, score: float, model_version: str) -> None:
+        attrs = {"system.state.from": from_state, "system.state.to": to_state, "system.state.anomaly_score": score}
+        if to_state in BASELINE_STATES:
+            if self.span is not None:
+                self.span.add_event("system.state.transition", attrs)
+                self.span.set_attribute("system.state.peak_score", self.peak_score)
+                self.span.set_attribute("system.state.sequence", ",".join(self.states))
+                self.span.end()
+                self.span = None
+            return
+        if self.span is None:
+            self.peak_score = score
+            self.states = []
+            self.span = self.tracer.start_span(INCIDENT_SPAN, attributes={
+                "system.state": to_state, "system.state.model": model_version, "host.name": self.host,
+                "system.state.from": from_state})
+        self.states.append(to_state)
+        self.span.add_event("system.state.transition", attrs)
+
+    def close(self) -> None:
+        if self.span is not None:
+            self.span.set_attribute("system.state.peak_score", self.peak_score)
+            self.span.set_attribute("system.state.sequence", ",".join(self.states))
+            self.span.add_event("agent.stopped", {})
+            self.span.end()
+            self.span = None
+
+
+class StateClassifier:
+    """What the agent calls each window (:meth:`classify`); also a metric source like a probe (:meth:`read`)."""
+
+    name = "system_state"
+    metrics = (
+        Metric("otel_ebpf_receiver.system_state.anomaly_score", GAUGE, "1",
+               "Distance of this window to its cluster relative to the training distances (>1: beyond the "
+               "99th percentile of training; above the model's threshold the state is 'unknown')."),
+        Metric("otel_ebpf_receiver.system_state.transitions", COUNTER, "{transition}",
+               "Changes of the reported (debounced) system state.", ("system.state.from", "system.state.to")),
+        Metric("otel_ebpf_receiver.system_state.model_swaps", COUNTER, "{swap}",
+               "State models loaded by hot swap or SIGHUP."),
+        Metric("otel_ebpf_receiver.system_state.model_rejections", COUNTER, "{model}",
+               "Model files refused (corrupt, wrong features, failed test inference); the old model kept serving."),
+    )
+
+    def __init__(self, watcher: Any, telemetry: Any, say: Callable[[str], None], *,
+                 enter_windows: int = 2, exit_windows: int = 3) -> None:
+        from .model import StateDebouncer
+
+        self.watcher = watcher
+        self.telemetry = telemetry
+        self.say = say
+        self.debouncer = StateDebouncer(enter_windows, exit_windows, baseline=BASELINE_STATES)
+        host = telemetry.resource.attributes.get("host.name", "") if telemetry is not None else ""
+        self.incidents = Incidents(telemetry.tracer, host) if telemetry is not None else None
+        self._pending = Reading()
+        self.last: Any = None
+        self.early_warning: Any = None  # set by the agent when the build-up detector runs
+
+    @property
+    def version(self) -> str:
+        model = self.watcher.model
+        return model.version if model is not None else "none"
+
+    def request_reload(self) -> None:
+        self.watcher.request_reload()
+
+    # -- hot swap callbacks -----------------------------------------------------------------------------------
+    def on_swap(self, old: Any, new: Any) -> None:
+        self._pending.counters.append(("otel_ebpf_receiver.system_state.model_swaps", 1, {}))
+        self.say(f"state model {new.version} now serving (from {new.path.name}"
+                 + (f", replacing {old.version})" if old is not None else ")"))
+        if self.telemetry is not None:
+            self.telemetry.emit_event(EVENT_MODEL_SWAP, {
+                "system.state.model": new.version, "system.state.model.previous": old.version if old else "none",
+                "file.path": str(new.path)})
+
+    def on_reject(self, path: Path, error: Exception) -> None:
+        self._pending.counters.append(("otel_ebpf_receiver.system_state.model_rejections", 1, {}))
+        self.say(f"{error}; still serving {self.version}")
+        if self.telemetry is not None:
+            self.telemetry.emit_event(EVENT_MODEL_REJECTED, {"file.path": str(path), "error.message": str(error),
+                                                             "system.state.model": self.version}, severity="WARN")
+
+    # -- each window -------------------------------------------------------------------------------------------
+    def classify(self, window: FeatureWindow):
+        from .agent import StateVerdict
+
+        self.watcher.poll()
+        model = self.watcher.model
+        if model is None:
+            self.last = StateVerdict(UNKNOWN, "none")
+            return self.last
+        raw = model.predict(window.values)
+        debounced = self.debouncer.update(raw.state)
+        verdict = StateVerdict(debounced.state, model.version, raw.score, raw.cluster, list(raw.top_features))
+        verdict.raw_state = raw.state
+        self._pending.gauges.append(("otel_ebpf_receiver.system_state.anomaly_score", raw.score, {}))
+        if self.incidents is not None:
+            self.incidents.on_window(raw.score)
+        if debounced.transition is not None:
+            self._on_transition(debounced.transition, raw, model.version)
+        self.last = verdict
+        return verdict
+
+    def _on_transition(self, transition: Any, raw: Any, model_version: str) -> None:
+        from_state, to_state = transition.from_state, transition.to_state
+        self._pending.counters.append(("otel_ebpf_receiver.system_state.transitions", 1,
+                                       {"system.state.from": from_state, "system.state.to": to_state}))
+        moved = ", ".join(f"{name} {dev:+.1f}σ" for name, dev in raw.top_features)
+        log.info("state %s → %s (score %.2f; moved most: %s)", from_state, to_state, raw.score, moved or "-")
+        if self.telemetry is None:
+            return
+        attributes = {"system.state.from": from_state, "system.state.to": to_state,
+                      "system.state.anomaly_score": float(raw.score), "system.state.model": model_version,
+                      "system.state.windows": transition.windows}
+        for rank, (name, deviation) in enumerate(raw.top_features, 1):
+            attributes[f"system.state.top_feature.{rank}"] = name
+            attributes[f"system.state.top_feature.{rank}.deviation"] = float(deviation)
+        self.telemetry.emit_event(EVENT_STATE_CHANGE, attributes, body=f"system state {from_state} -> {to_state}")
+        self.incidents.on_transition(from_state, to_state, float(raw.score), model_version)
+
+    def read(self, seconds: float) -> Reading:
+        """Metrics produced since the last window (recorded by the agent with the new state attached)."""
+        reading, self._pending = self._pending, Reading()
+        return reading
+
+    def close(self) -> None:
+        if self.incidents is not None:
+            self.incidents.close()
 
 
 def build_classifier(config: Config, probe_names: list[str], telemetry: Any, say: Callable[[str], None]) -> Any:
-    from .agent import NoModel
+    """The bundled model serves until the model directory offers a valid one; a bad or missing model never stops
+    the agent: it reports ``system.state=unknown`` and says why, once."""
+    from .model import ModelError, load_model
+    from .model_watch import ModelWatcher
 
-    say("no state model runtime yet: system.state is 'unknown'")
-    return NoModel()
+    available = feature_names(probe_names)
+    bundled = None
+    bundled_files = sorted(BUNDLED_MODEL_DIR.glob("*.onnx"))
+    if bundled_files:
+        try:
+            bundled = load_model(bundled_files[-1], available)
+        except ModelError as exc:
+            say(f"bundled state model not usable here: {exc}")
+    model_dir = Path(config.model_dir) if config.model_dir else BUNDLED_MODEL_DIR
+    if config.model_dir and not model_dir.is_dir():
+        from .errors import ConfigError
+
+        raise ConfigError(f"model directory {model_dir} does not exist; create it or drop --model-dir to use the "
+                          "bundled model")
+    classifier = StateClassifier(None, telemetry, say)
+    classifier.watcher = ModelWatcher(model_dir, available, classifier.on_swap, classifier.on_reject, model=bundled)
+    if config.model_dir:
+        classifier.watcher.load_initial()
+    if classifier.watcher.model is None:
+        say("no usable state model: system.state is 'unknown' until a valid .onnx file appears in " + str(model_dir))
+    return classifier

@@ -1,0 +1,30 @@
+"""Run every benchmark in bench/ and print their markdown tables (what the README shows).
+
+    make bench            # or: .venv/bin/python bench/run_all.py [--quick]
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = ["bench_syscalls.py", "bench_window.py", "bench_inference.py", "bench_xdp.py"]
+
+
+def main() -> int:
+    quick = "--quick" in sys.argv
+    status = 0
+    for name in BENCHES:
+        script = HERE / name
+        if not script.exists():
+            continue
+        args = [sys.executable, str(script)] + (["--rounds", "3"] if quick and name == "bench_syscalls.py" else [])
+        print(f"\n## {name}\n", flush=True)
+        status |= subprocess.run(args).returncode
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

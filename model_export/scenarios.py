@@ -1,0 +1,171 @@
+"""Workloads the project drives itself to record labelled windows (for the default model and the lab).
+
+Each scenario is a context manager that starts a bounded workload and stops it on exit; every loop also stops
+by itself after ``max_seconds`` so a crashed driver never leaves load behind. Traffic stays on loopback or
+between namespaces the lab created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Callable, Iterator
+
+DEFAULT_MAX_SECONDS = 600
+
+
+def _python_loop(body: str, max_seconds: float) -> list[str]:
+    """argv of a child that runs ``body`` repeatedly until max_seconds passed."""
+    code = ("import os, sys, time\n"
+            f"deadline = time.monotonic() + {max_seconds}\n"
+            "while time.monotonic() < deadline:\n"
+            + "".join(f"    {line}\n" for line in body.splitlines()))
+    return [sys.executable, "-c", code]
+
+
+@contextlib.contextmanager
+def _children(argvs: list[list[str]], **kwargs) -> Iterator[list[subprocess.Popen]]:
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              **kwargs) for argv in argvs]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def local_http_server(directory: str) -> Iterator[str]:
+    handler = lambda *a, **k: _QuietHandler(*a, directory=directory, **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def normal(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
+    """A mixed, moderate workload: web requests to a local server, file writes and reads, small builds."""
+    with tempfile.TemporaryDirectory(prefix="oer-normal-") as tmp:
+        Path(tmp, "index.html").write_text("<html>" + "x" * 4096 + "</html>")
+        Path(tmp, "hello.c").write_text("#include <stdio.h>\nint main(void){puts(\"hi\");return 0;}\n")
+        stop = threading.Event()
+        deadline = time.monotonic() + max_seconds
+
+        def web(url: str) -> None:
+            while not stop.is_set() and time.monotonic() < deadline:
+                with contextlib.suppress(OSError):
+                    urllib.request.urlopen(url + "/index.html", timeout=2).read()
+                stop.wait(0.05)
+
+        def files() -> None:
+            data = os.urandom(256 * 1024)
+            i = 0
+            while not stop.is_set() and time.monotonic() < deadline:
+                path = Path(tmp, f"data-{i % 8}.bin")
+                path.write_bytes(data)
+                path.read_bytes()
+                i += 1
+                stop.wait(0.2)
+
+        def builds() -> None:
+            gcc = shutil.which("gcc") or shutil.which("cc")
+            while not stop.is_set() and time.monotonic() < deadline:
+                if gcc:
+                    subprocess.run([gcc, "-O1", "-o", f"{tmp}/hello", f"{tmp}/hello.c"], check=False,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    subprocess.run([f"{tmp}/hello"], check=False, stdout=subprocess.DEVNULL)
+                stop.wait(2.0)
+
+        with local_http_server(tmp) as url:
+            threads = [threading.Thread(target=web, args=(url,), daemon=True),
+                       threading.Thread(target=files, daemon=True), threading.Thread(target=builds, daemon=True)]
+            for t in threads:
+                t.start()
+            try:
+                yield
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(timeout=5)
+
+
+@contextlib.contextmanager
+def exec_storm(max_seconds: float = DEFAULT_MAX_SECONDS, workers: int = 1) -> Iterator[None]:
+    """Processes started as fast as one shell loop can: the talk's execve example gone wrong."""
+    loop = f"end=$(( $(date +%s) + {int(max_seconds)} )); while [ $(date +%s) -lt $end ]; do " \
+           + "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done; done"
+    with _children([["/bin/sh", "-c", loop] for _ in range(workers)]):
+        yield
+
+
+@contextlib.contextmanager
+def file_open_storm(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
+    """One process opening the same file in a tight loop ("how many times is this file opened")."""
+    with tempfile.NamedTemporaryFile(prefix="oer-hot-") as hot:
+        body = f"for _ in range(1000):\n    os.close(os.open({hot.name!r}, os.O_RDONLY))"
+        with _children([_python_loop(body, max_seconds)]):
+            yield
+
+
+@contextlib.contextmanager
+def cpu_saturated(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
+    """Every CPU busy twice over: user-space spinning, almost no system calls."""
+    workers = 2 * (os.cpu_count() or 1)
+    if shutil.which("stress-ng"):
+        argv = [["stress-ng", "--cpu", str(workers), "--timeout", f"{int(max_seconds)}s", "--quiet"]]
+    else:
+        argv = [_python_loop("x = sum(i * i for i in range(10000))", max_seconds) for _ in range(workers)]
+    with _children(argv):
+        yield
+
+
+@contextlib.contextmanager
+def disk_io_storm(max_seconds: float = DEFAULT_MAX_SECONDS, directory: str | None = None) -> Iterator[None]:
+    """Direct-I/O random reads and writes on a scratch file (fio when available)."""
+    with tempfile.TemporaryDirectory(prefix="oer-io-", dir=directory or "/var/tmp") as tmp:
+        if shutil.which("fio"):
+            argv = [["fio", "--name=storm", f"--directory={tmp}", "--size=256M", "--rw=randrw", "--bs=4k",
+                     "--direct=1", "--ioengine=psync", "--numjobs=2", f"--runtime={int(max_seconds)}",
+                     "--time_based", "--output=/dev/null"]]
+        else:
+            argv = [["dd", "if=/dev/zero", f"of={tmp}/f", "bs=1M", "count=2048", "oflag=direct"]]
+        with _children(argv):
+            yield
+
+
+@contextlib.contextmanager
+def idle(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
+    """Nothing driven: whatever the host does by itself."""
+    yield
+
+
+SCENARIOS: dict[str, Callable[..., contextlib.AbstractContextManager]] = {
+    "idle": idle,
+    "normal": normal,
+    "exec_storm": exec_storm,
+    "file_open_storm": file_open_storm,
+    "cpu_saturated": cpu_saturated,
+    "disk_io_storm": disk_io_storm,
+}

@@ -1,0 +1,124 @@
+"""Hot swap of the state model from a directory, polled by the agent between windows (no thread, no inotify).
+
+Convention: the model served is the most recently deployed valid ``*.onnx`` file in the directory, where
+"deployed" is the file's inode change time (ctime). ctime moves on every write, rename (``mv``), ``cp`` and
+``touch`` and cannot be set back, so copying or moving a model in deploys it even if it keeps an old mtime,
+and ``touch old.onnx`` rolls back to it. Dotfiles and other suffixes (``model.onnx.tmp``) are ignored, so a
+writer that writes ``.new.onnx`` or ``new.onnx.tmp`` and renames it into place is atomic.
+
+Each :meth:`ModelWatcher.poll` stats every ``*.onnx`` file: (inode, size, mtime, ctime). A file is a candidate
+once that signature is unchanged across two consecutive polls (a copy still in progress keeps changing, so a
+half-written file is never validated) and the signature has not been tried before. Candidates are validated
+newest first with :func:`load_model`; the first valid one replaces the serving model (``on_swap(old, new)``);
+each invalid one is reported once per signature (``on_reject(path, error)``) and the old model keeps serving.
+So a valid file is serving within two polls of appearing complete. A file rewritten in place changes its
+signature and is tried again; a served file that is deleted keeps serving from memory until something newer.
+
+A writer that pauses for longer than one interval in the middle of a copy can get one spurious rejection
+(its signature is retried as soon as it changes again); write-then-rename avoids even that.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .model import DEFAULT_MAX_BYTES, ModelError, StateModel, load_model
+
+Signature = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
+
+OnSwap = Callable[[StateModel | None, StateModel], None]
+OnReject = Callable[[Path, ModelError], None]
+
+
+class ModelWatcher:
+    """Serve the newest valid model in ``model_dir``; swap when a newer one appears, reject bad ones.
+
+    ``model`` is an already-loaded model to serve until the directory offers one (e.g. the bundled default).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], available_features: Sequence[str] | None,
+                 on_swap: OnSwap | None = None, on_reject: OnReject | None = None, *,
+                 model: StateModel | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+        self.model_dir = Path(model_dir)
+        self.available_features = list(available_features) if available_features is not None else None
+        self.on_swap = on_swap
+        self.on_reject = on_reject
+        self.max_bytes = max_bytes
+        self._model = model
+        self._seen: dict[Path, tuple[Signature, bool]] = {}   # path -> (signature, unchanged since last poll)
+        self._tried: dict[Path, Signature] = {}                # path -> signature last validated (either way)
+        self._reload_requested = False
+
+    @property
+    def model(self) -> StateModel | None:
+        """The model to score with now (None until one loads)."""
+        return self._model
+
+    # -- what the agent calls ---------------------------------------------------------------------------------
+    def load_initial(self) -> StateModel | None:
+        """At start-up: serve the newest valid file now, without waiting for two polls (files present at
+        start are taken as complete; a damaged one is rejected and the next newest tried)."""
+        return self._load_newest(self._scan(), force=True)
+
+    def poll(self) -> StateModel | None:
+        """Call once per window. Returns the new model if it swapped this poll, else None."""
+        if self._reload_requested:
+            self._reload_requested = False
+            return self.force_reload()
+        return self._load_newest(self._scan(), force=False)
+
+    def request_reload(self) -> None:
+        """Safe to call from a signal handler (SIGHUP): the next :meth:`poll` does :meth:`force_reload`."""
+        self._reload_requested = True
+
+    def force_reload(self) -> StateModel | None:
+        """Re-validate now and serve the newest valid file, even one already tried or not yet stable."""
+        return self._load_newest(self._scan(), force=True)
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _scan(self) -> dict[Path, Signature]:
+        found: dict[Path, Signature] = {}
+        try:
+            entries = list(os.scandir(self.model_dir))
+        except OSError:
+            entries = []  # a missing directory is "no models yet", not an error: it can be created later
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(".onnx"):
+                continue
+            try:
+                st = os.stat(entry.path)  # follows symlinks: repointing current.onnx changes the inode
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found[Path(entry.path)] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        previous = self._seen
+        self._seen = {p: (sig, previous.get(p, (None, False))[0] == sig) for p, sig in found.items()}
+        for gone in [p for p in self._tried if p not in found]:
+            del self._tried[gone]
+        return found
+
+    def _load_newest(self, found: dict[Path, Signature], *, force: bool) -> StateModel | None:
+        if force:
+            candidates = list(found)
+        else:
+            candidates = [p for p, (sig, stable) in self._seen.items() if stable and self._tried.get(p) != sig]
+        # newest deployment first: ctime, then mtime, then name for a stable order
+        candidates.sort(key=lambda p: (found[p][3], found[p][2], p.name), reverse=True)
+        for i, path in enumerate(candidates):
+            self._tried[path] = found[path]
+            try:
+                new = load_model(path, self.available_features, max_bytes=self.max_bytes)
+            except ModelError as err:
+                if self.on_reject is not None:
+                    self.on_reject(path, err)
+                continue
+            for older in candidates[i + 1:]:
+                self._tried[older] = found[older]  # superseded: never swap back to them without a change
+            old, self._model = self._model, new
+            if self.on_swap is not None:
+                self.on_swap(old, new)
+            return new
+        return None
