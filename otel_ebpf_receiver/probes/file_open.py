@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 
-from ..bpfmaps import MapSnapshot, percpu_array_u64
+from ..bpfmaps import KeyedDeltas, MapSnapshot, percpu_array_u64, top_indices
 from .base import (COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, decode_comm, hook_exists,
                    log1p_rate, ratio)
 
@@ -39,7 +39,7 @@ class FileOpenProbe(Probe):
         self.max_paths = self.settings["max_paths"]
         self._opens = CounterDeltas()
         self._failed = CounterDeltas()
-        self._paths = CounterDeltas()
+        self._paths = KeyedDeltas()
         self._ncpu = os.cpu_count() or 1
 
     def cflags(self) -> list[str]:
@@ -76,24 +76,15 @@ class FileOpenProbe(Probe):
 
         snap = self._path_snapshot
         n = snap.read()
-        counts = snap.u64_values(n)
-        top: list[tuple[float, int]] = []
-        keys_present = []
-        successful = 0.0
-        for i in range(n):
-            key = bytes(snap.keys[i].path)
-            keys_present.append(key)
-            delta = self._paths.delta(key, int(counts[i]))
-            if delta:
-                successful += delta
-                top.append((delta, i))
-        self._paths.forget_missing(keys_present)
-        top.sort(reverse=True)
+        deltas = self._paths.update(KeyedDeltas.key_ids(snap, n), snap.u64_values(n))
+        successful = float(deltas.sum())
+        top = top_indices(deltas, self.top_n)
         self.last_top = []
-        for delta, i in top[: self.top_n]:
+        for i in top:
             path = snap.keys[i].path.decode("utf-8", "replace")  # ctypes stops at the NUL
-            self.last_top.append((path, delta / seconds))
-            reading.gauges.append(("otel_ebpf_receiver.file_opens.top_path.rate", delta / seconds, {"file.path": path}))
+            rate = float(deltas[i]) / seconds
+            self.last_top.append((path, rate))
+            reading.gauges.append(("otel_ebpf_receiver.file_opens.top_path.rate", rate, {"file.path": path}))
 
         stats = percpu_array_u64(self.bpf["stats"])
         reading.map_update_failures = int(stats[0])
@@ -102,6 +93,6 @@ class FileOpenProbe(Probe):
         reading.features = {
             "file_open.rate_log1p": log1p_rate(total_opens / self._ncpu, seconds),
             "file_open.failure_ratio": ratio(total_failed, total_opens),
-            "file_open.top_path_share": ratio(top[0][0], successful) if top else 0.0,
+            "file_open.top_path_share": ratio(float(deltas[top[0]]), successful) if len(top) else 0.0,
         }
         return reading
