@@ -20,6 +20,7 @@ BASELINE_STATES = ("normal",)
 UNKNOWN = "unknown"
 
 EVENT_STATE_CHANGE = "system.state.change"
+EVENT_WARNING = "system.state.warning"
 EVENT_MODEL_SWAP = "system.state.model.swap"
 EVENT_MODEL_REJECTED = "system.state.model.rejected"
 INCIDENT_SPAN = "system.state.incident"
@@ -44,6 +45,24 @@ class Incidents:
         if self.span is not None:
             self.span.add_event(name, attributes)
 
+    def warning(self, state: str, attributes: dict[str, Any], model_version: str) -> None:
+        """An early warning opens the incident (if none is open) before the state flips: the span then shows
+        how long the build-up was visible before it became a state."""
+        if self.span is None:
+            self.peak_score = 0.0
+            self.states = []
+            self.span = self.tracer.start_span(INCIDENT_SPAN, attributes={
+                "system.state": state, "system.state.model": model_version, "host.name": self.host,
+                "system.state.opened_by": "early_warning"})
+        self.span.add_event(EVENT_WARNING, attributes)
+
+    def warning_cleared(self, state: str) -> None:
+        """A warning that never became a non-normal state closes its incident."""
+        if self.span is not None and not self.states and state in BASELINE_STATES:
+            self.span.set_attribute("system.state.outcome", "warning_cleared")
+            self.span.end()
+            self.span = None
+
     def on_window(self, score: float) -> None:
         if self.span is not None:
             self.peak_score = max(self.peak_score, score)
@@ -64,6 +83,8 @@ class Incidents:
             self.span = self.tracer.start_span(INCIDENT_SPAN, attributes={
                 "system.state": to_state, "system.state.model": model_version, "host.name": self.host,
                 "system.state.from": from_state})
+        elif not self.states:  # opened by an early warning: the incident is named by the state it became
+            self.span.set_attribute("system.state", to_state)
         self.states.append(to_state)
         self.span.add_event("system.state.transition", attrs)
 
@@ -86,6 +107,12 @@ class StateClassifier:
                "99th percentile of training; above the model's threshold the state is 'unknown')."),
         Metric("otel_ebpf_receiver.system_state.transitions", COUNTER, "{transition}",
                "Changes of the reported (debounced) system state.", ("system.state.from", "system.state.to")),
+        Metric("otel_ebpf_receiver.system_state.warnings", COUNTER, "{warning}",
+               "Early warnings: a sustained build-up (CUSUM over the baseline) before the state flips.",
+               ("early_warning.signal",)),
+        Metric("otel_ebpf_receiver.early_warning.cusum", GAUGE, "1",
+               "CUSUM of each early-warning signal; a warning fires above early_warning.threshold (h).",
+               ("early_warning.signal",)),
         Metric("otel_ebpf_receiver.system_state.model_swaps", COUNTER, "{swap}",
                "State models loaded by hot swap or SIGHUP."),
         Metric("otel_ebpf_receiver.system_state.model_rejections", COUNTER, "{model}",
@@ -104,7 +131,10 @@ class StateClassifier:
         self.incidents = Incidents(telemetry.tracer, host) if telemetry is not None else None
         self._pending = Reading()
         self.last: Any = None
-        self.early_warning: Any = None  # set by the agent when the build-up detector runs
+        from .early_warning import EarlyWarning
+
+        self.early_warning = EarlyWarning()
+        self.warning_listeners: list[Callable[[Any], None]] = []
 
     @property
     def version(self) -> str:
@@ -149,8 +179,31 @@ class StateClassifier:
             self.incidents.on_window(raw.score)
         if debounced.transition is not None:
             self._on_transition(debounced.transition, raw, model.version)
+        self._early_warning(window, raw, debounced.state, model.version)
         self.last = verdict
         return verdict
+
+    def _early_warning(self, window: FeatureWindow, raw: Any, state: str, model_version: str) -> None:
+        was_active = self.early_warning.active
+        warning = self.early_warning.update({**window.values, "anomaly_score": float(raw.score)})
+        self._pending.gauges.extend(("otel_ebpf_receiver.early_warning.cusum", value, {"early_warning.signal": name})
+                                    for name, value in self.early_warning.scores().items())
+        if warning is not None:
+            for name in warning.signals:
+                self._pending.counters.append(("otel_ebpf_receiver.system_state.warnings", 1,
+                                               {"early_warning.signal": name}))
+            attrs = {"early_warning.signals": ",".join(warning.signals), "early_warning.cusum": warning.cusum,
+                     "early_warning.z": warning.z, "early_warning.value": warning.value, "system.state": state,
+                     "system.state.anomaly_score": float(raw.score)}
+            log.warning("early warning: %s building up (CUSUM %.1f, %+.1fσ) while the state is %s",
+                        ", ".join(warning.signals), warning.cusum, warning.z, state)
+            if self.telemetry is not None:
+                self.telemetry.emit_event(EVENT_WARNING, attrs, body="abnormal traffic building up", severity="WARN")
+                self.incidents.warning(state, attrs, model_version)
+            for listener in self.warning_listeners:
+                listener(warning)
+        elif was_active and not self.early_warning.active and self.incidents is not None:
+            self.incidents.warning_cleared(state)
 
     def _on_transition(self, transition: Any, raw: Any, model_version: str) -> None:
         from_state, to_state = transition.from_state, transition.to_state
