@@ -102,7 +102,7 @@ class StateClassifier:
 
     name = "system_state"
     metrics = (
-        Metric("otel_ebpf_receiver.system_state.anomaly_score", GAUGE, "1",
+        Metric("otel_ebpf_receiver.system_state.anomaly_score", GAUGE, "{score}",
                "Distance of this window to its cluster relative to the training distances (>1: beyond the "
                "99th percentile of training; above the model's threshold the state is 'unknown')."),
         Metric("otel_ebpf_receiver.system_state.transitions", COUNTER, "{transition}",
@@ -110,7 +110,7 @@ class StateClassifier:
         Metric("otel_ebpf_receiver.system_state.warnings", COUNTER, "{warning}",
                "Early warnings: a sustained build-up (CUSUM over the baseline) before the state flips.",
                ("early_warning.signal",)),
-        Metric("otel_ebpf_receiver.early_warning.cusum", GAUGE, "1",
+        Metric("otel_ebpf_receiver.early_warning.cusum", GAUGE, "{score}",
                "CUSUM of each early-warning signal; a warning fires above early_warning.threshold (h).",
                ("early_warning.signal",)),
         Metric("otel_ebpf_receiver.system_state.model_swaps", COUNTER, "{swap}",

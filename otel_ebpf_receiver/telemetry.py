@@ -13,15 +13,17 @@ import os
 import platform
 import socket
 import threading
+from bisect import bisect_left
 from typing import Any, Iterable, Mapping, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import (ConsoleMetricExporter, MetricExporter, MetricExportResult,
                                               MetricsData, PeriodicExportingMetricReader)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
-from . import __version__
+from . import __version__, log2hist
 from .probes.base import COUNTER, GAUGE, HISTOGRAM, Metric
 
 log = logging.getLogger("otel_ebpf_receiver")
@@ -32,7 +34,7 @@ MODEL_ATTRIBUTE = "system.state.model"
 DEFAULT_EXPORT_INTERVAL_MS = 10_000  # when OTEL_METRIC_EXPORT_INTERVAL is unset (the SDK's own default is 60 s)
 
 SELF_METRICS = (
-    Metric("otel_ebpf_receiver.probe.attached", GAUGE, "1", "1 when the probe is attached, 0 when it was skipped.",
+    Metric("otel_ebpf_receiver.probe.attached", GAUGE, "{probe}", "1 when the probe is attached, 0 when it was skipped.",
            ("probe.name", "probe.mode")),
     Metric("otel_ebpf_receiver.map.update_failures", COUNTER, "{update}",
            "BPF map updates that failed in the kernel (map full), per probe.", ("probe.name",)),
@@ -80,6 +82,9 @@ def build_resource() -> Resource:
             machine_id = fh.read().strip()
         if machine_id:
             attributes["host.id"] = machine_id
+            # One instance per host: a restarted agent continues the same series (the SDK's default is a
+            # random UUID per process, which Prometheus turns into a new `instance` on every restart).
+            attributes["service.instance.id"] = machine_id
     except OSError:
         pass
     return Resource.create({}).merge(Resource(attributes)).merge(OTELResourceDetector().detect())
@@ -160,7 +165,7 @@ class Telemetry:
             self.reporting = ReportingExporter(inner, target)
             interval = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_EXPORT_INTERVAL_MS))
             readers.append(PeriodicExportingMetricReader(self.reporting, export_interval_millis=interval))
-        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers)
+        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers, views=histogram_views())
         self.meter = self.meter_provider.get_meter(SCOPE, __version__)
         self.logger_provider, self.logger = self._logs(exporter, log_exporter)
         self.tracer_provider, self.tracer = self._traces(exporter, span_exporter)
@@ -212,6 +217,86 @@ class Telemetry:
                 log.debug("shutdown of %s failed", provider, exc_info=True)
 
 
+# -- histograms of kernel log2 buckets -----------------------------------------------------------------------------
+#
+# The kernel hands us, per window, a count per log2 bucket and the exact sum. The API's Histogram.record() takes one
+# value per call, so replaying thousands of events a second through it blows the per-window budget. Instead one
+# record() call carries the whole window: a float whose value is the window's sum and which also carries the bucket
+# counts (BulkHistogram). A View installs, for our meter's histograms, the SDK's explicit-bucket aggregation with
+# one method overridden: aggregate() adds the counts to the buckets and the sum to the sum. Everything else —
+# bucket storage, cumulative/delta temporality, attributes, cardinality limit, every reader and exporter — stays
+# the SDK's own. Reliance on SDK internals is limited to the fields aggregate() touches (_lock, _value, _sum, _min,
+# _max, _record_min_max, _get_empty_bucket_counts), and tests/test_histograms.py pins them.
+#
+# (Injecting data points at export time needs only public classes but two interception points — the exporter
+# wrapper for OTLP and the reader itself for InMemoryMetricReader — and our own temporality bookkeeping.)
+
+
+class BulkHistogram(float):
+    """One window of pre-aggregated histogram data. Its float value is the sum of the window's values (so a
+    plain aggregation that does not know this type would see one measurement of that sum)."""
+
+    def __new__(cls, total: float, counts: Sequence[int], low: float, high: float) -> "BulkHistogram":
+        self = super().__new__(cls, total)
+        self.counts = counts      # one count per OTel bucket: len(boundaries) + 1
+        self.low = low            # bucket-resolution bounds of the window's smallest and largest value
+        self.high = high
+        return self
+
+
+def _bulk_subclass(base: type) -> type:
+    """``base`` (the SDK's explicit-bucket aggregation) with an aggregate() that also takes a BulkHistogram."""
+
+    class BulkAggregation(base):  # type: ignore[misc, valid-type]
+        def aggregate(self, measurement: Any, should_sample_exemplar: bool = True) -> None:
+            value = measurement.value
+            if not isinstance(value, BulkHistogram):
+                return super().aggregate(measurement, should_sample_exemplar)
+            with self._lock:
+                if self._value is None:
+                    self._value = self._get_empty_bucket_counts()
+                if len(value.counts) != len(self._value):
+                    raise ValueError(f"{len(value.counts)} bucket counts for {len(self._value)} buckets")
+                for index, count in enumerate(value.counts):
+                    if count:
+                        self._value[index] += count
+                self._sum += float(value)
+                if self._record_min_max:
+                    self._min = min(self._min, value.low)
+                    self._max = max(self._max, value.high)
+            # No exemplar: a window of kernel events has no trace context.
+
+    BulkAggregation.__name__ = BulkAggregation.__qualname__ = f"Bulk{base.__name__}"
+    return BulkAggregation
+
+
+class Log2BucketHistogramAggregation(ExplicitBucketHistogramAggregation):
+    """The SDK's explicit-bucket histogram (bounds from the instrument's advisory) that also accepts
+    :class:`BulkHistogram` measurements. Ordinary ``record(value)`` calls keep working unchanged."""
+
+    _bulk_classes: dict[type, type] = {}
+
+    def _create_aggregation(self, *args: Any, **kwargs: Any) -> Any:
+        # Let the SDK build its own aggregation (whatever its constructor takes in this version), then give that
+        # object one more accepted measurement type. Only public names are imported.
+        aggregation = super()._create_aggregation(*args, **kwargs)
+        base = type(aggregation)
+        if base not in self._bulk_classes:
+            self._bulk_classes[base] = _bulk_subclass(base)
+        aggregation.__class__ = self._bulk_classes[base]
+        return aggregation
+
+
+def histogram_views() -> list[View]:
+    """Views the MeterProvider needs for :meth:`MetricSink.record_histogram` (Telemetry installs them)."""
+    return [View(instrument_type=Histogram, meter_name=SCOPE, aggregation=Log2BucketHistogramAggregation())]
+
+
+def histogram_boundaries(metric: Metric) -> tuple[float, ...]:
+    """Bucket bounds of a probe histogram: the kernel's log2 slots in the metric's unit."""
+    return tuple(getattr(metric, "boundaries", None) or log2hist.boundaries(metric.unit))
+
+
 class MetricSink:
     """Creates one instrument per declared metric and records readings with the state attributes.
 
@@ -240,7 +325,9 @@ class MetricSink:
             self.meter.create_observable_gauge(metric.name, [self._callback(metric.name)], metric.unit,
                                                metric.description)
         elif metric.kind == HISTOGRAM:
-            self._histograms[metric.name] = self.meter.create_histogram(metric.name, metric.unit, metric.description)
+            bounds = histogram_boundaries(metric)
+            self._histograms[metric.name] = (self.meter.create_histogram(
+                metric.name, metric.unit, metric.description, explicit_bucket_boundaries_advisory=list(bounds)), bounds)
         else:
             raise ValueError(f"metric {metric.name!r}: unknown kind {metric.kind!r}")
 
@@ -262,10 +349,24 @@ class MetricSink:
                 self._latest[name] = [(v, {**attrs, **state}) for v, attrs in points]
 
     def record_histogram(self, name: str, buckets: Mapping[float, int], attributes: Mapping[str, Any],
-                         state: Mapping[str, Any]) -> None:
-        """Kernel log2 histograms arrive as counts per bucket; each count is recorded at its bucket's upper bound."""
-        instrument = self._histograms[name]
-        attrs = {**attributes, **state}
+                         state: Mapping[str, Any], total: float | None = None) -> None:
+        """Add one window of kernel log2 buckets (``{upper bound: count}``, bounds in the metric's unit) and the
+        window's exact sum ``total`` with one SDK call. Each count lands in the bucket whose upper bound is its key
+        (a key above the last bound, or inf, in the overflow bucket). The exported min/max are at bucket resolution:
+        the lower edge of the lowest and the upper edge of the highest non-empty bucket. Without ``total`` the sum
+        is estimated from bucket midpoints."""
+        instrument, bounds = self._histograms[name]
+        counts = [0] * (len(bounds) + 1)
         for bound, count in buckets.items():
-            for _ in range(int(count)):
-                instrument.record(bound, attrs)
+            if count > 0:
+                # Keys come from the same log2hist formulas as the bounds; the tolerance absorbs float rounding.
+                counts[bisect_left(bounds, bound * (1 - 1e-9))] += int(count)
+        used = [i for i, c in enumerate(counts) if c]
+        if not used:
+            return
+        lower = lambda i: bounds[i - 1] if i > 0 else 0.0  # noqa: E731
+        if total is None:
+            total = sum(c * (lower(i) + (bounds[i] if i < len(bounds) else lower(i))) / 2 for i, c in enumerate(counts))
+        top = used[-1]
+        high = bounds[top] if top < len(bounds) else max(float(total), bounds[-1])
+        instrument.record(BulkHistogram(max(float(total), 0.0), counts, lower(used[0]), high), {**attributes, **state})
