@@ -63,8 +63,10 @@ class NoModel:
         return StateVerdict("unknown", self.version)
 
 
-def load_probes(names: list[str], settings: dict[str, dict[str, Any]], say: Callable[[str], None]) -> list[Probe]:
-    """Instantiate and attach; a probe that cannot run here is skipped with one line, never a crash."""
+def load_probes(names: list[str], settings: dict[str, dict[str, Any]], say: Callable[[str], None],
+                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> list[Probe]:
+    """Instantiate and attach; a probe that cannot run here is skipped with one line, never a crash.
+    ``on_event(name, attributes)`` receives probe events (blocklist changes) as OTel log events."""
     loaded: list[Probe] = []
     explicit = bool(names)
     for name in names or list(REGISTRY):
@@ -74,6 +76,8 @@ def load_probes(names: list[str], settings: dict[str, dict[str, Any]], say: Call
             say(f"probe {name} disabled: {reason}")
             continue
         probe = cls(settings.get(name))
+        if on_event is not None and hasattr(probe, "on_event"):
+            probe.on_event = on_event
         try:
             probe.load()
         except ProbeError as exc:
@@ -94,12 +98,14 @@ def load_probes(names: list[str], settings: dict[str, dict[str, Any]], say: Call
 
 class Agent:
     def __init__(self, config: Config, telemetry: Telemetry, probes: list[Probe],
-                 classifier: Any = None, live_view: Any = None) -> None:
+                 classifier: Any = None, live_view: Any = None, mitigator: Any = None) -> None:
         self.config = config
         self.telemetry = telemetry
         self.probes = probes
         self.classifier = classifier or NoModel()
         self.live_view = live_view
+        self.mitigator = mitigator
+        self.xdp = next((p for p in probes if p.name == "xdp"), None)
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
         self.windows = 0
@@ -108,7 +114,7 @@ class Agent:
         self.last_window_seconds = 0.0
         self.window_listeners: list[Callable[[FeatureWindow, StateVerdict], None]] = []
         # The classifier reports like a probe (anomaly score, transitions), so its metrics are declared alongside.
-        self.sources: list[Any] = list(probes) + ([self.classifier] if hasattr(self.classifier, "read") else [])
+        self.sources: list[Any] = list(probes) + [s for s in (self.classifier, mitigator) if hasattr(s, "read")]
         metrics = [m for source in self.sources for m in source.metrics] + list(SELF_METRICS)
         self.sink = MetricSink(telemetry.meter, metrics)
         self._health: dict[tuple[str, str], int] = {}
@@ -171,8 +177,11 @@ class Agent:
         self.verdict = self.classifier.classify(window)
         state = self.verdict.attributes()
         gauges: dict[str, list[tuple[float, Any]]] = dict(self._attached_gauge)
-        if hasattr(self.classifier, "read"):
-            readings.append((self.classifier, self.classifier.read(seconds)))
+        if self.mitigator is not None and self.xdp is not None:
+            raw_state = getattr(self.verdict, "raw_state", self.verdict.state)
+            self.mitigator.step(raw_state, self.verdict.state, self.xdp.top_sources(self.xdp.settings["top_sources"]))
+        for source in self.sources[len(self.probes):]:  # classifier, mitigator: what they produced this window
+            readings.append((source, source.read(seconds)))
         for probe, reading in readings:
             for name, value, attrs in reading.counters:
                 self.sink.add(name, value, attrs, state)
@@ -210,23 +219,49 @@ class Agent:
             self.sink.add(metric, value, {"probe.name": probe}, state or self.verdict.attributes())
 
 
+def build_mitigator(config: Config, probes: list[Probe], telemetry: Telemetry, classifier: Any,
+                    say: Callable[[str], None]) -> Any:
+    from .mitigation import HardAllowlist, MitigationSettings, Mitigator
+
+    settings = MitigationSettings(**config.mitigation)
+    if settings.mode == "off":
+        return None
+    xdp = next((p for p in probes if p.name == "xdp"), None)
+    if xdp is None or xdp.blocklist is None:
+        say(f"mitigation {settings.mode} needs the xdp probe (probe_settings.xdp.interfaces); mitigation is off")
+        return None
+    extra = [(e.cidr, "XDP allowlist") for e in xdp.blocklist.list("allow")]
+    allow = HardAllowlist.build(settings, netns=[None] + ([xdp.netns] if xdp.netns else []), extra=extra)
+    incidents = getattr(classifier, "incidents", None)
+    say(f"mitigation {settings.mode}: attack states {', '.join(settings.attack_states)}; "
+        f"{len(allow.networks)} protected prefixes")
+    return Mitigator(settings, xdp.blocklist, allow, emit=telemetry.emit_event,
+                     span_event=incidents.event if incidents is not None else None)
+
+
 def run(config: Config, *, metric_readers=(), say: Callable[[str], None] | None = None) -> None:
     """`otel-ebpf-receiver run`: everything between the CLI and the loop."""
     say = say or (lambda line: log.warning(line))
     check_privileges()
-    probes = load_probes(config.probes, config.probe_settings, say)
+    telemetry = Telemetry(config.exporter, metric_readers=metric_readers)
     try:
-        telemetry = Telemetry(config.exporter, metric_readers=metric_readers)
+        probes = load_probes(config.probes, config.probe_settings, say, on_event=telemetry.emit_event)
     except AgentError:
-        for probe in probes:
-            probe.close()
+        telemetry.shutdown()
         raise
     from .live import LiveView, live_enabled
     from .state import build_classifier
 
-    classifier = build_classifier(config, [p.name for p in probes], telemetry, say)
+    try:
+        classifier = build_classifier(config, [p.name for p in probes], telemetry, say)
+        mitigator = build_mitigator(config, probes, telemetry, classifier, say)
+    except AgentError:
+        for probe in probes:
+            probe.close()
+        telemetry.shutdown()
+        raise
     live = LiveView(sys.stdout) if live_enabled(config.live, sys.stdout) else None
-    agent = Agent(config, telemetry, probes, classifier=classifier, live_view=live)
+    agent = Agent(config, telemetry, probes, classifier=classifier, live_view=live, mitigator=mitigator)
     agent.install_signal_handlers()
     attached = ", ".join(f"{p.name} ({p.mode})" for p in probes)
     log.info("attached %s; exporting via %s every %s ms; state model %s", attached,

@@ -30,6 +30,8 @@ ENV_LIVE = ENV_PREFIX + "LIVE"
 """auto, on or off: the terminal live view (same as --live)."""
 ENV_LOG_LEVEL = ENV_PREFIX + "LOG_LEVEL"
 """debug, info, warning or error."""
+ENV_MITIGATION = ENV_PREFIX + "MITIGATION"
+"""Mitigation mode: off, dry-run or enforce (same as --mitigation)."""
 
 EXPORTERS = ("otlp", "console", "none")
 LIVE_MODES = ("auto", "on", "off")
@@ -61,9 +63,10 @@ class Config:
     live: str = "auto"
     log_level: str = "info"
     probe_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mitigation: dict[str, Any] = field(default_factory=dict)  # see mitigation.MitigationSettings
     source: str = "defaults"
 
-    KEYS = ("interval", "probes", "exporter", "model_dir", "live", "log_level", "probe_settings")
+    KEYS = ("interval", "probes", "exporter", "model_dir", "live", "log_level", "probe_settings", "mitigation")
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -104,8 +107,61 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
                 raise ConfigError(f"probe_settings.{probe} (from {where}) must be a mapping")
             REGISTRY[probe].validate_settings(settings, where)
             cfg.probe_settings[probe] = dict(settings)
+    elif key == "mitigation":
+        cfg.mitigation = {**cfg.mitigation, **_mitigation(value, where)}
     else:
         raise ConfigError(f"unknown configuration key {key!r} in {where}; known keys: {', '.join(Config.KEYS)}")
+
+
+def _mitigation(value: Any, where: str) -> dict[str, Any]:
+    """Validate the mitigation section; values keep MitigationSettings' types."""
+    import ipaddress
+
+    from .mitigation import MODES, MitigationSettings
+
+    if isinstance(value, str):  # OTEL_EBPF_RECEIVER_MITIGATION=enforce is a mode
+        value = {"mode": value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"mitigation (from {where}) must be a mapping (mode, ttl, allow, ...) or a mode")
+    defaults = MitigationSettings()
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in MitigationSettings.KEYS:
+            raise ConfigError(f"mitigation: unknown setting {key!r} (from {where}); known: "
+                              f"{', '.join(MitigationSettings.KEYS)}")
+        if key == "mode":
+            if item not in MODES:
+                raise ConfigError(f"mitigation.mode {item!r} (from {where}) must be one of: {', '.join(MODES)}")
+        elif key in ("ttl", "max_ttl"):
+            item = parse_duration(item, f"mitigation.{key} (from {where})")
+        elif key in ("allow", "attack_states"):
+            if isinstance(item, str):
+                item = [item]
+            if not isinstance(item, list) or not all(isinstance(x, str) for x in item):
+                raise ConfigError(f"mitigation.{key} (from {where}) must be a list of strings")
+            if key == "allow":
+                for cidr in item:
+                    try:
+                        ipaddress.ip_network(cidr, strict=False)
+                    except ValueError:
+                        raise ConfigError(f"mitigation.allow: {cidr!r} (from {where}) is not an address or CIDR "
+                                          "prefix, e.g. 10.0.0.0/8 or 2001:db8::/32") from None
+            item = tuple(item)
+        else:
+            expected = type(getattr(defaults, key))
+            number_ok = expected in (int, float) and isinstance(item, (int, float)) and not isinstance(item, bool)
+            if expected is bool and not isinstance(item, bool) or expected is not bool and not number_ok or \
+                    (number_ok and item < 0):
+                raise ConfigError(f"mitigation.{key} (from {where}) must be a non-negative {expected.__name__}, "
+                                  f"got {item!r}")
+        out[key] = item
+    return out
+
+
+def check_probe_settings(probe: str, settings: Mapping[str, Any], where: str) -> None:
+    from .probes import REGISTRY
+
+    REGISTRY[probe].validate_settings(settings, where)
 
 
 def load_file(path: str | os.PathLike) -> dict[str, Any]:
@@ -140,7 +196,8 @@ def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | No
             _apply(cfg, key, value, str(path))
         cfg.source = str(path)
     env_keys = {ENV_INTERVAL: "interval", ENV_PROBES: "probes", ENV_EXPORTER: "exporter",
-                ENV_MODEL_DIR: "model_dir", ENV_LIVE: "live", ENV_LOG_LEVEL: "log_level"}
+                ENV_MODEL_DIR: "model_dir", ENV_LIVE: "live", ENV_LOG_LEVEL: "log_level",
+                ENV_MITIGATION: "mitigation"}
     for var, key in env_keys.items():
         if env.get(var):
             _apply(cfg, key, env[var], var)

@@ -1,9 +1,10 @@
 """Closed-loop mitigation: from the state verdict to XDP blocklist entries, with safety rails.
 
 The per-source verdict is a documented rule on top of the system state rather than a second model: while the
-host is in an attack state (raw, not debounced: the first drop must come within a few seconds) or an early
-warning on the network signals is active, a source is *offending* when it sends at least ``min_share`` of all
-packets at ``min_packet_rate`` or more. A rule is auditable — an operator can say exactly why an address was
+host is in an attack state (raw or debounced: the first drop must come within a few seconds, so one window of
+the model saying "flood" is enough to act on the sources that are flooding), a source is *offending* when it
+sends at least ``min_share`` of all packets at ``min_packet_rate`` or more. Early warnings never block: they
+fire on a trend, and heavy-but-benign traffic (a backup, a large transfer) is a trend too. A rule is auditable — an operator can say exactly why an address was
 blocked — and the state model already did the hard part, deciding that the host is under attack. Sources are
 ranked by packet rate (then SYN share).
 
@@ -195,9 +196,9 @@ class Mitigator:
         self._skipped_reported: set[tuple[str, str]] = set()
 
     # The rule ---------------------------------------------------------------------------------------------
-    def under_attack(self, raw_state: str, state: str, warning_active: bool) -> bool:
+    def under_attack(self, raw_state: str, state: str) -> bool:
         attack = set(self.settings.attack_states)
-        return raw_state in attack or state in attack or warning_active
+        return raw_state in attack or state in attack
 
     def offenders(self, sources: Sequence[Any]) -> list[Any]:
         s = self.settings
@@ -215,9 +216,9 @@ class Mitigator:
         return min(self.settings.ttl * (2 ** repeats), self.settings.max_ttl)
 
     # Each window ------------------------------------------------------------------------------------------
-    def step(self, raw_state: str, state: str, warning_active: bool, sources: Sequence[Any]) -> list[Action]:
+    def step(self, raw_state: str, state: str, sources: Sequence[Any]) -> list[Action]:
         now = self.clock()
-        if self.settings.mode == "off" or not self.under_attack(raw_state, state, warning_active):
+        if self.settings.mode == "off" or not self.under_attack(raw_state, state):
             # No map walk on quiet windows: our own record of what we added, minus what expired.
             live = sum(1 for expiry in self.expiries.values() if expiry > now)
             self._pending.gauges.append(("otel_ebpf_receiver.mitigation.auto_blocks", live, {}))

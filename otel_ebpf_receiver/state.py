@@ -16,6 +16,7 @@ from .probes.base import COUNTER, GAUGE, Metric, Reading
 log = logging.getLogger("otel_ebpf_receiver")
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models"
+DEFAULT_MODEL_DIR = Path("/var/lib/otel-ebpf-receiver/models")  # watched: drop a .onnx file here to swap
 BASELINE_STATES = ("normal",)
 UNKNOWN = "unknown"
 
@@ -232,30 +233,48 @@ class StateClassifier:
             self.incidents.close()
 
 
-def build_classifier(config: Config, probe_names: list[str], telemetry: Any, say: Callable[[str], None]) -> Any:
-    """The bundled model serves until the model directory offers a valid one; a bad or missing model never stops
-    the agent: it reports ``system.state=unknown`` and says why, once."""
+def best_bundled_model(available: list[str], say: Callable[[str], None]) -> Any:
+    """The bundled model that uses the most of the features this host produces. The package ships one model for
+    host probes only and one that also knows network states (XDP features); which one fits depends on the
+    probes that attached here."""
     from .model import ModelError, load_model
+
+    loaded = []
+    errors = []
+    for path in sorted(BUNDLED_MODEL_DIR.glob("*.onnx")):
+        try:
+            loaded.append(load_model(path, available))
+        except ModelError as exc:
+            errors.append(str(exc))
+    if not loaded:
+        if errors:
+            say(f"no bundled state model fits the probes attached here: {errors[0]}")
+        return None
+    return max(loaded, key=lambda m: len(m.feature_names))
+
+
+def build_classifier(config: Config, probe_names: list[str], telemetry: Any, say: Callable[[str], None]) -> Any:
+    """The best-fitting bundled model serves until the model directory offers a valid one; a bad or missing model
+    never stops the agent: it reports ``system.state=unknown`` and says why, once."""
     from .model_watch import ModelWatcher
 
     available = feature_names(probe_names)
-    bundled = None
-    bundled_files = sorted(BUNDLED_MODEL_DIR.glob("*.onnx"))
-    if bundled_files:
-        try:
-            bundled = load_model(bundled_files[-1], available)
-        except ModelError as exc:
-            say(f"bundled state model not usable here: {exc}")
-    model_dir = Path(config.model_dir) if config.model_dir else BUNDLED_MODEL_DIR
+    model_dir = Path(config.model_dir) if config.model_dir else DEFAULT_MODEL_DIR
     if config.model_dir and not model_dir.is_dir():
         from .errors import ConfigError
 
-        raise ConfigError(f"model directory {model_dir} does not exist; create it or drop --model-dir to use the "
-                          "bundled model")
+        raise ConfigError(f"model directory {model_dir} does not exist; create it or drop --model-dir to use "
+                          f"{DEFAULT_MODEL_DIR}")
+    if not config.model_dir:
+        model_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     classifier = StateClassifier(None, telemetry, say)
-    classifier.watcher = ModelWatcher(model_dir, available, classifier.on_swap, classifier.on_reject, model=bundled)
-    if config.model_dir:
-        classifier.watcher.load_initial()
+    fallback = best_bundled_model(available, say)
+    if fallback is not None:
+        say(f"state model {fallback.version} serving (bundled {fallback.path.name}, "
+            f"{len(fallback.feature_names)} features)")
+    classifier.watcher = ModelWatcher(model_dir, available, classifier.on_swap, classifier.on_reject,
+                                      model=fallback)
+    classifier.watcher.load_initial()
     if classifier.watcher.model is None:
         say("no usable state model: system.state is 'unknown' until a valid .onnx file appears in " + str(model_dir))
     return classifier

@@ -6,8 +6,10 @@ from .base import Probe
 from .exec import ExecProbe
 from .file_open import FileOpenProbe
 from .syscalls import SyscallsProbe
+from .tcp import TcpProbe
+from .xdp import XdpProbe
 
-_ALL: tuple[type[Probe], ...] = (SyscallsProbe, FileOpenProbe, ExecProbe)
+_ALL: tuple[type[Probe], ...] = (SyscallsProbe, FileOpenProbe, ExecProbe, TcpProbe, XdpProbe)
 
 
 def _build_registry(classes: tuple[type[Probe], ...]) -> dict[str, type[Probe]]:

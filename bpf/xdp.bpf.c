@@ -1,0 +1,376 @@
+// XDP ingress accounting and source blocklist (probe "xdp", see otel_ebpf_receiver/probes/xdp.py).
+//
+// Per packet, in this order (the drop path is the short one):
+//   1. parse Ethernet (up to two VLAN tags), IPv4 / IPv6 (+ up to 4 extension headers), TCP/UDP/ICMP;
+//      every read is bounds-checked against data_end, and anything truncated or malformed is passed and
+//      counted as "malformed" — the kernel's stack decides what to do with it, never this program;
+//   2. count packets/bytes by family x transport, TCP flags, frame size (log2 buckets) in one per-CPU struct;
+//   3. blocklist: single addresses in a hash (block_hosts), CIDR prefixes in an LPM trie per family; a match
+//      that has not expired is dropped and counted on its entry. Why two structures: with 10,000 addresses a
+//      trie walk costs ~35 ns on a miss and ~65 ns on a hit, a hash lookup ~15 ns (bench/bench_xdp.py), and
+//      published bad-IP feeds are mostly single addresses. A host and a covering prefix behave as one LPM
+//      trie would: the host entry, being the longer prefix, is the one that matches and counts;
+//   4. allowlist (LPM trie, one per family), consulted only for blocklisted packets: a match passes (it wins
+//      over any blocklist entry) and counts on the allowlist entry;
+//   5. per-source statistics for passed packets in a bounded LRU hash.
+//
+// Addresses are kept as 16 bytes with IPv4 mapped to ::ffff:a.b.c.d, the same key for the host blocklist and
+// the per-source table (built once per packet). An IPv6 packet with a v4-mapped source is invalid on the wire
+// (RFC 4291 2.5.5.2, the kernel drops it) and is simply accounted as that IPv4 source.
+//
+// Settings arrive as -D defines (map sizes, PIN_DIR, interface slots). The list maps are pinned under PIN_DIR
+// and created beforehand by otel_ebpf_receiver/blocklist.py with the layout below, so that bcc only ever adopts
+// them. Layouts are mirrored in Python (blocklist.py, probes/xdp.py): change both together.
+//
+// Time (expiry, last hit) is CLOCK_MONOTONIC as written by the agent into xdp_config each interval, see there.
+
+#include <uapi/linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/in.h>
+
+#ifndef PER_SOURCE_ENTRIES
+#define PER_SOURCE_ENTRIES 65536
+#endif
+#ifndef BLOCKLIST_ENTRIES
+#define BLOCKLIST_ENTRIES 100000
+#endif
+#ifndef ALLOWLIST_ENTRIES
+#define ALLOWLIST_ENTRIES 10000
+#endif
+#ifndef PIN_DIR
+#define PIN_DIR "/sys/fs/bpf/otel-ebpf-receiver"
+#endif
+// Per-interface totals: the loader maps each watched ifindex to a slot; the last slot is "any other".
+#ifndef IFACE_SLOTS
+#define IFACE_SLOTS 1
+#endif
+#ifndef IFACE_SLOT
+#define IFACE_SLOT(ifindex) 0
+#endif
+
+#define FAM_OTHER 0      // not IP (ARP, LLDP...) or an IP header we could not read
+#define FAM_IPV4 1
+#define FAM_IPV6 2
+#define L4_OTHER 0
+#define L4_TCP 1
+#define L4_UDP 2
+#define L4_ICMP 3        // ICMP for IPv4, ICMPv6 for IPv6
+#define PROTO_SLOTS 12   // FAM x L4
+#define SIZE_SLOTS 17    // log2 of the frame length, last slot is >= 64 KiB
+
+#define FLAG_SYN 0       // SYN without ACK: a connection attempt
+#define FLAG_SYNACK 1
+#define FLAG_RST 2
+#define FLAG_FIN 3
+
+#define VERDICT_PASS 0   // no list matched
+#define VERDICT_DROP 1   // blocklist match
+#define VERDICT_ALLOW 2  // blocklisted, but passed because the allowlist matched too
+
+// ---- pinned list maps (layout checked by blocklist.py before loading) ------------------------------------
+struct addr16 {
+    u32 w[4];            // network byte order; IPv4 as ::ffff:a.b.c.d
+};
+
+struct lpm4_key {
+    u32 prefixlen;
+    u32 addr;            // network byte order
+};
+
+struct lpm6_key {
+    u32 prefixlen;
+    u32 addr[4];
+};
+
+struct list_entry {
+    u64 hits;            // packets matched
+    u64 last_hit_ns;     // CLOCK_MONOTONIC of the last match (to the agent's interval), 0 = never
+    u64 expires_ns;      // CLOCK_MONOTONIC after which the entry no longer matches, 0 = never
+};
+
+BPF_TABLE_PINNED("hash", struct addr16, struct list_entry, block_hosts, BLOCKLIST_ENTRIES,
+                 PIN_DIR "/block_hosts", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct lpm4_key, struct list_entry, block_v4, BLOCKLIST_ENTRIES,
+                 PIN_DIR "/block_v4", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct lpm6_key, struct list_entry, block_v6, BLOCKLIST_ENTRIES,
+                 PIN_DIR "/block_v6", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct lpm4_key, struct list_entry, allow_v4, ALLOWLIST_ENTRIES,
+                 PIN_DIR "/allow_v4", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("lpm_trie", struct lpm6_key, struct list_entry, allow_v6, ALLOWLIST_ENTRIES,
+                 PIN_DIR "/allow_v6", BPF_F_NO_PREALLOC);
+
+// ---- statistics (owned by this program, not pinned: counters restart with the agent) ----------------------
+struct totals {
+    u64 packets[PROTO_SLOTS];
+    u64 bytes[PROTO_SLOTS];
+    u64 tcp_flags[4];
+    u64 size_log2[SIZE_SLOTS];
+    u64 verdicts[3];
+    u64 malformed;
+    u64 src_inserts;         // new keys created in per_source (evictions = inserts - current size)
+    u64 src_update_failures; // per_source updates the kernel refused
+};
+BPF_PERCPU_ARRAY(xdp_totals, struct totals, IFACE_SLOTS);
+
+// Written by userspace each interval. `epoch` is bumped once per read; each source keeps the counts of the
+// current and the previous epoch in two slots, so the reader gets complete per-window counts without clearing.
+// `now_ns` is CLOCK_MONOTONIC at the last read: list entries compare their expiry and stamp their last hit with
+// it. A clock that ticks once per interval is what a TTL needs, and reading a kernel clock here costs 20-45 ns
+// per packet on a VM (bench/bench_xdp.py); while no agent runs the clock stands still, so entries that expire
+// meanwhile are removed by the next agent's start-up sweep (Blocklist.expire).
+struct config {
+    u64 now_ns;
+    u32 epoch;
+    u32 pad;
+};
+BPF_ARRAY(xdp_config, struct config, 1);
+
+struct src_window {
+    u64 packets;
+    u64 bytes;
+    u64 syns;
+    u32 epoch;
+    u32 pad;
+};
+
+struct src_stats {
+    struct src_window win[2];  // win[epoch & 1] is being written, the other one holds the last window
+};
+#ifndef NO_PER_SOURCE
+BPF_TABLE("lru_hash", struct addr16, struct src_stats, per_source, PER_SOURCE_ENTRIES);
+#endif
+
+// bpf_log2l(v) is floor(log2(v)) + 1: slot s holds lengths in [2^(s-1), 2^s).
+static __always_inline u32 size_slot(u64 len)
+{
+    u32 slot = bpf_log2l(len);
+    return slot < SIZE_SLOTS ? slot : SIZE_SLOTS - 1;
+}
+
+// A list entry that matches now, or 0 when absent or expired (the agent removes expired entries each interval;
+// until then the kernel already ignores them).
+static __always_inline struct list_entry *live(struct list_entry *e, u64 now)
+{
+    if (e && e->expires_ns && now >= e->expires_ns)
+        return 0;
+    return e;
+}
+
+static __always_inline void hit(struct list_entry *e, u64 now)
+{
+    __sync_fetch_and_add(&e->hits, 1);
+    e->last_hit_ns = now;
+}
+
+#ifndef NO_PER_SOURCE
+static __always_inline void account_source(struct totals *t, u32 epoch, struct addr16 *key, u64 len, u32 syn)
+{
+    struct src_stats *s = per_source.lookup(key);
+    if (!s) {
+        struct src_stats init = {};
+        struct src_window *w0 = &init.win[epoch & 1];
+        w0->packets = 1;
+        w0->bytes = len;
+        w0->syns = syn;
+        w0->epoch = epoch;
+        if (per_source.insert(key, &init) == 0) {
+            t->src_inserts++;
+            return;
+        }
+        s = per_source.lookup(key);   // another CPU created it meanwhile
+        if (!s) {
+            t->src_update_failures++;
+            return;
+        }
+    }
+    struct src_window *w = &s->win[epoch & 1];
+    if (w->epoch != epoch) {
+        // First packet of this source in this epoch: the slot still holds the epoch before last.
+        // Two CPUs can race here and lose a few counts of the new window; statistics tolerate that.
+        w->packets = 0;
+        w->bytes = 0;
+        w->syns = 0;
+        w->epoch = epoch;
+    }
+    __sync_fetch_and_add(&w->packets, 1);
+    __sync_fetch_and_add(&w->bytes, len);
+    if (syn)
+        __sync_fetch_and_add(&w->syns, 1);
+}
+#endif
+
+int otel_ebpf_xdp(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    u64 len = data_end - data;
+
+    u32 zero = 0;
+    struct config *cfg = xdp_config.lookup(&zero);
+    u32 ifslot = IFACE_SLOT(ctx->ingress_ifindex);
+    struct totals *t = xdp_totals.lookup(&ifslot);
+    if (!t || !cfg)
+        return XDP_PASS;
+    t->size_log2[size_slot(len)]++;
+
+    u32 fam = FAM_OTHER, l4 = L4_OTHER, syn = 0, malformed = 0;
+    struct addr16 src = {};
+    u8 proto = 0;
+    void *l4h = 0;
+
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end) {
+        malformed = 1;
+        goto count;
+    }
+    u16 h_proto = eth->h_proto;
+    void *cursor = eth + 1;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (h_proto != bpf_htons(ETH_P_8021Q) && h_proto != bpf_htons(ETH_P_8021AD))
+            break;
+        if (cursor + 4 > data_end) {
+            malformed = 1;
+            goto count;
+        }
+        h_proto = *(u16 *)(cursor + 2);
+        cursor += 4;
+    }
+
+    if (h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = cursor;
+        if ((void *)(ip + 1) > data_end || ip->ihl < 5 || ip->version != 4) {
+            malformed = 1;
+            goto count;
+        }
+        fam = FAM_IPV4;
+        src.w[2] = bpf_htonl(0xffff);
+        src.w[3] = ip->saddr;
+        proto = ip->protocol;
+        // Only the first fragment carries the transport header.
+        if ((ip->frag_off & bpf_htons(0x1fff)) == 0)
+            l4h = (void *)ip + ip->ihl * 4;
+        if (proto == IPPROTO_ICMP)
+            l4 = L4_ICMP;
+    } else if (h_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = cursor;
+        if ((void *)(ip6 + 1) > data_end || ip6->version != 6) {
+            malformed = 1;
+            goto count;
+        }
+        fam = FAM_IPV6;
+        __builtin_memcpy(&src, &ip6->saddr, 16);
+        proto = ip6->nexthdr;
+        void *next = ip6 + 1;
+        l4h = next;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (proto != 0 && proto != 43 && proto != 60 && proto != 44 && proto != 51)
+                break;  // not hop-by-hop, routing, destination options, fragment or AH
+            u8 *ext = next;
+            if ((void *)(ext + 8) > data_end) {
+                l4h = 0;
+                malformed = 1;
+                break;
+            }
+            u8 nh = ext[0];
+            if (proto == 44) {
+                // Fragment header: a non-first fragment has no transport header.
+                u16 off = (ext[2] << 8 | ext[3]) & 0xfff8;
+                next = ext + 8;
+                l4h = off ? 0 : next;
+            } else if (proto == 51) {
+                next = ext + ((u32)ext[1] + 2) * 4;
+                l4h = next;
+            } else {
+                next = ext + ((u32)ext[1] + 1) * 8;
+                l4h = next;
+            }
+            proto = nh;
+        }
+        if (proto == 58)  // IPPROTO_ICMPV6
+            l4 = L4_ICMP;
+    } else {
+        goto count;
+    }
+
+    if (proto == IPPROTO_TCP) {
+        l4 = L4_TCP;
+        struct tcphdr *tcp = l4h;
+        if (tcp) {
+            if ((void *)(tcp + 1) > data_end) {
+                malformed = 1;  // still an IP packet from a known source: the lists apply
+            } else {
+                if (tcp->syn) {
+                    if (tcp->ack) {
+                        t->tcp_flags[FLAG_SYNACK]++;
+                    } else {
+                        t->tcp_flags[FLAG_SYN]++;
+                        syn = 1;
+                    }
+                }
+                if (tcp->rst)
+                    t->tcp_flags[FLAG_RST]++;
+                if (tcp->fin)
+                    t->tcp_flags[FLAG_FIN]++;
+            }
+        }
+    } else if (proto == IPPROTO_UDP) {
+        l4 = L4_UDP;
+        if (l4h && l4h + sizeof(struct udphdr) > data_end)
+            malformed = 1;
+    }
+
+count:;
+    u32 pslot = fam * 4 + l4;
+    if (pslot < PROTO_SLOTS) {
+        t->packets[pslot]++;
+        t->bytes[pslot] += len;
+    }
+    if (malformed)
+        t->malformed++;
+    if (fam == FAM_OTHER) {
+        t->verdicts[VERDICT_PASS]++;
+        return XDP_PASS;
+    }
+
+    // Blocklist: exact addresses, then prefixes. Only a blocklisted packet consults the allowlist, which wins:
+    // the pass path (most packets) pays for one hash and one trie lookup, not three lookups.
+    u64 now = cfg->now_ns;
+    struct list_entry *e, *a = 0;
+    if (fam == FAM_IPV4) {
+        struct lpm4_key k4 = {32, src.w[3]};
+        e = live(block_hosts.lookup(&src), now);
+        if (!e)
+            e = live(block_v4.lookup(&k4), now);
+        if (e)
+            a = live(allow_v4.lookup(&k4), now);
+    } else {
+        struct lpm6_key k6 = {128, {src.w[0], src.w[1], src.w[2], src.w[3]}};
+        e = live(block_hosts.lookup(&src), now);
+        if (!e)
+            e = live(block_v6.lookup(&k6), now);
+        if (e)
+            a = live(allow_v6.lookup(&k6), now);
+    }
+    if (a) {
+        hit(a, now);
+        t->verdicts[VERDICT_ALLOW]++;
+        goto pass;
+    }
+    if (e) {
+        hit(e, now);
+        t->verdicts[VERDICT_DROP]++;
+        return XDP_DROP;
+    }
+    t->verdicts[VERDICT_PASS]++;
+pass:
+#ifndef NO_PER_SOURCE
+    account_source(t, cfg->epoch, &src, len, syn);
+#endif
+    return XDP_PASS;
+}

@@ -1,0 +1,173 @@
+"""The few bpf(2) commands we need without bcc: create, pin, open and describe maps, and read or write their entries.
+
+Why not bcc for these: the blocklist must be editable when no agent runs (``otel-ebpf-receiver block`` is a
+plain CLI verb, and bcc needs a compiled program to hand out a map), and a pinned map's layout must be checked
+*before* bcc adopts it (bcc 0.26 reuses a pin without comparing key or value sizes).
+
+Everything here is a thin, synchronous wrapper: errors raise :class:`BpfError` carrying ``errno``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import platform
+import struct
+from dataclasses import dataclass
+
+# x86_64 and arm64 syscall numbers; other architectures are not a target of this agent.
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "arm64": 280}.get(platform.machine(), 321)
+
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+MAP_TYPE_HASH = 1
+MAP_TYPE_ARRAY = 2
+MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_LRU_HASH = 9
+MAP_TYPE_LPM_TRIE = 11
+MAP_TYPE_NAMES = {MAP_TYPE_HASH: "hash", MAP_TYPE_ARRAY: "array", MAP_TYPE_PERCPU_ARRAY: "percpu_array",
+                  MAP_TYPE_LRU_HASH: "lru_hash", MAP_TYPE_LPM_TRIE: "lpm_trie"}
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+BPF_F_NO_PREALLOC = 1  # required by LPM tries
+
+_ATTR_SIZE = 128  # larger than every command's part of union bpf_attr that we use; the tail stays zero
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    """A failed bpf(2) call: ``errno`` and a message naming what we tried."""
+
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    ret = _libc.syscall(_SYS_BPF, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, os.strerror(err))
+    return ret
+
+
+def _attr(fmt: str, *values) -> ctypes.Array:
+    buf = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into(fmt, buf, 0, *values)
+    return buf
+
+
+def _addr(buf) -> int:
+    return ctypes.addressof(buf) if buf is not None else 0
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    """What the kernel says about a map (``struct bpf_map_info``, the part we compare)."""
+
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+    @property
+    def type_name(self) -> str:
+        return MAP_TYPE_NAMES.get(self.type, str(self.type))
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
+               name: str = "") -> int:
+    """New map; returns its fd (the caller closes it or pins it)."""
+    raw_name = name.encode()[:15]
+    attr = _attr("=IIIIIII16s", map_type, key_size, value_size, max_entries, flags, 0, 0, raw_name)
+    return _bpf(BPF_MAP_CREATE, attr)
+
+
+def obj_pin(fd: int, path: str) -> None:
+    path_buf = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(BPF_OBJ_PIN, _attr("=QII", _addr(path_buf), fd, 0))
+
+
+def obj_get(path: str) -> int:
+    """fd of a pinned object; raises BpfError(ENOENT) when nothing is pinned there."""
+    path_buf = ctypes.create_string_buffer(os.fsencode(path))
+    return _bpf(BPF_OBJ_GET, _attr("=QII", _addr(path_buf), 0, 0))
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _bpf(BPF_MAP_GET_FD_BY_ID, _attr("=III", map_id, 0, 0))
+
+
+def map_info(fd: int) -> MapInfo:
+    info = ctypes.create_string_buffer(88)  # struct bpf_map_info up to and past name[16]
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, ctypes.sizeof(info), _addr(info)))
+    mtype, mid, ksz, vsz, maxe, flags, name = struct.unpack_from("=IIIIII16s", info, 0)
+    return MapInfo(mtype, mid, ksz, vsz, maxe, flags, name.split(b"\0", 1)[0].decode())
+
+
+def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value_size)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, _attr("=IIQQQ", fd, 0, _addr(kbuf), _addr(vbuf), 0))
+    except BpfError as exc:
+        if exc.errno == _errno.ENOENT:
+            return None
+        raise
+    return vbuf.raw
+
+
+def map_update(fd: int, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    vbuf = ctypes.create_string_buffer(value, len(value))
+    _bpf(BPF_MAP_UPDATE_ELEM, _attr("=IIQQQ", fd, 0, _addr(kbuf), _addr(vbuf), flags))
+
+
+def map_delete(fd: int, key: bytes) -> bool:
+    """True when the key was there."""
+    kbuf = ctypes.create_string_buffer(key, len(key))
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, _attr("=IIQQQ", fd, 0, _addr(kbuf), 0, 0))
+    except BpfError as exc:
+        if exc.errno == _errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_keys(fd: int, key_size: int) -> list[bytes]:
+    """Every key, by GET_NEXT_KEY: two syscalls per entry, fine for list maps read on demand."""
+    keys: list[bytes] = []
+    cur = None
+    nbuf = ctypes.create_string_buffer(key_size)
+    while True:
+        kbuf = ctypes.create_string_buffer(cur, key_size) if cur is not None else None
+        try:
+            _bpf(BPF_MAP_GET_NEXT_KEY, _attr("=IIQQ", fd, 0, _addr(kbuf), _addr(nbuf)))
+        except BpfError as exc:
+            if exc.errno == _errno.ENOENT:
+                return keys
+            raise
+        cur = nbuf.raw
+        keys.append(cur)
+        if len(keys) > 50_000_000:  # a map changing under us faster than we walk it
+            raise BpfError(_errno.E2BIG, "map walk did not terminate")
+
+
+def close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,120 @@
+"""tcp: connections opened (as client or server) and closed, state transitions, retransmissions, resets sent
+and received — from the sock/tcp tracepoints only (this kernel offers no kprobes)."""
+
+from __future__ import annotations
+
+from ..bpfmaps import percpu_array_u64
+from .base import COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, log1p_rate, tracefs_root
+
+# Indexes into tcp_counts, as in bpf/tcp.bpf.c; each is followed by its IPv6 twin.
+TCP_STATES = 16
+IDX_OPENED_CLIENT, IDX_OPENED_SERVER, IDX_CLOSED, IDX_RETRANSMITS, IDX_RST_SENT, IDX_RST_RECEIVED = 32, 34, 36, 38, 40, 42
+NETWORK_TYPES = ("ipv4", "ipv6")
+
+# include/net/tcp_states.h, named as the semantic convention's network.connection.state values.
+STATE_NAMES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait_1", 5: "fin_wait_2", 6: "time_wait",
+               7: "close", 8: "close_wait", 9: "last_ack", 10: "listen", 11: "closing", 12: "new_syn_recv"}
+
+SET_STATE = Hook("sock:inet_sock_set_state")
+SEND_RESET = Hook("tcp:tcp_send_reset")
+
+
+def _format_fields(hook: Hook) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) from the tracepoint's format file."""
+    root = tracefs_root()
+    fields: dict[str, tuple[int, int]] = {}
+    if root is None:
+        return fields
+    try:
+        text = (root / "events" / hook.category / hook.event / "format").read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:"):
+            continue
+        parts = dict(p.strip().split(":", 1) for p in line.split(";") if ":" in p)
+        decl = parts.get("field", "").strip()
+        name = decl.split()[-1].split("[", 1)[0] if decl else ""
+        try:
+            fields[name] = (int(parts["offset"]), int(parts["size"]))
+        except (KeyError, ValueError):
+            continue
+    return fields
+
+
+class TcpProbe(Probe):
+    name = "tcp"
+    summary = "TCP connections opened/closed, state transitions, retransmits, resets"
+    hooks = (SET_STATE, Hook("tcp:tcp_retransmit_skb"), SEND_RESET, Hook("tcp:tcp_receive_reset"))
+    metrics = (
+        Metric("otel_ebpf_receiver.tcp.connections.opened", COUNTER, "{connection}",
+               "TCP connections established: as client (SYN_SENT→ESTABLISHED) or server (SYN_RECV→ESTABLISHED).",
+               ("network.type", "tcp.role")),
+        Metric("otel_ebpf_receiver.tcp.connections.closed", COUNTER, "{connection}",
+               "TCP sockets that reached CLOSE (including connection attempts that failed).", ("network.type",)),
+        Metric("otel_ebpf_receiver.tcp.state_transitions", COUNTER, "{transition}",
+               "TCP socket state changes, per new state.", ("network.type", "network.connection.state")),
+        Metric("otel_ebpf_receiver.tcp.retransmits", COUNTER, "{segment}", "TCP segments retransmitted.",
+               ("network.type",)),
+        Metric("otel_ebpf_receiver.tcp.resets", COUNTER, "{segment}",
+               "TCP resets sent (transmit) or received (receive).", ("network.type", "network.io.direction")),
+    )
+    features = (
+        Feature("tcp.resets_rate_log1p", "log1p(TCP resets sent + received per second)"),
+        Feature("tcp.retransmits_rate_log1p", "log1p(TCP retransmitted segments per second)"),
+        Feature("tcp.new_connections_rate_log1p", "log1p(TCP connections established per second, both roles)"),
+    )
+
+    def __init__(self, settings=None) -> None:
+        super().__init__(settings)
+        self._deltas = CounterDeltas()
+
+    def cflags(self) -> list[str]:
+        fields = _format_fields(SEND_RESET)
+        if "family" in fields:
+            return [f"-DSEND_RESET_FAMILY_OFFSET={fields['family'][0]}"]
+        if fields.get("saddr", (0, 0))[1] >= 16:  # a struct sockaddr_in(6): sa_family first
+            return [f"-DSEND_RESET_FAMILY_OFFSET={fields['saddr'][0]}"]
+        return []
+
+    def load(self) -> None:
+        super().load()
+        # The one handler bcc cannot declare by itself (see the C file).
+        self.bpf.attach_tracepoint(tp=SEND_RESET.tracepoint, fn_name="on_tcp_send_reset")
+
+    def read(self, seconds: float) -> Reading:
+        reading = Reading()
+        counts = percpu_array_u64(self.bpf["tcp_counts"])
+        opened = resets = retransmits = 0.0
+
+        def delta(index: int) -> float:
+            return self._deltas.delta(index, float(counts[index]))
+
+        for fam, network_type in enumerate(NETWORK_TYPES):
+            attrs = {"network.type": network_type}
+            for index, role in ((IDX_OPENED_CLIENT, "client"), (IDX_OPENED_SERVER, "server")):
+                d = delta(index + fam)
+                opened += d
+                reading.counters.append(("otel_ebpf_receiver.tcp.connections.opened", d, {**attrs, "tcp.role": role}))
+            reading.counters.append(("otel_ebpf_receiver.tcp.connections.closed", delta(IDX_CLOSED + fam), attrs))
+            for state, state_name in STATE_NAMES.items():
+                d = delta(fam * TCP_STATES + state)
+                reading.counters.append(("otel_ebpf_receiver.tcp.state_transitions", d,
+                                         {**attrs, "network.connection.state": state_name}))
+            d = delta(IDX_RETRANSMITS + fam)
+            retransmits += d
+            reading.counters.append(("otel_ebpf_receiver.tcp.retransmits", d, attrs))
+            for index, direction in ((IDX_RST_SENT, "transmit"), (IDX_RST_RECEIVED, "receive")):
+                d = delta(index + fam)
+                resets += d
+                reading.counters.append(("otel_ebpf_receiver.tcp.resets", d, {**attrs, "network.io.direction": direction}))
+        reading.counters = [c for c in reading.counters if c[1]]
+        reading.features = {
+            "tcp.resets_rate_log1p": log1p_rate(resets, seconds),
+            "tcp.retransmits_rate_log1p": log1p_rate(retransmits, seconds),
+            "tcp.new_connections_rate_log1p": log1p_rate(opened, seconds),
+        }
+        self.last_rates = {"opened": opened / seconds if seconds > 0 else 0.0,
+                           "resets": resets / seconds if seconds > 0 else 0.0}
+        return reading

@@ -1,0 +1,473 @@
+"""xdp: received traffic by protocol, TCP flags, frame sizes and sources, and a pinned source blocklist.
+
+The C side is bpf/xdp.bpf.c (read its header for the per-packet path). This side attaches it to the configured
+interfaces — native (driver) mode first, generic (skb) mode when the driver has no XDP — and each interval:
+
+* bumps the epoch and the clock in ``xdp_config`` (per-source windows, list expiry; see the C file),
+* reads the per-interface totals (per-CPU) and the per-source table (one batch read into numpy),
+* expires blocklist entries whose TTL passed, and reports how many entries each list holds.
+
+Attachments and pins. The program is attached through netlink, so it stays attached if the agent dies without
+closing (kill -9, OOM): the blocklist keeps dropping while the agent is down — for a blocklist, failing closed is
+the point. The next agent finds our program on the interface and replaces it in place, adopting the pinned lists.
+A clean :meth:`close` detaches the program; the list maps stay pinned (``otel-ebpf-receiver blocklist`` keeps
+working, and the next start enforces them again). A foreign XDP program on an interface is never replaced.
+
+The interfaces may live in another network namespace (setting ``netns``, e.g. the scenario lab's victim): the
+loading thread enters it only to resolve names and attach or detach; programs and maps are not per-namespace.
+A read costs ~20 ms of CPU with a full 65,536-entry per-source table, ~1 ms when it is nearly empty.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import json
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from .. import bpfsys
+from ..blocklist import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
+                         DEFAULT_STATE_DIR, Blocklist, BlocklistError, bpffs_mounted, check_pin_dir)
+from ..bpfmaps import MapSnapshot
+from ..netlab import LabError, in_netns
+from .base import COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, log1p_rate, ratio
+
+PROGRAM = "otel_ebpf_xdp"  # the C function; also the kernel's program name, used to recognise our orphans
+
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+
+FAMILIES = ("other", "ipv4", "ipv6")      # FAM_* in the C file
+TRANSPORTS = ("other", "tcp", "udp", "icmp")  # L4_*; "icmp" is ICMPv6 for IPv6
+TCP_FLAGS = ("syn", "syn_ack", "rst", "fin")
+VERDICTS = ("pass", "drop", "allow")
+SIZE_SLOTS = 17
+
+# struct totals, field by field, as u64 offsets into the value.
+_P = 12
+_TOTALS_FIELDS = {"packets": (0, _P), "bytes": (_P, _P), "tcp_flags": (2 * _P, 4), "size_log2": (2 * _P + 4, SIZE_SLOTS),
+                  "verdicts": (2 * _P + 4 + SIZE_SLOTS, 3)}
+_REST = 2 * _P + 4 + SIZE_SLOTS + 3
+_TOTALS_FIELDS.update({"malformed": (_REST, 1), "src_inserts": (_REST + 1, 1), "src_update_failures": (_REST + 2, 1)})
+TOTALS_U64 = _REST + 3
+
+_WINDOW = np.dtype([("packets", "<u8"), ("bytes", "<u8"), ("syns", "<u8"), ("epoch", "<u4"), ("pad", "<u4")])
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+@dataclass(frozen=True)
+class SourceRate:
+    """One source's traffic in the last window (passed traffic; blocked sources count on their list entry)."""
+
+    address: str
+    packets_per_s: float
+    bytes_per_s: float
+    syn_share: float          # SYNs / packets from this source
+    bytes_per_packet: float
+    share: float              # of all packets from all sources this window
+
+
+def _address(raw: bytes) -> str:
+    if raw[:12] == _V4_MAPPED:
+        return socket.inet_ntop(socket.AF_INET, raw[12:16])
+    return socket.inet_ntop(socket.AF_INET6, raw[:16])
+
+
+class XdpProbe(Probe):
+    name = "xdp"
+    summary = "received packets by protocol, TCP flags, sizes, top sources; pinned source blocklist (XDP)"
+    hooks = ()
+    metrics = (
+        Metric("system.network.io", COUNTER, "By", "Bytes received on the watched interfaces (seen by XDP).",
+               ("network.interface.name", "network.io.direction")),
+        Metric("system.network.packets", COUNTER, "{packet}", "Packets received on the watched interfaces.",
+               ("network.interface.name", "network.io.direction")),
+        Metric("otel_ebpf_receiver.xdp.packets", COUNTER, "{packet}",
+               "Received packets by network family and transport protocol (icmp is ICMPv6 for ipv6).",
+               ("network.interface.name", "network.type", "network.transport")),
+        Metric("otel_ebpf_receiver.xdp.io", COUNTER, "By", "Received bytes by network family and transport protocol.",
+               ("network.interface.name", "network.type", "network.transport")),
+        Metric("otel_ebpf_receiver.xdp.tcp_flags", COUNTER, "{packet}",
+               "Received TCP segments with SYN (no ACK), SYN-ACK, RST or FIN set.", ("network.interface.name", "tcp.flag")),
+        Metric("otel_ebpf_receiver.xdp.verdicts", COUNTER, "{packet}",
+               "What the program did: pass (no list matched), drop (blocklisted), allow (blocklisted but allowlisted).",
+               ("network.interface.name", "xdp.verdict")),
+        Metric("otel_ebpf_receiver.xdp.dropped_packets", COUNTER, "{packet}", "Packets dropped by the blocklist.",
+               ("network.interface.name",)),
+        Metric("otel_ebpf_receiver.xdp.malformed_packets", COUNTER, "{packet}",
+               "Truncated or malformed frames (passed untouched to the kernel's stack).", ("network.interface.name",)),
+        Metric("otel_ebpf_receiver.xdp.packet.size", HISTOGRAM, "By", "Received frame sizes (log2 buckets).",
+               ("network.interface.name",)),
+        Metric("otel_ebpf_receiver.xdp.blocklist_entries", GAUGE, "{entry}", "Blocklist entries (addresses and prefixes).",
+               ("network.type",)),
+        Metric("otel_ebpf_receiver.xdp.allowlist_entries", GAUGE, "{entry}", "Allowlist entries.", ("network.type",)),
+        Metric("otel_ebpf_receiver.xdp.sources", GAUGE, "{source}",
+               "Distinct source addresses with passed traffic this interval (estimate under floods larger than the table)."),
+        Metric("otel_ebpf_receiver.xdp.top_source.packet_rate", GAUGE, "{packet}/s",
+               "Packet rate of the busiest sources this interval (top N only, bounded cardinality).", ("source.address",)),
+    )
+    features = (
+        Feature("xdp.packets_rate_log1p", "log1p(received packets per second)"),
+        Feature("xdp.bytes_rate_log1p", "log1p(received bytes per second)"),
+        Feature("xdp.syn_ratio", "SYN (without ACK) / received TCP segments"),
+        Feature("xdp.syn_synack_imbalance", "log1p(SYN/s) - log1p(SYN-ACK/s) received: >0 more attempts than answers"),
+        Feature("xdp.distinct_sources_log1p", "log1p(distinct source addresses per second)"),
+        Feature("xdp.top_source_share", "share of passed packets sent by the busiest source"),
+        Feature("xdp.drop_rate_log1p", "log1p(packets dropped by the blocklist per second)"),
+    )
+
+    defaults = {
+        "interfaces": [],            # names, e.g. ["eth0"]; required
+        "mode": "auto",              # auto | native | generic
+        "netns": "",                 # the interfaces live in this network namespace (ip netns name or path)
+        "per_source": True,          # per-source table (~25 ns/packet); off: no top sources, no distinct count
+        "per_source_entries": 65536,
+        "blocklist_entries": DEFAULT_BLOCKLIST_ENTRIES,
+        "allowlist_entries": DEFAULT_ALLOWLIST_ENTRIES,
+        "top_sources": 10,
+        "pin_dir": DEFAULT_PIN_DIR,
+        "state_dir": DEFAULT_STATE_DIR,
+    }
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        super().__init__(settings)
+        self.interfaces: list[str] = list(dict.fromkeys(self.settings["interfaces"]))
+        self.netns: str = self.settings["netns"]
+        self.blocklist: Blocklist | None = None
+        # Set by the agent: called as on_event(name, attributes) for block/unblock/expire... (OTel logs).
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
+        self._attached: list[tuple[str, int, int]] = []  # (interface, flags, program id)
+        self._ifindex: dict[str, int] = {}
+        self._epoch = 1
+        self._ncpu = 1
+        self._snapshot: MapSnapshot | None = None
+        self._deltas = CounterDeltas()
+        self._evictions_total = 0
+        self._window: tuple[np.ndarray, np.ndarray, float] | None = None  # keys, windows, seconds
+        self.expired_at_start: list[str] = []
+
+    # -- availability and settings ----------------------------------------------------------------------------
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if not bpffs_mounted():
+            return "bpffs is not mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf, or run deploy/host-setup.sh)"
+        return None
+
+    @classmethod
+    def validate_settings(cls, settings: Mapping[str, Any], where: str) -> None:
+        super().validate_settings(settings, where)
+        from ..errors import ConfigError
+
+        if settings.get("mode", "auto") not in ("auto", "native", "generic"):
+            raise ConfigError(f"probe_settings.xdp.mode (from {where}) must be auto, native or generic")
+        if not all(isinstance(i, str) and i for i in settings.get("interfaces", [])):
+            raise ConfigError(f"probe_settings.xdp.interfaces (from {where}) must be a list of interface names")
+        try:
+            check_pin_dir(settings.get("pin_dir", DEFAULT_PIN_DIR))
+        except BlocklistError as exc:
+            raise ConfigError(f"probe_settings.xdp.{exc} (from {where})") from None
+
+    def cflags(self) -> list[str]:
+        slots = len(self.interfaces)
+        expr = "".join(f"(i) == {self._ifindex[name]} ? {n} : " for n, name in enumerate(self.interfaces)) + str(slots)
+        flags = [
+            f"-DPER_SOURCE_ENTRIES={self.settings['per_source_entries']}",
+            f"-DBLOCKLIST_ENTRIES={self.settings['blocklist_entries']}",
+            f"-DALLOWLIST_ENTRIES={self.settings['allowlist_entries']}",
+            f'-DPIN_DIR="{check_pin_dir(self.settings["pin_dir"])}"',
+            f"-DIFACE_SLOTS={slots + 1}",
+            f"-DIFACE_SLOT(i)=({expr})",
+        ]
+        if not self.settings["per_source"]:
+            flags.append("-DNO_PER_SOURCE")
+        return flags
+
+    # -- loading ----------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        from bcc import BPF
+        from bcc.utils import get_possible_cpus
+
+        from ..errors import ProbeError
+
+        if not self.interfaces:
+            raise ProbeError("probe xdp disabled: no interface to watch; set probe_settings.xdp.interfaces, e.g. [eth0]")
+        try:
+            with in_netns(self.netns):
+                for name in self.interfaces:
+                    try:
+                        self._ifindex[name] = socket.if_nametoindex(name)
+                    except OSError:
+                        where = f" in network namespace {self.netns}" if self.netns else ""
+                        raise ProbeError(f"probe xdp disabled: interface {name} not found{where}") from None
+        except LabError as exc:
+            raise ProbeError(f"probe xdp disabled: {exc}") from None
+        # The lists first: creates or adopts the pinned maps, refusing a layout that does not match ours, and
+        # removes entries that expired while no agent ran — all before bcc sees the pins.
+        try:
+            self.blocklist = Blocklist(self.settings["pin_dir"], self.settings["state_dir"],
+                                       blocklist_entries=self.settings["blocklist_entries"],
+                                       allowlist_entries=self.settings["allowlist_entries"],
+                                       on_event=self._event)
+            self.expired_at_start = self.blocklist.expired_on_open + self.blocklist.expire()
+        except BlocklistError as exc:
+            self.close()
+            raise ProbeError(f"probe xdp disabled: {exc}") from None
+        self._ncpu = len(get_possible_cpus())
+        try:
+            super().load()
+            self._write_config()
+            fn = self.bpf.load_func(PROGRAM, BPF.XDP)
+            for name in self.interfaces:
+                self._attach(name, fn)
+        except BaseException:
+            self.close()
+            raise
+        modes = sorted({("native" if flags == XDP_FLAGS_DRV_MODE else "generic") for _, flags, _ in self._attached})
+        self.mode = f"xdp {'+'.join(modes)}"
+        if self.settings["per_source"]:
+            self._snapshot = MapSnapshot(self.bpf["per_source"])
+
+    def _event(self, name: str, attributes: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            self.on_event(name, attributes)
+
+    def _attached_program(self, ifname: str) -> tuple[int, int, str] | None:
+        """(program id, IFLA_XDP_ATTACHED mode, program name) of the XDP program on the interface, if any."""
+        with in_netns(self.netns):  # the child inherits this thread's namespace
+            res = subprocess.run(["ip", "-j", "-d", "link", "show", "dev", ifname], capture_output=True, text=True)
+        for link in json.loads(res.stdout or "[]"):
+            xdp = link.get("xdp") or {}
+            prog = xdp.get("prog")
+            if prog:
+                return int(prog["id"]), int(xdp.get("mode", 0)), str(prog.get("name", ""))
+            for att in xdp.get("attached", []):  # several programs (multi-mode): report the first
+                if "prog" in att:
+                    return int(att["prog"]["id"]), int(att.get("mode", 0)), str(att["prog"].get("name", ""))
+        return None
+
+    def _attach(self, ifname: str, fn: Any) -> None:
+        from bcc import BPF
+
+        from ..errors import ProbeError
+
+        wanted = self.settings["mode"]
+        order = {"native": [XDP_FLAGS_DRV_MODE], "generic": [XDP_FLAGS_SKB_MODE],
+                 "auto": [XDP_FLAGS_DRV_MODE, XDP_FLAGS_SKB_MODE]}[wanted]
+        current = self._attached_program(ifname)
+        if current is not None:
+            prog_id, mode, prog_name = current
+            if prog_name != PROGRAM[:15]:
+                raise ProbeError(f"probe xdp disabled: {ifname} already runs XDP program {prog_name or '?'} "
+                                 f"(id {prog_id}); detach it first (ip link set dev {ifname} xdp off)")
+            # Our own program, left attached by an agent that did not close (killed): replace it in place, in the
+            # mode it runs in, so that the blocklist is never off for a moment.
+            same = XDP_FLAGS_DRV_MODE if mode == 1 else XDP_FLAGS_SKB_MODE
+            if same in order:
+                order = [same] + [f for f in order if f != same]
+            else:  # the settings ask for the other mode: the kernel allows one at a time, so detach it first
+                with in_netns(self.netns):
+                    BPF.remove_xdp(ifname, same)
+        errors = []
+        for flags in order:
+            try:
+                with in_netns(self.netns):
+                    BPF.attach_xdp(ifname, fn, flags)
+            except Exception as exc:  # bcc raises a bare Exception with the errno text
+                errors.append(f"{'native' if flags == XDP_FLAGS_DRV_MODE else 'generic'}: {exc}")
+                continue
+            now = self._attached_program(ifname)
+            self._attached.append((ifname, flags, now[0] if now else 0))
+            return
+        raise ProbeError(f"probe xdp disabled: cannot attach to {ifname} ({'; '.join(errors)})")
+
+    def close(self) -> None:
+        """Detach from every interface (only if the program there is still ours), unload, close the lists.
+        The list maps stay pinned: the blocklist outlives the agent and is enforced again at the next start."""
+        from bcc import BPF
+
+        for ifname, flags, prog_id in self._attached:
+            try:
+                current = self._attached_program(ifname)
+                if current is not None and current[0] == prog_id:
+                    with in_netns(self.netns):
+                        BPF.remove_xdp(ifname, flags)
+            except Exception:  # interface or namespace gone: nothing left to detach
+                pass
+        self._attached.clear()
+        self._snapshot = None
+        super().close()
+        if self.blocklist is not None:
+            self.blocklist.close()
+            self.blocklist = None
+
+    def attached_program_ids(self) -> list[int]:
+        return [pid for _, _, pid in self._attached]
+
+    # -- each window -------------------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        table = self.bpf["xdp_config"]
+        value = table.Leaf()
+        value.now_ns = time.monotonic_ns()
+        value.epoch = self._epoch
+        table[ct.c_int(0)] = value
+
+    def _totals(self) -> np.ndarray:
+        """(interface slots, TOTALS_U64) summed over CPUs."""
+        table = self.bpf["xdp_totals"]
+        out = np.zeros((len(self.interfaces) + 1, TOTALS_U64), dtype=np.float64)
+        size = TOTALS_U64 * 8 * self._ncpu
+        for slot in range(len(self.interfaces) + 1):
+            raw = bpfsys.map_lookup(table.map_fd, struct.pack("=I", slot), size)
+            if raw is not None:
+                out[slot] = np.frombuffer(raw, dtype="<u8").reshape(self._ncpu, TOTALS_U64).sum(axis=0)
+        return out
+
+    def read(self, seconds: float) -> Reading:
+        reading = Reading()
+        closed_epoch = self._epoch
+        self._epoch += 1
+        self._write_config()  # from now on the kernel writes the other slot: ours is complete and stable
+
+        totals = self._totals()
+        names = self.interfaces + ["other"]
+        sums = {k: 0.0 for k in ("packets", "bytes", "syn", "synack", "drop", "tcp")}
+        inserts = failures = 0.0
+        for slot, ifname in enumerate(names):
+            row = totals[slot]
+            if slot == len(self.interfaces) and not row.any():
+                continue
+            iface = {"network.interface.name": ifname}
+            f = {k: row[o:o + n] for k, (o, n) in _TOTALS_FIELDS.items()}
+            pk = self._delta(("packets", slot), f["packets"].sum())
+            by = self._delta(("bytes", slot), f["bytes"].sum())
+            reading.counters.append(("system.network.packets", pk, {**iface, "network.io.direction": "receive"}))
+            reading.counters.append(("system.network.io", by, {**iface, "network.io.direction": "receive"}))
+            sums["packets"] += pk
+            sums["bytes"] += by
+            for i in range(_P):
+                if f["packets"][i] == 0:
+                    continue
+                attrs = {**iface, "network.type": FAMILIES[i // 4], "network.transport": TRANSPORTS[i % 4]}
+                d = self._delta(("proto", slot, i), f["packets"][i])
+                reading.counters.append(("otel_ebpf_receiver.xdp.packets", d, attrs))
+                reading.counters.append(("otel_ebpf_receiver.xdp.io", self._delta(("proto_bytes", slot, i), f["bytes"][i]), attrs))
+                if i % 4 == 1:
+                    sums["tcp"] += d
+            for i, flag in enumerate(TCP_FLAGS):
+                d = self._delta(("flag", slot, i), f["tcp_flags"][i])
+                reading.counters.append(("otel_ebpf_receiver.xdp.tcp_flags", d, {**iface, "tcp.flag": flag}))
+                if flag == "syn":
+                    sums["syn"] += d
+                elif flag == "syn_ack":
+                    sums["synack"] += d
+            for i, verdict in enumerate(VERDICTS):
+                d = self._delta(("verdict", slot, i), f["verdicts"][i])
+                reading.counters.append(("otel_ebpf_receiver.xdp.verdicts", d, {**iface, "xdp.verdict": verdict}))
+                if verdict == "drop":
+                    sums["drop"] += d
+                    reading.counters.append(("otel_ebpf_receiver.xdp.dropped_packets", d, iface))
+            reading.counters.append(("otel_ebpf_receiver.xdp.malformed_packets",
+                                     self._delta(("malformed", slot), f["malformed"][0]), iface))
+            buckets = {float(2 ** i): int(self._delta(("size", slot, i), f["size_log2"][i]))
+                       for i in range(SIZE_SLOTS) if f["size_log2"][i]}
+            buckets = {bound: n for bound, n in buckets.items() if n}
+            if buckets:
+                reading.histograms.append(("otel_ebpf_receiver.xdp.packet.size", buckets, by, iface))
+            inserts += f["src_inserts"][0]
+            failures += f["src_update_failures"][0]
+
+        distinct, top_share = self._read_sources(closed_epoch, seconds, reading, inserts)
+        reading.map_update_failures = int(self._delta(("src_failures",), failures))
+
+        if self.blocklist is not None:
+            self.blocklist.expire()
+            counts = self.blocklist.counts()
+            for kind, metric in ((BLOCK, "otel_ebpf_receiver.xdp.blocklist_entries"),
+                                 (ALLOW, "otel_ebpf_receiver.xdp.allowlist_entries")):
+                for family in (4, 6):
+                    reading.gauges.append((metric, float(counts[(kind, family)]), {"network.type": f"ipv{family}"}))
+
+        reading.counters = [c for c in reading.counters if c[1]]
+        reading.features = {
+            "xdp.packets_rate_log1p": log1p_rate(sums["packets"], seconds),
+            "xdp.bytes_rate_log1p": log1p_rate(sums["bytes"], seconds),
+            "xdp.syn_ratio": ratio(sums["syn"], sums["tcp"]),
+            "xdp.syn_synack_imbalance": log1p_rate(sums["syn"], seconds) - log1p_rate(sums["synack"], seconds),
+            "xdp.distinct_sources_log1p": log1p_rate(distinct, seconds),
+            "xdp.top_source_share": top_share,
+            "xdp.drop_rate_log1p": log1p_rate(sums["drop"], seconds),
+        }
+        self.last_rates = {"packets": sums["packets"] / seconds if seconds > 0 else 0.0,
+                           "dropped": sums["drop"] / seconds if seconds > 0 else 0.0}
+        return reading
+
+    def _delta(self, key: Any, cumulative: float) -> float:
+        return self._deltas.delta(key, float(cumulative))
+
+    def _read_sources(self, epoch: int, seconds: float, reading: Reading, inserts_total: float) -> tuple[float, float]:
+        """Per-source windows of the epoch that just closed → top-N gauges, distinct count, top share."""
+        if self._snapshot is None:
+            self._window = None
+            return 0.0, 0.0
+        n = self._snapshot.read()
+        keys = np.frombuffer(self._snapshot.keys, dtype=np.uint8, count=n * 16).reshape(n, 16)
+        wins = np.frombuffer(self._snapshot.values, dtype=_WINDOW, count=n * 2).reshape(n, 2)[:, epoch & 1]
+        live = (wins["epoch"] == (epoch & 0xFFFFFFFF)) & (wins["packets"] > 0)
+        keys, wins = keys[live].copy(), wins[live].copy()
+        # Evictions: every key ever inserted is either still in the table or was evicted (we never delete).
+        evictions_total = max(0.0, inserts_total - n)
+        reading.map_evictions = int(max(0.0, evictions_total - self._evictions_total))
+        inserted_now = self._delta(("src_inserts",), inserts_total)
+        self._evictions_total = max(self._evictions_total, evictions_total)
+        self._window = (keys, wins, seconds)
+        # A flood of new sources larger than the table evicts sources of this same window: every insertion is a
+        # source new to the table, so the insert count bounds the distinct count from below.
+        distinct = float(max(len(wins), inserted_now))
+        reading.gauges.append(("otel_ebpf_receiver.xdp.sources", distinct, {}))
+        total = float(wins["packets"].sum())
+        for src in self.top_sources(self.settings["top_sources"]):
+            reading.gauges.append(("otel_ebpf_receiver.xdp.top_source.packet_rate", src.packets_per_s,
+                                   {"source.address": src.address}))
+        top_share = float(wins["packets"].max()) / total if total > 0 else 0.0
+        return distinct, top_share
+
+    def top_sources(self, n: int = 10) -> list[SourceRate]:
+        """The n busiest sources of the last window (for a per-source verdict), busiest first."""
+        if self._window is None or n <= 0:
+            return []
+        keys, wins, seconds = self._window
+        if not len(wins):
+            return []
+        total = float(wins["packets"].sum())
+        k = min(n, len(wins))
+        idx = np.argpartition(-wins["packets"].astype(np.int64), k - 1)[:k]
+        idx = idx[np.argsort(-wins["packets"][idx].astype(np.int64), kind="stable")]
+        out = []
+        for i in idx:
+            packets, nbytes, syns = float(wins["packets"][i]), float(wins["bytes"][i]), float(wins["syns"][i])
+            out.append(SourceRate(_address(keys[i].tobytes()), packets / seconds if seconds > 0 else 0.0,
+                                  nbytes / seconds if seconds > 0 else 0.0, ratio(syns, packets),
+                                  ratio(nbytes, packets), ratio(packets, total)))
+        return out
+
+    def source_window(self, address: str) -> SourceRate | None:
+        """One source's numbers in the last window (None when it sent nothing that passed)."""
+        if self._window is None:
+            return None
+        keys, wins, seconds = self._window
+        packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
+        raw = np.frombuffer(_V4_MAPPED + packed if len(packed) == 4 else packed, dtype=np.uint8)
+        match = np.nonzero((keys == raw).all(axis=1))[0]
+        if not len(match):
+            return None
+        i = int(match[0])
+        total = float(wins["packets"].sum())
+        packets, nbytes, syns = float(wins["packets"][i]), float(wins["bytes"][i]), float(wins["syns"][i])
+        return SourceRate(address, packets / seconds if seconds > 0 else 0.0, nbytes / seconds if seconds > 0 else 0.0,
+                          ratio(syns, packets), ratio(nbytes, packets), ratio(packets, total))

@@ -1,0 +1,107 @@
+"""Unprivileged, table-driven tests of the blocklist's parsing and encoding, and (with root) of the C/Python
+layout contract that the pinned maps depend on."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+
+import pytest
+
+from otel_ebpf_receiver import blocklist as bl
+from otel_ebpf_receiver.blocklist import BlocklistError, format_duration, parse_cidr, parse_duration
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("192.0.2.7", "192.0.2.7/32"),
+    (" 198.51.100.0/24 ", "198.51.100.0/24"),
+    ("2001:db8::1", "2001:db8::1/128"),
+    ("2001:db8::/32", "2001:db8::/32"),
+    ("::ffff:192.0.2.0/120", "192.0.2.0/24"),      # IPv4-mapped: stored as what matches on the wire
+    ("::ffff:192.0.2.7", "192.0.2.7/32"),
+])
+def test_parse_cidr(text, expected):
+    assert str(parse_cidr(text)) == expected
+
+
+@pytest.mark.parametrize("text,message", [
+    ("", "empty address"),
+    ("bogus", "'bogus' is not an IP address or CIDR prefix"),
+    ("10.1.2.3/8", "'10.1.2.3/8' has host bits set; did you mean 10.0.0.0/8?"),
+    ("10.0.0.0/33", "'10.0.0.0/33': prefix length must be 0-32 for IPv4"),
+    ("2001:db8::/129", "'2001:db8::/129': prefix length must be 0-128 for IPv6"),
+    ("1.2.3/24", "'1.2.3/24' is not an IP address or CIDR prefix"),
+])
+def test_bad_addresses_are_one_clear_line(text, message):
+    with pytest.raises(BlocklistError) as info:
+        parse_cidr(text)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("text,seconds", [("30s", 30), ("10m", 600), ("2h", 7200), ("1d", 86400), ("1h30m", 5400),
+                                          ("90", 90), ("1.5h", 5400), ("1w", 604800)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m10", "0s", "-3m", "1h 30m"])
+def test_bad_durations(text):
+    with pytest.raises(BlocklistError, match="bad duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize("seconds,text", [(5, "5s"), (600, "10m"), (5400, "1h30m"), (90061, "1d1h")])
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("kind,cidr,map_name,key_hex", [
+    ("block", "192.0.2.7/32", "block_hosts", "00000000000000000000ffffc0000207"),
+    ("block", "2001:db8::1/128", "block_hosts", "20010db8000000000000000000000001"),
+    ("block", "192.0.2.0/24", "block_v4", "18000000c0000200"),
+    ("block", "2001:db8::/32", "block_v6", "2000000020010db8000000000000000000000000"),
+    ("allow", "192.0.2.7/32", "allow_v4", "20000000c0000207"),  # the allowlist is tries only
+])
+def test_keys_are_encoded_as_the_program_reads_them(kind, cidr, map_name, key_hex):
+    net = ipaddress.ip_network(cidr)
+    assert bl._map_for(kind, net) == map_name
+    key = bl._encode(map_name, net)
+    assert key.hex() == key_hex
+    assert bl._decode(map_name, key) == net
+
+
+def test_sidecar_per_pin_dir():
+    assert str(bl.sidecar_path("/sys/fs/bpf/otel-ebpf-receiver", "/var/lib/x")) == "/var/lib/x/blocklist.json"
+    assert str(bl.sidecar_path("/sys/fs/bpf/test-1", "/var/lib/x")) == "/var/lib/x/blocklist-sys-fs-bpf-test-1.json"
+
+
+@pytest.mark.parametrize("pin_dir", ["relative", "/sys/fs/bpf/a b", '/sys/fs/bpf/"x', "/sys/fs/bpf/../etc"])
+def test_pin_dir_must_be_safe_in_a_c_string(pin_dir):
+    with pytest.raises(BlocklistError):
+        bl.check_pin_dir(pin_dir)
+
+
+@pytest.mark.bpf
+def test_c_layouts_match_python(tmp_path):
+    """bcc's view of every map's key and value must match the sizes Python packs and reads."""
+    from otel_ebpf_receiver.probes import xdp
+
+    pin = f"/sys/fs/bpf/oer-units-{id(tmp_path)}"
+    bl.remove_pins(pin)
+    try:
+        with bl.Blocklist(pin, str(tmp_path)):
+            pass
+        from bcc import BPF
+
+        b = BPF(src_file=str(xdp.XdpProbe.source_path()), cflags=[f'-DPIN_DIR="{pin}"'])
+        try:
+            for spec in bl.LIST_MAPS:
+                t = b[spec.name]
+                assert (ct.sizeof(t.Key), ct.sizeof(t.Leaf)) == (spec.key.size, bl._VALUE.size), spec.name
+            assert ct.sizeof(b["per_source"].Key) == 16
+            assert ct.sizeof(b["per_source"].Leaf) == 2 * xdp._WINDOW.itemsize
+            assert ct.sizeof(b["xdp_totals"].sLeaf) == xdp.TOTALS_U64 * 8  # per CPU
+        finally:
+            b.cleanup()
+    finally:
+        bl.remove_pins(pin)
