@@ -24,7 +24,7 @@ mount_if_missing bpf /sys/fs/bpf
 
 # Packages the agent and its test-suite use. bcc comes from Debian, not PyPI.
 PACKAGES=(python3-bpfcc libbpfcc bpfcc-tools bpftool python3-venv python3-dev iproute2
-          hping3 xdp-tools netsniff-ng iperf3 stress-ng fio prometheus curl)
+          hping3 xdp-tools netsniff-ng iperf3 stress-ng fio prometheus curl nginx-light)
 missing=()
 for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,7 +32,10 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     apt-get update -qq
-    # policy-rc.d keeps Debian from starting prometheus' own service: tests start their own instance.
+    # Debian starts a package's service on install (prometheus, nginx) unless policy-rc.d says no: the tests
+    # start their own instances on free ports, so keep the system ones off for the duration of the install.
+    policy=/usr/sbin/policy-rc.d
+    [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; trap 'rm -f "$policy"' EXIT; }
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 

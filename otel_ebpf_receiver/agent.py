@@ -190,8 +190,8 @@ class Agent:
             for metric in probe.metrics:  # a gauge with no values this window reports nothing
                 if metric.kind == "gauge":
                     gauges.setdefault(metric.name, [])
-            for name, buckets, _sum, attrs in reading.histograms:
-                self.sink.record_histogram(name, buckets, attrs, state)
+            for name, buckets, total, attrs in reading.histograms:
+                self.sink.record_histogram(name, buckets, attrs, state, total=total)
             self._record_health("otel_ebpf_receiver.map.update_failures", probe.name, state, reading.map_update_failures, cumulative=True)
             self._record_health("otel_ebpf_receiver.map.evictions", probe.name, state, reading.map_evictions, cumulative=True)
         reporting = self.telemetry.reporting

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from .base import Probe
+from .block_io import BlockIoProbe
 from .exec import ExecProbe
 from .file_open import FileOpenProbe
+from .http import HttpProbe
+from .sched import SchedProbe
 from .syscalls import SyscallsProbe
 from .tcp import TcpProbe
 from .xdp import XdpProbe
 
-_ALL: tuple[type[Probe], ...] = (SyscallsProbe, FileOpenProbe, ExecProbe, TcpProbe, XdpProbe)
+_ALL: tuple[type[Probe], ...] = (SyscallsProbe, FileOpenProbe, ExecProbe, TcpProbe, XdpProbe, BlockIoProbe,
+                                 SchedProbe, HttpProbe)
 
 
 def _build_registry(classes: tuple[type[Probe], ...]) -> dict[str, type[Probe]]:

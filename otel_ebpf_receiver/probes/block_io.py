@@ -1,0 +1,175 @@
+"""block_io: block-device reads and writes per device — operations, bytes, time, latency histogram — and the
+requests in flight (queue depth), from the block request tracepoints.
+
+Devices are whole disks as the request layer sees them (sda, nvme0n1, vda, loop0...): partitions are not told
+apart, and bio-based devices (device-mapper, md) show up as the disks underneath them.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import math
+import time
+
+import numpy as np
+
+from .. import log2hist
+from ..bpfmaps import MapSnapshot, percpu_array_u64
+from .base import COUNTER, GAUGE, HISTOGRAM, Feature, Hook, Metric, Probe, Reading, hook_exists, log1p_rate
+
+SLOTS = log2hist.LATENCY_SLOTS
+FIELDS = 3 + SLOTS  # struct disk_stats: ops, bytes, time_ns, slots[SLOTS]
+DIRECTIONS = ("read", "write")
+STAT_UPDATE_FAILED, STAT_NEW_START, STAT_START_DONE = range(3)
+INSERT_HOOK = Hook("block:block_rq_insert")
+MERGE_HOOK = Hook("block:block_rq_merge")
+
+
+def device_name(dev: int, cache: dict[int, str]) -> str:
+    """Kernel dev_t (major << 20 | minor, as tracepoints carry it) -> DEVNAME from sysfs, else "major:minor"."""
+    name = cache.get(dev)
+    if name is None:
+        major, minor = dev >> 20, dev & 0xFFFFF
+        name = f"{major}:{minor}"
+        try:
+            with open(f"/sys/dev/block/{major}:{minor}/uevent") as fh:
+                for line in fh:
+                    if line.startswith("DEVNAME="):
+                        name = line.split("=", 1)[1].strip()
+                        break
+            cache[dev] = name  # only names we could read are cached; a device that appears later is looked up again
+        except OSError:
+            pass
+    return name
+
+
+class BlockIoProbe(Probe):
+    name = "block_io"
+    summary = "disk reads/writes per device: operations, bytes, latency histogram, requests in flight"
+    hooks = (Hook("block:block_rq_issue"), Hook("block:block_rq_complete"))
+    _attrs = ("system.device", "disk.io.direction")
+    metrics = (
+        Metric("system.disk.io", COUNTER, "By", "Bytes read from and written to each disk (completed requests).",
+               _attrs),
+        Metric("system.disk.operations", COUNTER, "{operation}", "Completed read and write requests per disk.", _attrs),
+        Metric("system.disk.operation_time", COUNTER, "s",
+               "Sum of the time each completed request took, from entering the queue (or from issue when the kernel "
+               "has no insert tracepoint or include_queue_time is off) to completion.", _attrs),
+        Metric("otel_ebpf_receiver.disk.request.duration", HISTOGRAM, "s",
+               "Latency of completed read and write requests (log2 buckets counted in the kernel).", _attrs),
+        Metric("otel_ebpf_receiver.disk.inflight", GAUGE, "{request}",
+               "Read and write requests in flight per disk at the end of the interval (queue depth).",
+               ("system.device",)),
+    )
+    features = (
+        Feature("block_io.read_ops_rate_log1p", "log1p(read requests completed per second, all disks)"),
+        Feature("block_io.read_bytes_rate_log1p", "log1p(bytes read per second, all disks)"),
+        Feature("block_io.write_ops_rate_log1p", "log1p(write requests completed per second, all disks)"),
+        Feature("block_io.write_bytes_rate_log1p", "log1p(bytes written per second, all disks)"),
+        Feature("block_io.latency_p50_log1p_us", "log1p(median request latency in microseconds, this interval)"),
+        Feature("block_io.latency_p99_log1p_us", "log1p(99th percentile request latency in microseconds, this interval)"),
+        Feature("block_io.inflight_log1p", "log1p(requests in flight, all disks, end of the interval)"),
+    )
+
+    # include_queue_time: time requests from block_rq_insert (diskstats semantics) instead of block_rq_issue.
+    # stale_inflight_seconds: an in-flight entry older than this is a request we lost track of, not queue depth.
+    defaults = {"include_queue_time": True, "max_inflight": 10240, "max_devices": 256, "stale_inflight_seconds": 30}
+
+    def __init__(self, settings=None) -> None:
+        super().__init__(settings)
+        self._last: dict[tuple[int, int], np.ndarray] = {}
+        self._names: dict[int, str] = {}
+
+    def _queue_time(self) -> bool:
+        return bool(self.settings["include_queue_time"]) and hook_exists(INSERT_HOOK)
+
+    def cflags(self) -> list[str]:
+        flags = [f"-DMAX_INFLIGHT={self.settings['max_inflight']}", f"-DMAX_DEVICES={self.settings['max_devices']}",
+                 f"-DLATENCY_SLOTS={SLOTS}"]
+        if self._queue_time():
+            flags.append("-DQUEUE_TIME")
+        if hook_exists(MERGE_HOOK):
+            flags.append("-DHAVE_RQ_MERGE")
+        return flags
+
+    def load(self) -> None:
+        super().load()
+        self.mode = "tracepoint (" + ("insert->complete" if self._queue_time() else "issue->complete") + ")"
+        self._stats_snapshot = MapSnapshot(self.bpf["disk_stats"])
+        self._start_snapshot = MapSnapshot(self.bpf["start"])
+
+    def _cumulative(self) -> dict[tuple[int, int], np.ndarray]:
+        """(dev, direction) -> [ops, bytes, time_ns, slots...] summed over CPUs."""
+        snap = self._stats_snapshot
+        n = snap.read()
+        if not n:
+            return {}
+        ncpu = ct.sizeof(snap.table.Leaf) // (FIELDS * 8)
+        values = np.frombuffer(snap.values, dtype=np.uint64, count=n * ncpu * FIELDS).reshape(n, ncpu, FIELDS)
+        totals = values.sum(axis=1)
+        keys = np.frombuffer(snap.keys, dtype=np.uint32, count=2 * n).reshape(n, 2)
+        return {(int(k[0]), int(k[1])): totals[i] for i, k in enumerate(keys)}
+
+    def _inflight(self) -> tuple[dict[int, int], int]:
+        """Requests in flight per dev (entries younger than the stale limit), and how many entries there are."""
+        snap = self._start_snapshot
+        n = snap.read()
+        if not n:
+            return {}, 0
+        devs = np.frombuffer(snap.keys, dtype=np.uint32, count=4 * n).reshape(n, 4)[:, 0]
+        started = np.frombuffer(snap.values, dtype=np.uint64, count=2 * n).reshape(n, 2)[:, 0]
+        fresh = started.astype(np.int64) > time.monotonic_ns() - int(self.settings["stale_inflight_seconds"] * 1e9)
+        unique, counts = np.unique(devs[fresh], return_counts=True)
+        return {int(d): int(c) for d, c in zip(unique, counts)}, n
+
+    def read(self, seconds: float) -> Reading:
+        reading = Reading()
+        ops = {d: 0.0 for d in DIRECTIONS}
+        nbytes = {d: 0.0 for d in DIRECTIONS}
+        window_slots = np.zeros(SLOTS, dtype=np.int64)
+        active_devs: set[int] = set()
+        for (dev, direction), cumulative in self._cumulative().items():
+            if direction >= len(DIRECTIONS):
+                continue
+            previous = self._last.get((dev, direction))
+            self._last[(dev, direction)] = cumulative
+            delta = cumulative - previous if previous is not None and (cumulative >= previous).all() else cumulative
+            d_ops = int(delta[0])
+            if not d_ops:
+                continue
+            active_devs.add(dev)
+            dir_name = DIRECTIONS[direction]
+            attrs = {"system.device": device_name(dev, self._names), "disk.io.direction": dir_name}
+            ops[dir_name] += d_ops
+            nbytes[dir_name] += int(delta[1])
+            reading.counters.append(("system.disk.operations", d_ops, attrs))
+            reading.counters.append(("system.disk.io", int(delta[1]), attrs))
+            reading.counters.append(("system.disk.operation_time", int(delta[2]) / 1e9, attrs))
+            slots = delta[3:].astype(np.int64)
+            window_slots += slots
+            reading.histograms.append(("otel_ebpf_receiver.disk.request.duration",
+                                       log2hist.buckets_from_slots(slots, "s"), int(delta[2]) / 1e9, attrs))
+
+        inflight, entries = self._inflight()
+        for dev in sorted(active_devs | set(inflight)):
+            reading.gauges.append(("otel_ebpf_receiver.disk.inflight", float(inflight.get(dev, 0)),
+                                   {"system.device": device_name(dev, self._names)}))
+
+        stats = percpu_array_u64(self.bpf["stats"])
+        reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
+        # Entries inserted, minus those completed or merged away, minus those still there: the LRU evicted the rest.
+        reading.map_evictions = max(0, int(stats[STAT_NEW_START]) - int(stats[STAT_START_DONE]) - entries)
+
+        counts = window_slots.tolist()
+        self.last_rates = {d: (ops[d] / seconds, nbytes[d] / seconds) for d in DIRECTIONS} if seconds > 0 else {}
+        reading.features = {
+            "block_io.read_ops_rate_log1p": log1p_rate(ops["read"], seconds),
+            "block_io.read_bytes_rate_log1p": log1p_rate(nbytes["read"], seconds),
+            "block_io.write_ops_rate_log1p": log1p_rate(ops["write"], seconds),
+            "block_io.write_bytes_rate_log1p": log1p_rate(nbytes["write"], seconds),
+            "block_io.latency_p50_log1p_us": math.log1p(log2hist.quantile(counts, 0.50)),
+            "block_io.latency_p99_log1p_us": math.log1p(log2hist.quantile(counts, 0.99)),
+            "block_io.inflight_log1p": math.log1p(sum(inflight.values())),
+        }
+        return reading
+

@@ -1,0 +1,199 @@
+"""sched: run-queue latency (how long runnable threads wait for a CPU) and context switches, voluntary and
+involuntary — the CPU-contention view that load averages blur."""
+
+from __future__ import annotations
+
+import ctypes as ct
+import math
+import os
+import re
+import time
+
+import numpy as np
+
+from .. import log2hist
+from ..bpfmaps import MapSnapshot
+from .base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, log1p_rate, ratio,
+                   tracefs_root)
+
+SLOTS = log2hist.LATENCY_SLOTS
+SWITCHES, INVOLUNTARY, LATENCY_SUM_NS, UPDATE_FAILED, COUNTERS = range(5)
+FIELDS = COUNTERS + SLOTS  # struct sched_stats: the counters above, then slots[SLOTS]
+SWITCH_HOOK = Hook("sched:sched_switch")
+DEFAULT_STATE_MASK = 0xFF  # TASK_REPORT_MAX - 1 since Linux 4.14
+OWNER_CACHE_SECONDS = 10.0  # a thread's name can change (exec, prctl): looked up again after this
+
+
+def task_state_mask() -> int:
+    """The bits of sched_switch's prev_state that are task states (the bit above them flags a preemption).
+
+    Read from the tracepoint's print format, which spells the mask out: ``REC->prev_state & ((((0x0 | 0x1 | ...
+    | 0x40) + 1) << 1) - 1)``. Falls back to 0xff, its value on every kernel since 4.14.
+    """
+    root = tracefs_root()
+    try:
+        text = (root / "events" / "sched" / "sched_switch" / "format").read_text() if root else ""
+    except OSError:
+        text = ""
+    start = text.find("REC->prev_state & (")
+    if start < 0:
+        return DEFAULT_STATE_MASK
+    i = start + len("REC->prev_state & ")
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[j], 0)
+        if depth == 0:
+            expr = text[i:j + 1]
+            break
+    else:
+        return DEFAULT_STATE_MASK
+    if not re.fullmatch(r"[0-9a-fA-Fx|+<>\-() ]+", expr):
+        return DEFAULT_STATE_MASK
+    try:
+        mask = int(eval(expr, {"__builtins__": {}}, {}))  # digits and | + << - ( ) only, checked above
+    except Exception:
+        return DEFAULT_STATE_MASK
+    return mask if 0 < mask < 1 << 16 else DEFAULT_STATE_MASK
+
+
+def thread_owner(tid: int) -> tuple[int, str]:
+    """(tgid, comm) of a thread id from /proc (/proc/<tid> exists for every thread, listed or not)."""
+    try:
+        with open(f"/proc/{tid}/status") as fh:
+            name, tgid = "", tid
+            for line in fh:
+                if line.startswith("Name:"):
+                    name = line.split(None, 1)[1].strip() if len(line.split()) > 1 else ""
+                elif line.startswith("Tgid:"):
+                    tgid = int(line.split()[1])
+                    break
+            return tgid, name
+    except (OSError, ValueError):
+        return tid, "[exited]"
+
+
+class SchedProbe(Probe):
+    name = "sched"
+    summary = "run-queue latency histogram, context switches (voluntary / involuntary)"
+    hooks = (Hook("sched:sched_wakeup"), Hook("sched:sched_wakeup_new"), SWITCH_HOOK)
+    metrics = (
+        Metric("otel_ebpf_receiver.sched.runqueue.latency", HISTOGRAM, "s",
+               "Time runnable threads waited for a CPU: from wakeup (or preemption) to running (log2 buckets)."),
+        Metric("otel_ebpf_receiver.sched.context_switches", COUNTER, "{switch}",
+               "Context switches; involuntary when the thread switched out was still runnable (preempted or "
+               "yielded), as the kernel counts nivcsw.", ("sched.switch.type",)),
+        Metric("otel_ebpf_receiver.sched.top_thread.runqueue.wait", GAUGE, "1",
+               "Share of the interval spent runnable but waiting for a CPU, for the threads that waited most "
+               "(top N only, bounded cardinality).", ("thread.id", "process.pid", "process.command")),
+    )
+    features = (
+        Feature("sched.context_switch_rate_log1p", "log1p(context switches per second per CPU)"),
+        Feature("sched.involuntary_share", "involuntary / all context switches"),
+        Feature("sched.runqueue_latency_p99_log1p_us",
+                "log1p(99th percentile run-queue latency in microseconds, this interval)"),
+    )
+    # top_threads: how many of the threads that waited most are reported (0 compiles per-thread accounting out).
+    defaults = {"max_queued_threads": 10240, "top_threads": 5, "max_threads": 10240}
+
+    def __init__(self, settings=None) -> None:
+        super().__init__(settings)
+        self.top_n = self.settings["top_threads"]
+        self._deltas = CounterDeltas()
+        self._last_slots: np.ndarray | None = None
+        self._last_wait: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.uint32), np.zeros(0, np.uint64))
+        self._ncpu = os.cpu_count() or 1
+        self._owners: dict[int, tuple[float, int, str]] = {}  # tid -> (looked up at, tgid, comm)
+        self.last_top: list[tuple[str, int, int, float]] = []
+
+    def _owner(self, tid: int) -> tuple[int, str]:
+        """thread_owner() cached for OWNER_CACHE_SECONDS: the same busy threads top the list window after window."""
+        now = time.monotonic()
+        cached = self._owners.get(tid)
+        if cached and now - cached[0] < OWNER_CACHE_SECONDS:
+            return cached[1], cached[2]
+        pid, comm = thread_owner(tid)
+        if comm == "[exited]" and cached:
+            return cached[1], cached[2]
+        if len(self._owners) > 4096:
+            self._owners.clear()
+        self._owners[tid] = (now, pid, comm)
+        return pid, comm
+
+    def cflags(self) -> list[str]:
+        flags = [f"-DMAX_QUEUED={self.settings['max_queued_threads']}", f"-DLATENCY_SLOTS={SLOTS}",
+                 f"-DTASK_STATE_MASK={task_state_mask():#x}"]
+        if self.top_n:
+            flags += ["-DPER_THREAD", f"-DMAX_THREADS={self.settings['max_threads']}"]
+        return flags
+
+    def load(self) -> None:
+        super().load()
+        self._stats_snapshot = MapSnapshot(self.bpf["cpu_stats"])
+        self._wait_snapshot = MapSnapshot(self.bpf["thread_wait"]) if self.top_n else None
+
+    def _top_threads(self, seconds: float, reading: Reading) -> None:
+        """Rank threads by run-queue wait this interval (vectorised: a busy host has thousands of threads)."""
+        snap = self._wait_snapshot
+        n = snap.read()
+        tids = np.frombuffer(snap.keys, dtype=np.uint32, count=n).copy()
+        ncpu = len(snap.values[0]) if n else 1
+        wait = np.frombuffer(snap.values, dtype=np.uint64, count=n * ncpu * 2).reshape(n, ncpu, 2)[:, :, 0].sum(axis=1)
+        order = np.argsort(tids)
+        tids, wait = tids[order], wait[order]
+        last_tids, last_wait = self._last_wait
+        self._last_wait = (tids, wait)
+        previous = np.zeros_like(wait)
+        if len(last_tids):
+            at = np.searchsorted(last_tids, tids).clip(max=len(last_tids) - 1)
+            known = last_tids[at] == tids
+            previous[known] = last_wait[at[known]]
+        # A thread evicted and re-inserted restarts from zero: its whole value is new.
+        delta = np.where(wait >= previous, wait - previous, wait).astype(np.int64)
+        top = np.argsort(delta)[::-1][: self.top_n]
+        self.last_top = []
+        for i in top:
+            if delta[i] <= 0 or seconds <= 0:
+                break
+            tid = int(tids[i])
+            pid, comm = self._owner(tid)
+            share = float(min(1.0, delta[i] / 1e9 / seconds))
+            self.last_top.append((comm, pid, tid, share))
+            reading.gauges.append(("otel_ebpf_receiver.sched.top_thread.runqueue.wait", share,
+                                   {"thread.id": tid, "process.pid": pid, "process.command": comm}))
+
+    def read(self, seconds: float) -> Reading:
+        reading = Reading()
+        snap = self._stats_snapshot
+        n = snap.read()
+        ncpu = ct.sizeof(snap.table.Leaf) // (FIELDS * 8)
+        totals = np.frombuffer(snap.values, dtype=np.uint64, count=n * ncpu * FIELDS).reshape(n, ncpu, FIELDS)
+        stats = totals.sum(axis=(0, 1)) if n else np.zeros(FIELDS, dtype=np.uint64)
+        counters = stats[:COUNTERS]
+        switches = self._deltas.delta("switches", int(counters[SWITCHES]))
+        involuntary = self._deltas.delta("involuntary", int(counters[INVOLUNTARY]))
+        latency_ns = self._deltas.delta("latency_ns", int(counters[LATENCY_SUM_NS]))
+        if switches:
+            reading.counters.append(("otel_ebpf_receiver.sched.context_switches", max(0, switches - involuntary),
+                                     {"sched.switch.type": "voluntary"}))
+            reading.counters.append(("otel_ebpf_receiver.sched.context_switches", involuntary,
+                                     {"sched.switch.type": "involuntary"}))
+
+        cumulative = stats[COUNTERS:].astype(np.int64)
+        previous = self._last_slots if self._last_slots is not None else np.zeros_like(cumulative)
+        self._last_slots = cumulative
+        window = (cumulative - previous).clip(min=0)
+        if window.any():
+            reading.histograms.append(("otel_ebpf_receiver.sched.runqueue.latency",
+                                       log2hist.buckets_from_slots(window, "s"), latency_ns / 1e9, {}))
+        if self.top_n:
+            self._top_threads(seconds, reading)
+        counts = window.tolist()
+        self.last_p99_us = log2hist.quantile(counts, 0.99)
+        self.last_switch_rate = switches / seconds if seconds > 0 else 0.0
+        reading.map_update_failures = int(counters[UPDATE_FAILED])
+        reading.features = {
+            "sched.context_switch_rate_log1p": log1p_rate(switches / self._ncpu, seconds),
+            "sched.involuntary_share": ratio(involuntary, switches),
+            "sched.runqueue_latency_p99_log1p_us": math.log1p(self.last_p99_us),
+        }
+        return reading

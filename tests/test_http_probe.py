@@ -1,0 +1,305 @@
+"""http attaches to this kernel and counts what HTTP servers of our own answer: a Python server with chosen status
+codes and nginx (when installed), driven by clients with known numbers of requests per method. Non-HTTP streams
+and the client side of the same connections are not counted."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from otel_ebpf_receiver.agent import Agent
+from otel_ebpf_receiver.config import Config
+from otel_ebpf_receiver.probes.http import HttpProbe, listening_port
+from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE, Telemetry
+
+from .helpers import PYTHON, RENAME_SELF, data_points, metric_sum, unique_name
+from .otlp_receiver import free_port
+
+pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
+
+# An HTTP/1.1 keep-alive server: /status/NNN answers NNN to any method, after reading the request body.
+SERVER = ("import os, signal, sys\n" + RENAME_SELF +
+          "from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer\n"
+          "signal.alarm(120)\n"
+          "class Handler(BaseHTTPRequestHandler):\n"
+          "    protocol_version = 'HTTP/1.1'\n"
+          "    def answer(self):\n"
+          "        length = int(self.headers.get('Content-Length') or 0)\n"
+          "        if length:\n"
+          "            self.rfile.read(length)\n"
+          "        code = int(self.path.rsplit('/', 1)[-1])\n"
+          "        body = b'' if code in (204, 304) else b'x' * 10\n"
+          "        self.send_response(code)\n"
+          "        if body:\n"
+          "            self.send_header('Content-Length', str(len(body)))\n"
+          "        self.end_headers()\n"
+          "        self.wfile.write(body)\n"
+          "    do_GET = do_PUT = do_POST = do_DELETE = answer\n"
+          "    def log_message(self, *args):\n"
+          "        pass\n"
+          "server = ThreadingHTTPServer(('127.0.0.1', 0), Handler)\n"
+          "print(server.server_address[1], flush=True)\n"
+          "server.serve_forever()\n")
+
+# (method, status, connections, requests per connection): 27 GET, 9 PUT, 9 POST, 3 DELETE.
+PLAN = [("GET", 200, 1, 20), ("GET", 404, 7, 1), ("PUT", 201, 3, 3), ("POST", 500, 5, 1), ("POST", 200, 2, 2),
+        ("DELETE", 204, 3, 1)]
+
+CLIENT = ("import http.client, json, sys\n" + RENAME_SELF +
+          "port, plan = int(sys.argv[2]), json.loads(sys.argv[3])\n"
+          "for method, status, connections, per_connection in plan:\n"
+          "    for _ in range(connections):\n"
+          "        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)\n"
+          "        for _ in range(per_connection):\n"
+          "            body = b'payload' if method in ('PUT', 'POST') else None\n"
+          "            conn.request(method, f'/status/{status}', body=body)\n"
+          "            response = conn.getresponse()\n"
+          "            response.read()\n"
+          "            assert response.status == status, (response.status, status)\n"
+          "        conn.close()\n")
+
+# A TCP server speaking something else: one connection whose first bytes are binary (then, later, HTTP-looking
+# data both ways), one where the server speaks first with a greeting (then HTTP-looking data).
+NOT_HTTP_SERVER = ("import os, signal, socket, sys\n" + RENAME_SELF +
+                   "signal.alarm(120)\n"
+                   "listener = socket.create_server(('127.0.0.1', 0))\n"
+                   "print(listener.getsockname()[1], flush=True)\n"
+                   "conn, _ = listener.accept()\n"
+                   "conn.recv(4096)\n"
+                   "conn.sendall(b'ok')\n"
+                   "conn.recv(4096)\n"
+                   "conn.sendall(b'HTTP/1.1 200 OK\\r\\nContent-Length: 0\\r\\n\\r\\n')\n"
+                   "conn.close()\n"
+                   "conn, _ = listener.accept()\n"
+                   "conn.sendall(b'220 service ready\\r\\n')\n"
+                   "conn.recv(4096)\n"
+                   "conn.sendall(b'HTTP/1.1 500 Oops\\r\\nContent-Length: 0\\r\\n\\r\\n')\n"
+                   "conn.recv(4096)\n"
+                   "conn.close()\n"
+                   "signal.pause()\n")
+
+
+@pytest.fixture(scope="module")
+def agent():
+    probe = HttpProbe()
+    assert probe.unavailable_reason() is None
+    probe.load()
+    reader = InMemoryMetricReader()
+    agent = Agent(Config(probes=["http"], exporter="none"), Telemetry("none", metric_readers=[reader]), [probe])
+    agent.reader = reader
+    agent.step(1.0)
+    try:
+        yield agent
+    finally:
+        agent.close()
+
+
+def start(code: str, *args: str) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([PYTHON, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()
+    assert line.isdigit(), f"server did not start: {line!r}"
+    return proc, int(line)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_python_server_requests_responses_and_latency_are_counted_exactly(agent):
+    server_comm, client_comm = unique_name("hs"), unique_name("hc")
+    server, port = start(SERVER, server_comm)
+    try:
+        subprocess.run([PYTHON, "-c", CLIENT, client_comm, str(port), json.dumps(PLAN)], check=True, timeout=60,
+                       capture_output=True)
+        agent.step(1.0)
+    finally:
+        stop(server)
+
+    requests = {m: metric_sum(agent.reader, "otel_ebpf_receiver.http.requests",
+                              {"process.command": server_comm, "http.request.method": m})
+                for m in ("GET", "PUT", "POST", "DELETE", "HEAD")}
+    assert requests == {"GET": 27, "PUT": 9, "POST": 9, "DELETE": 3, "HEAD": 0}
+    classes = {c: metric_sum(agent.reader, "otel_ebpf_receiver.http.responses",
+                             {"process.command": server_comm, "http.response.status_class": c})
+               for c in ("1xx", "2xx", "3xx", "4xx", "5xx")}
+    assert classes == {"1xx": 0, "2xx": 36, "3xx": 0, "4xx": 7, "5xx": 5}
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses",
+                      {"process.command": server_comm, "http.response.status_code": 204}) == 3
+
+    points = [p for n, p in data_points(agent.reader)
+              if n.startswith("otel_ebpf_receiver.http.") and p.attributes.get("process.command") == server_comm]
+    assert points and all(p.attributes.get("server.port") == port for p in points)
+    assert all(STATE_ATTRIBUTE in p.attributes for p in points)
+
+    latency = [p for n, p in data_points(agent.reader) if n == "otel_ebpf_receiver.http.request.duration"
+               and p.attributes.get("process.command") == server_comm]
+    assert sum(p.count for p in latency) == 48  # every response answered a request we saw
+    assert all(p.sum > 0 for p in latency)
+    by_key = {(p.attributes["http.request.method"], p.attributes["http.response.status_class"]): p.count
+              for p in latency}
+    assert by_key[("POST", "5xx")] == 5 and by_key[("GET", "4xx")] == 7
+
+    # The client's side of the same connections is not counted a second time.
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.requests", {"process.command": client_comm}) == 0
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses", {"process.command": client_comm}) == 0
+
+    # Features are host-wide (other HTTP traffic on this shared machine counts too): exact values are checked
+    # with the comm filter below.
+    features = agent.last_window.values
+    assert features["http.request_rate_log1p"] > 0 and features["http.latency_p99_log1p_ms"] > 0
+    assert all(0 < features[f] <= 1 for f in ("http.server_error_share", "http.client_error_share",
+                                                "http.get_share", "http.put_share", "http.post_share"))
+
+
+def test_non_http_streams_are_not_counted(agent):
+    comm = unique_name("nh")
+    server, port = start(NOT_HTTP_SERVER, comm)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(os.urandom(64).replace(b" ", b"_"))
+            assert c.recv(16) == b"ok"
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.recv(4096)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            assert c.recv(64).startswith(b"220")
+            c.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            c.recv(4096)
+        time.sleep(0.2)
+        agent.step(1.0)
+    finally:
+        stop(server)
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.requests", {"process.command": comm}) == 0
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses", {"process.command": comm}) == 0
+
+
+def test_comm_filter_watches_only_the_named_processes_and_features_are_exact():
+    watched, ignored = unique_name("hw"), unique_name("hi")
+    probe = HttpProbe({"comms": f"{watched}, some-other-name"})
+    probe.load()
+    servers = []
+    try:
+        probe.read(1.0)
+        for comm in (watched, ignored):
+            server, port = start(SERVER, comm)
+            servers.append(server)
+            subprocess.run([PYTHON, "-c", CLIENT, unique_name("hc"), str(port), json.dumps(PLAN)], check=True,
+                           timeout=60, capture_output=True)
+        reading = probe.read(1.0)
+    finally:
+        for server in servers:
+            stop(server)
+        probe.close()
+    counted = {}
+    for name, value, attrs in reading.counters:
+        if name == "otel_ebpf_receiver.http.requests":
+            counted[attrs["process.command"]] = counted.get(attrs["process.command"], 0) + value
+    assert counted == {watched: 48}
+    features = reading.features
+    assert features["http.request_rate_log1p"] == pytest.approx(math.log1p(48))
+    assert features["http.server_error_share"] == pytest.approx(5 / 48)
+    assert features["http.client_error_share"] == pytest.approx(7 / 48)
+    assert features["http.get_share"] == pytest.approx(27 / 48)
+    assert features["http.put_share"] == pytest.approx(9 / 48)
+    assert features["http.post_share"] == pytest.approx(9 / 48)
+    assert features["http.latency_p99_log1p_ms"] > 0
+
+
+def test_listening_port_is_resolved_from_proc():
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        assert listening_port(os.getpid(), listener.fileno()) == listener.getsockname()[1]
+    with tempfile.TemporaryFile() as not_a_socket:
+        assert listening_port(os.getpid(), not_a_socket.fileno()) is None
+
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  sendfile on;
+  client_body_temp_path {tmp}/body;
+  proxy_temp_path {tmp}/proxy;
+  fastcgi_temp_path {tmp}/fastcgi;
+  uwsgi_temp_path {tmp}/uwsgi;
+  scgi_temp_path {tmp}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    root {tmp}/html;
+    location /s404 {{ return 404; }}
+    location /s503 {{ return 503 "busy"; }}
+    location /post {{ return 201 "created"; }}
+  }}
+}}
+"""
+
+
+def test_nginx_requests_and_statuses_are_counted(agent):
+    nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (Debian package nginx-light)")
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="otel-ebpf-nginx-") as tmp:
+        os.chmod(tmp, 0o755)  # the worker runs as nobody and serves {tmp}/html/index.html
+        os.makedirs(f"{tmp}/html")
+        with open(f"{tmp}/html/index.html", "w") as fh:
+            fh.write("hello\n")
+        with open(f"{tmp}/nginx.conf", "w") as fh:
+            fh.write(NGINX_CONF.format(tmp=tmp, port=port))
+        proc = subprocess.Popen([nginx, "-p", tmp, "-c", f"{tmp}/nginx.conf", "-e", f"{tmp}/error.log"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+                    time.sleep(0.1)
+            time.sleep(0.2)  # the probe connection above was accepted by a worker: its close is not a request
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            plan = [("GET", "/index.html", 10, 200), ("GET", "/s404", 4, 404), ("GET", "/s503", 3, 503),
+                    ("PUT", "/post", 5, 201), ("POST", "/post", 6, 201)]
+            for method, path, times, status in plan:
+                for _ in range(times):
+                    conn.request(method, path, body=b"abc" if method != "GET" else None)
+                    response = conn.getresponse()
+                    response.read()
+                    assert response.status == status
+            conn.close()
+            time.sleep(0.2)
+            agent.step(1.0)
+        finally:
+            proc.send_signal(signal.SIGQUIT)  # graceful stop of master and worker
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    ours = {"process.command": "nginx", "server.port": port}
+    requests = {m: metric_sum(agent.reader, "otel_ebpf_receiver.http.requests", {**ours, "http.request.method": m})
+                for m in ("GET", "PUT", "POST")}
+    assert requests == {"GET": 17, "PUT": 5, "POST": 6}
+    classes = {c: metric_sum(agent.reader, "otel_ebpf_receiver.http.responses",
+                             {**ours, "http.response.status_class": c}) for c in ("2xx", "4xx", "5xx")}
+    assert classes == {"2xx": 21, "4xx": 4, "5xx": 3}
+    latency = [p for n, p in data_points(agent.reader) if n == "otel_ebpf_receiver.http.request.duration"
+               and p.attributes.get("process.command") == "nginx" and p.attributes.get("server.port") == port]
+    assert sum(p.count for p in latency) == 28
