@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_syscalls.py", "bench_window.py", "bench_inference.py", "bench_xdp.py"]
+BENCHES = ["bench_syscalls.py", "bench_window.py", "bench_inference.py", "bench_debounce.py", "bench_xdp.py"]
 
 
 def main() -> int:
