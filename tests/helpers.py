@@ -81,3 +81,21 @@ def metric_sum(reader: Any, name: str, where: Mapping[str, Any] | None = None) -
     where = where or {}
     return sum(p.value for n, p in data_points(reader)
                if n == name and all(p.attributes.get(k) == v for k, v in where.items()))
+
+
+def make_agent(probe: Any) -> Any:
+    """Load one probe and wrap it in an Agent whose metrics land in an in-memory reader (``agent.reader``);
+    the first step sets the baseline."""
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from otel_ebpf_receiver.agent import Agent
+    from otel_ebpf_receiver.config import Config
+    from otel_ebpf_receiver.telemetry import Telemetry
+
+    assert probe.unavailable_reason() is None
+    probe.load()
+    reader = InMemoryMetricReader()
+    agent = Agent(Config(probes=[probe.name], exporter="none"), Telemetry("none", metric_readers=[reader]), [probe])
+    agent.reader = reader
+    agent.step(1.0)  # baseline
+    return agent

@@ -8,27 +8,14 @@ import subprocess
 import tempfile
 
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_ebpf_receiver.agent import Agent
-from otel_ebpf_receiver.config import Config
 from otel_ebpf_receiver.probes.base import Hook
 from otel_ebpf_receiver.probes.block_io import BlockIoProbe, device_name
-from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE, Telemetry
+from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE
 
-from .helpers import data_points, metric_sum
+from .helpers import data_points, make_agent, metric_sum
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(120)]
-
-
-def make_agent(probe) -> Agent:
-    assert probe.unavailable_reason() is None
-    probe.load()
-    reader = InMemoryMetricReader()
-    agent = Agent(Config(probes=[probe.name], exporter="none"), Telemetry("none", metric_readers=[reader]), [probe])
-    agent.reader = reader
-    agent.step(1.0)  # baseline
-    return agent
 
 
 @pytest.fixture(scope="module")

@@ -16,14 +16,11 @@ import tempfile
 import time
 
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_ebpf_receiver.agent import Agent
-from otel_ebpf_receiver.config import Config
 from otel_ebpf_receiver.probes.http import HttpProbe, listening_port
-from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE, Telemetry
+from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE
 
-from .helpers import PYTHON, RENAME_SELF, data_points, metric_sum, unique_name
+from .helpers import make_agent, PYTHON, RENAME_SELF, data_points, metric_sum, unique_name
 from .otlp_receiver import free_port
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
@@ -92,13 +89,7 @@ NOT_HTTP_SERVER = ("import os, signal, socket, sys\n" + RENAME_SELF +
 
 @pytest.fixture(scope="module")
 def agent():
-    probe = HttpProbe()
-    assert probe.unavailable_reason() is None
-    probe.load()
-    reader = InMemoryMetricReader()
-    agent = Agent(Config(probes=["http"], exporter="none"), Telemetry("none", metric_readers=[reader]), [probe])
-    agent.reader = reader
-    agent.step(1.0)
+    agent = make_agent(HttpProbe())
     try:
         yield agent
     finally:

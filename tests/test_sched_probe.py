@@ -10,14 +10,11 @@ import subprocess
 import time
 
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_ebpf_receiver.agent import Agent
-from otel_ebpf_receiver.config import Config
 from otel_ebpf_receiver.probes.sched import SchedProbe, task_state_mask
-from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE, Telemetry
+from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE
 
-from .helpers import PYTHON, RENAME_SELF, data_points, metric_sum, unique_name
+from .helpers import make_agent, PYTHON, RENAME_SELF, data_points, metric_sum, unique_name
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(120)]
 
@@ -49,13 +46,7 @@ CONTENTION = ("import os, signal, sys, time\n" + RENAME_SELF +
 
 @pytest.fixture(scope="module")
 def agent():
-    probe = SchedProbe({"top_threads": 10})
-    assert probe.unavailable_reason() is None
-    probe.load()
-    reader = InMemoryMetricReader()
-    agent = Agent(Config(probes=["sched"], exporter="none"), Telemetry("none", metric_readers=[reader]), [probe])
-    agent.reader = reader
-    agent.step(1.0)
+    agent = make_agent(SchedProbe({"top_threads": 10}))
     try:
         yield agent
     finally:

@@ -73,16 +73,33 @@ def hook_exists(hook: Hook) -> bool:
     return root is not None and (root / "events" / hook.category / hook.event / "format").exists()
 
 
-def tracepoint_has_field(hook: Hook, field_name: str) -> bool:
-    """Tracepoint layouts change between kernels (sched_process_exit gained group_dead in 6.x): read, don't assume."""
+def tracepoint_fields(hook: Hook) -> dict[str, tuple[int, int]]:
+    """name -> (offset, size) from the tracepoint's format file ({} when it is missing).
+    Tracepoint layouts change between kernels (sched_process_exit gained group_dead in 6.x): read, don't assume."""
     root = tracefs_root()
+    fields: dict[str, tuple[int, int]] = {}
     if root is None:
-        return False
+        return fields
     try:
         text = (root / "events" / hook.category / hook.event / "format").read_text()
     except OSError:
-        return False
-    return any(line.strip().startswith("field:") and f" {field_name};" in line for line in text.splitlines())
+        return fields
+    for line in text.splitlines():
+        line = line.strip()
+        if not line.startswith("field:"):
+            continue
+        parts = dict(p.strip().split(":", 1) for p in line.split(";") if ":" in p)
+        decl = parts.get("field", "").strip()
+        name = decl.split()[-1].split("[", 1)[0] if decl else ""
+        try:
+            fields[name] = (int(parts["offset"]), int(parts["size"]))
+        except (KeyError, ValueError):
+            continue
+    return fields
+
+
+def tracepoint_has_field(hook: Hook, field_name: str) -> bool:
+    return field_name in tracepoint_fields(hook)
 
 
 @dataclass

@@ -4,7 +4,7 @@ and received — from the sock/tcp tracepoints only (this kernel offers no kprob
 from __future__ import annotations
 
 from ..bpfmaps import percpu_array_u64
-from .base import COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, log1p_rate, tracefs_root
+from .base import COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, log1p_rate, tracepoint_fields
 
 # Indexes into tcp_counts, as in bpf/tcp.bpf.c; each is followed by its IPv6 twin.
 TCP_STATES = 16
@@ -17,30 +17,6 @@ STATE_NAMES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait_1", 
 
 SET_STATE = Hook("sock:inet_sock_set_state")
 SEND_RESET = Hook("tcp:tcp_send_reset")
-
-
-def _format_fields(hook: Hook) -> dict[str, tuple[int, int]]:
-    """name -> (offset, size) from the tracepoint's format file."""
-    root = tracefs_root()
-    fields: dict[str, tuple[int, int]] = {}
-    if root is None:
-        return fields
-    try:
-        text = (root / "events" / hook.category / hook.event / "format").read_text()
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("field:"):
-            continue
-        parts = dict(p.strip().split(":", 1) for p in line.split(";") if ":" in p)
-        decl = parts.get("field", "").strip()
-        name = decl.split()[-1].split("[", 1)[0] if decl else ""
-        try:
-            fields[name] = (int(parts["offset"]), int(parts["size"]))
-        except (KeyError, ValueError):
-            continue
-    return fields
 
 
 class TcpProbe(Probe):
@@ -71,7 +47,7 @@ class TcpProbe(Probe):
         self._deltas = CounterDeltas()
 
     def cflags(self) -> list[str]:
-        fields = _format_fields(SEND_RESET)
+        fields = tracepoint_fields(SEND_RESET)
         if "family" in fields:
             return [f"-DSEND_RESET_FAMILY_OFFSET={fields['family'][0]}"]
         if fields.get("saddr", (0, 0))[1] >= 16:  # a struct sockaddr_in(6): sa_family first
