@@ -111,6 +111,40 @@ def normal(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
                     t.join(timeout=5)
 
 
+_BCC_PROGRAM = """#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include <net/sock.h>
+BPF_HASH(counts, u32, u64);
+int probe(struct pt_regs *ctx) { u32 pid = bpf_get_current_pid_tgid(); counts.increment(pid); return 0; }
+"""
+
+
+@contextlib.contextmanager
+def dev_work(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
+    """A developer's host building and testing this project: bcc compiling BPF programs (clang reading hundreds
+    of kernel headers; compiled, never loaded or attached), C builds, Python byte-compiling, a few short-lived
+    tools — bursty, but normal. One driver process, paced (one round, then a pause)."""
+    with tempfile.TemporaryDirectory(prefix="oer-dev-") as tmp:
+        Path(tmp, "hello.c").write_text("#include <stdio.h>\nint main(void){puts(\"hi\");return 0;}\n")
+        gcc = shutil.which("gcc") or shutil.which("cc") or "true"
+        body = (
+            "import glob, py_compile, subprocess\n"
+            "try:\n"
+            "    from bcc import BPF\n"
+            f"    BPF(text={_BCC_PROGRAM!r}).cleanup()\n"
+            "except Exception:\n"
+            "    pass\n"
+            f"subprocess.run([{gcc!r}, '-O2', '-o', {tmp!r} + '/hello', {tmp!r} + '/hello.c'], check=False)\n"
+            f"subprocess.run([{tmp!r} + '/hello'], check=False, stdout=subprocess.DEVNULL)\n"
+            "for i, src in enumerate(sorted(glob.glob(os.path.dirname(os.__file__) + '/[a-h]*.py'))[:40]):\n"
+            f"    py_compile.compile(src, cfile={tmp!r} + f'/m{{i}}.pyc')\n"
+            "subprocess.run(['git', '--version'], check=False, stdout=subprocess.DEVNULL)\n"
+            "time.sleep(1.0)"
+        )
+        with _children([_python_loop(body, max_seconds)]):
+            yield
+
+
 @contextlib.contextmanager
 def exec_storm(max_seconds: float = DEFAULT_MAX_SECONDS, workers: int = 1) -> Iterator[None]:
     """Processes started as fast as one shell loop can: the talk's execve example gone wrong."""
@@ -164,6 +198,7 @@ def idle(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
 SCENARIOS: dict[str, Callable[..., contextlib.AbstractContextManager]] = {
     "idle": idle,
     "normal": normal,
+    "dev_work": dev_work,
     "exec_storm": exec_storm,
     "file_open_storm": file_open_storm,
     "cpu_saturated": cpu_saturated,

@@ -6,6 +6,7 @@ Jaeger v2 (build/jaeger/jaeger), started on free loopback ports with their state
         ...send OTLP to col.otlp_grpc_endpoint...
         prom.wait_for_series('otel_ebpf_receiver_syscalls_total{host_name="testhost"}')
         col.wait_for_records("logs", lambda r: r["eventName"] == "system.state.change")
+        col.stop(); ...; col.start()    # an outage: same ports, same file_storage queue and JSON files
 
 Nothing here imports the agent (otel_ebpf_receiver): these helpers only spawn binaries and read what they expose.
 Every address is 127.0.0.1 (the tests never send traffic anywhere else).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -156,15 +158,17 @@ def wait_for_http(url: str, timeout: float = 30, process: Process | None = None)
     raise BackendError(f"{url} not ready after {timeout:.0f} s ({last}){tail}")
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    """Poll `predicate` until it returns something truthy; return that, or raise naming `what`."""
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str | Callable[[], str],
+               interval: float = 0.5) -> Any:
+    """Poll `predicate` until it returns something truthy; return that, or raise naming `what` (a callable is
+    called only then, so the message can show what was seen at the end of the wait)."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what() if callable(what) else what}")
         time.sleep(interval)
 
 
@@ -201,6 +205,24 @@ class Collector:
     def telemetry_address(self) -> str:
         """host:port of the Collector's own /metrics."""
         return f"{LOOPBACK}:{self.telemetry_port}"
+
+    @property
+    def running(self) -> bool:
+        return self.process.popen.poll() is None
+
+    def stop(self, timeout: float = 10) -> None:
+        """Stop the Collector (SIGTERM: it drains what it can, then exits). :meth:`start` brings it back."""
+        self.process.stop(timeout)
+
+    def start(self, timeout: float = 30) -> None:
+        """Start it again after :meth:`stop` with the same config, environment, ports and directories: a restart
+        as systemd would do it, so the file_storage queues and the JSON files carry on. Returns once /health
+        answers 200. Its output is appended to the same log file."""
+        if self.running:
+            raise BackendError(f"{self.process.name} is already running (pid {self.process.popen.pid})")
+        # Assigned before waiting, so whoever stops this Collector stops this process even if it never gets ready.
+        self.process = spawn(self.process.name, self.process.popen.args, self.process.log_path, self.env)
+        wait_for_http(f"http://{self.env['OTELCOL_HEALTH_ENDPOINT']}/", timeout, self.process)
 
     def scrape(self) -> str:
         """The prometheus exporter's page, as Prometheus would scrape it."""
@@ -248,13 +270,14 @@ def start_collector(workdir: Path, config: Path = COLLECTOR_CONFIG_DIR / "local.
     full_env, ports = collector_env(workdir)
     full_env.update(env or {})
     process = spawn("otelcol-ebpf", [str(OTELCOL_BIN), f"--config={config}"], workdir / "otelcol.log", full_env)
+    collector = Collector(process, config, ports["otlp_grpc"], ports["otlp_http"], ports["prometheus"],
+                          ports["health"], ports["telemetry"], Path(full_env["OTELCOL_FILE_DIR"]),
+                          Path(full_env["OTELCOL_STORAGE_DIR"]), full_env)
     try:
         wait_for_http(f"http://{full_env['OTELCOL_HEALTH_ENDPOINT']}/", timeout, process)
-        yield Collector(process, config, ports["otlp_grpc"], ports["otlp_http"], ports["prometheus"],
-                        ports["health"], ports["telemetry"], Path(full_env["OTELCOL_FILE_DIR"]),
-                        Path(full_env["OTELCOL_STORAGE_DIR"]), full_env)
+        yield collector
     finally:
-        process.stop()
+        collector.process.stop()  # the current process: a test may have restarted it (Collector.start)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -321,6 +344,13 @@ class Prometheus:
         """Instant query; the `result` list of a vector: [{"metric": {labels}, "value": [ts, "v"]}, ...]."""
         return self.api("query", query=expr)["result"]
 
+    def value(self, expr: str) -> float | None:
+        """The value of an expression that yields at most one series (e.g. a sum); None when it yields none."""
+        result = self.query(expr)
+        if len(result) > 1:
+            raise BackendError(f"{expr} yields {len(result)} series, expected one: {result}")
+        return float(result[0]["value"][1]) if result else None
+
     def wait_for_series(self, expr: str, timeout: float = 30) -> list[dict]:
         """Poll `expr` until it returns at least one series."""
         def found() -> list[dict]:
@@ -335,6 +365,15 @@ class Prometheus:
         return self.api("rules")["groups"]
 
 
+def _seconds(duration: str) -> float:
+    """A Prometheus duration with a single unit (500ms, 2s, 1m, 1h) in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", str(duration).strip())
+    if not match:
+        raise ValueError(f"unsupported Prometheus duration {duration!r}")
+    return float(match.group(1)) * units[match.group(2)]
+
+
 def render_prometheus_config(scrape: Mapping[str, list[str]],
                              template: Path | None = COLLECTOR_CONFIG_DIR / "prometheus.yml",
                              scrape_interval: str | None = None) -> dict:
@@ -342,13 +381,20 @@ def render_prometheus_config(scrape: Mapping[str, list[str]],
     named are dropped. rule_files become absolute (they are relative to the template). `template=None` gives a
     bare config with just those jobs."""
     doc: dict = yaml.safe_load(template.read_text()) if template else {"global": {"scrape_interval": "1s"}}
+    glob = doc.setdefault("global", {})
     if scrape_interval:
-        doc.setdefault("global", {})["scrape_interval"] = scrape_interval
+        glob["scrape_interval"] = scrape_interval
+    # Prometheus refuses a scrape_timeout longer than the scrape_interval (the template's 2 s with a 1 s interval).
+    if _seconds(glob.get("scrape_timeout", "10s")) > _seconds(glob.get("scrape_interval", "1m")):
+        glob["scrape_timeout"] = glob["scrape_interval"]
     jobs = {job["job_name"]: job for job in doc.get("scrape_configs", [])}
     configs = []
     for name, targets in scrape.items():
         job = dict(jobs.get(name, {"job_name": name}))
         job["static_configs"] = [{"targets": list(targets)}]
+        interval = job.get("scrape_interval", glob.get("scrape_interval", "1m"))
+        if _seconds(job.get("scrape_timeout", glob.get("scrape_timeout", "10s"))) > _seconds(interval):
+            job["scrape_timeout"] = interval
         configs.append(job)
     doc["scrape_configs"] = configs
     if template:
@@ -359,12 +405,13 @@ def render_prometheus_config(scrape: Mapping[str, list[str]],
 
 @contextlib.contextmanager
 def start_prometheus(workdir: Path, scrape: Mapping[str, list[str]] | None = None, config: dict | None = None,
-                     remote_write_receiver: bool = False, timeout: float = 60) -> Iterator[Prometheus]:
+                     remote_write_receiver: bool = False, timeout: float = 60,
+                     scrape_interval: str | None = None) -> Iterator[Prometheus]:
     """Debian's Prometheus with its TSDB in `workdir`, on a free port; yields once /-/ready answers 200.
-    Either `scrape` (jobs of the repository's prometheus.yml -> targets, see render_prometheus_config) or a whole
-    `config` dict."""
+    Either `scrape` (jobs of the repository's prometheus.yml -> targets, see render_prometheus_config; optionally
+    with another global `scrape_interval`, e.g. "1s") or a whole `config` dict."""
     if config is None:
-        config = render_prometheus_config(scrape or {})
+        config = render_prometheus_config(scrape or {}, scrape_interval=scrape_interval)
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -408,16 +455,25 @@ class Jaeger:
             raise BackendError(f"Jaeger /api/traces: HTTP {status} {body[:300]!r}")
         return json.loads(body).get("data") or []
 
-    def wait_for_span(self, service: str, operation: str, timeout: float = 30) -> dict:
-        """The first span named `operation` from `service`, polling until Jaeger has it."""
+    def wait_for_span(self, service: str, operation: str, timeout: float = 30,
+                      match: Callable[[dict], bool] = lambda span: True) -> dict:
+        """The first span named `operation` from `service` for which `match` is true, polling until Jaeger has it.
+        The span's `process` ({"serviceName", "tags"}) is added from its trace."""
         def found() -> dict | None:
             self.process.check_alive()
             for trace in self.traces(service, operation=operation):
                 for span in trace["spans"]:
                     if span["operationName"] == operation:
-                        return span
+                        span = {**span, "process": trace.get("processes", {}).get(span.get("processID"), {})}
+                        if match(span):
+                            return span
             return None
         return wait_until(found, timeout, f"span {operation!r} of service {service!r} in Jaeger")
+
+
+def jaeger_tags(tags: list[dict] | None) -> dict[str, Any]:
+    """Jaeger's [{"key", "type", "value"}] tags (span tags, process tags, log fields) as a plain dict."""
+    return {t["key"]: t.get("value") for t in tags or []}
 
 
 @contextlib.contextmanager

@@ -39,3 +39,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 @pytest.fixture(scope="session")
 def python_exe() -> str:
     return sys.executable
+
+
+# --- built backends (shared by test_collector_configs.py and test_end_to_end.py) ---------------------------------
+
+@pytest.fixture(scope="session")
+def otelcol() -> Path:
+    """The built Collector (build/otelcol/otelcol-ebpf). Building is part of the test: a failure here fails every
+    test that needs it (never a skip). Cold about 2 minutes on 2 cores; a no-op when the binary is up to date."""
+    from . import backends
+
+    return backends.build_collector(timeout=1200)
+
+
+@pytest.fixture(scope="session")
+def jaeger_bin() -> Path:
+    """Jaeger v2 (build/jaeger/jaeger), built from the Go module proxy (about 5-6 minutes cold, seconds when Go's
+    caches are warm). A build failure fails the tests that need it."""
+    from . import backends
+
+    return backends.build_jaeger(timeout=1200)

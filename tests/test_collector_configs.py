@@ -71,11 +71,7 @@ STATE = "normal"
 
 # --- building --------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="session")
-def otelcol() -> Path:
-    """The built Collector. Building is part of the test: a failure here fails every test that needs it."""
-    return backends.build_collector(timeout=1200)
-
+# The build fixtures `otelcol` and `jaeger_bin` are in conftest.py (test_end_to_end.py uses them too).
 
 def run(argv: list, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=120, **kw)
@@ -468,12 +464,6 @@ def test_gateway_pipeline_end_to_end(otelcol, tmp_path, agent_factory):
         # Tempo and Jaeger each got the incident (both point at the same backend here).
         assert_state_log_and_incident_span(backend, min_spans=2)
         agent.shutdown()
-
-
-@pytest.fixture(scope="session")
-def jaeger_bin() -> Path:
-    """Jaeger v2, built from the Go module proxy (about 5-6 minutes cold, seconds when Go's caches are warm)."""
-    return backends.build_jaeger(timeout=1200)
 
 
 def test_jaeger_config_validates(jaeger_bin):

@@ -20,7 +20,7 @@ import pytest
 from otel_ebpf_receiver.probes.http import HttpProbe, listening_port
 from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE
 
-from .helpers import make_agent, PYTHON, RENAME_SELF, data_points, metric_sum, unique_name
+from .helpers import PYTHON, RENAME_SELF, data_points, make_agent, metric_sum, unique_name
 from .otlp_receiver import free_port
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]

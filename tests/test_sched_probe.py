@@ -14,7 +14,7 @@ import pytest
 from otel_ebpf_receiver.probes.sched import SchedProbe, task_state_mask
 from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE
 
-from .helpers import make_agent, PYTHON, RENAME_SELF, data_points, metric_sum, unique_name
+from .helpers import PYTHON, RENAME_SELF, data_points, make_agent, metric_sum, unique_name
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(120)]
 
