@@ -17,7 +17,7 @@ from .config import Config
 from .errors import AgentError, PrivilegeError, ProbeError
 from .features import FeatureWindow, merge
 from .probes import REGISTRY
-from .probes.base import Probe, Reading
+from .probes.base import GAUGE, Probe, Reading
 from .telemetry import MODEL_ATTRIBUTE, SELF_METRICS, STATE_ATTRIBUTE, MetricSink, Telemetry
 
 log = logging.getLogger("otel_ebpf_receiver")
@@ -157,13 +157,33 @@ class Agent:
 
     # -- one window -----------------------------------------------------------------------------------------
     def step(self, seconds: float) -> StateVerdict:
+        """Read every probe, classify the window, act on it (mitigation), record everything with the state."""
         started = time.perf_counter()
         if self.reload_requested.is_set():
             self.reload_requested.clear()
             reload = getattr(self.classifier, "request_reload", None)
             if reload:
                 reload()
-        readings: list[tuple[Probe, Reading]] = []
+        readings = self._read_probes(seconds)
+        window = FeatureWindow(time.time(), merge(r.features for _, r in readings))
+        self.verdict = self.classifier.classify(window)
+        if self.mitigator is not None and self.xdp is not None:
+            raw_state = getattr(self.verdict, "raw_state", self.verdict.state)
+            self.mitigator.step(raw_state, self.verdict.state, self.xdp.top_sources(self.xdp.settings["top_sources"]))
+        for source in self.sources[len(self.probes):]:  # classifier, mitigator: what they produced this window
+            readings.append((source, source.read(seconds)))
+        self._record(readings, self.verdict.attributes())
+        self.windows += 1
+        self.last_window = window
+        for listener in self.window_listeners:
+            listener(window, self.verdict)
+        self.last_window_seconds = time.perf_counter() - started
+        if self.live_view is not None:
+            self.live_view.render(self)
+        return self.verdict
+
+    def _read_probes(self, seconds: float) -> list[tuple[Any, Reading]]:
+        readings: list[tuple[Any, Reading]] = []
         for probe in self.probes:
             try:
                 readings.append((probe, probe.read(seconds)))
@@ -173,41 +193,31 @@ class Agent:
                     log.warning("probe %s: reading its maps failed (%s); it will be retried every interval",
                                 probe.name, exc)
                     self._read_errors_reported.add(probe.name)
-        window = FeatureWindow(time.time(), merge(r.features for _, r in readings))
-        self.verdict = self.classifier.classify(window)
-        state = self.verdict.attributes()
+        return readings
+
+    def _record(self, readings: list[tuple[Any, Reading]], state: dict[str, str]) -> None:
         gauges: dict[str, list[tuple[float, Any]]] = dict(self._attached_gauge)
-        if self.mitigator is not None and self.xdp is not None:
-            raw_state = getattr(self.verdict, "raw_state", self.verdict.state)
-            self.mitigator.step(raw_state, self.verdict.state, self.xdp.top_sources(self.xdp.settings["top_sources"]))
-        for source in self.sources[len(self.probes):]:  # classifier, mitigator: what they produced this window
-            readings.append((source, source.read(seconds)))
-        for probe, reading in readings:
+        for source, reading in readings:
             for name, value, attrs in reading.counters:
                 self.sink.add(name, value, attrs, state)
-            for name, value, attrs in reading.gauges:
-                gauges.setdefault(name, []).append((value, attrs))
-            for metric in probe.metrics:  # a gauge with no values this window reports nothing
-                if metric.kind == "gauge":
+            for metric in source.metrics:  # a gauge with no values this window reports nothing
+                if metric.kind == GAUGE:
                     gauges.setdefault(metric.name, [])
+            for name, value, attrs in reading.gauges:
+                gauges[name].append((value, attrs))
             for name, buckets, total, attrs in reading.histograms:
                 self.sink.record_histogram(name, buckets, attrs, state, total=total)
-            self._record_health("otel_ebpf_receiver.map.update_failures", probe.name, state, reading.map_update_failures, cumulative=True)
-            self._record_health("otel_ebpf_receiver.map.evictions", probe.name, state, reading.map_evictions, cumulative=True)
+            if isinstance(source, Probe):
+                self._record_health("otel_ebpf_receiver.map.update_failures", source.name, state,
+                                    reading.map_update_failures, cumulative=True)
+                self._record_health("otel_ebpf_receiver.map.evictions", source.name, state, reading.map_evictions,
+                                    cumulative=True)
         reporting = self.telemetry.reporting
         if reporting is not None and reporting.failures != self._failures_seen:
             self.sink.add("otel_ebpf_receiver.export.failures", reporting.failures - self._failures_seen,
-                          {"exporter": "otlp" if self.config.exporter == "otlp" else self.config.exporter}, state)
+                          {"exporter": self.config.exporter}, state)
             self._failures_seen = reporting.failures
         self.sink.set_gauges(gauges, state)
-        self.windows += 1
-        self.last_window = window
-        for listener in self.window_listeners:
-            listener(window, self.verdict)
-        self.last_window_seconds = time.perf_counter() - started
-        if self.live_view is not None:
-            self.live_view.render(self)
-        return self.verdict
 
     def _record_health(self, metric: str, probe: str, state: Any, value: int, cumulative: bool = False) -> None:
         if cumulative:
