@@ -74,6 +74,18 @@ class Condition:
                 self.proc.kill()
 
 
+def foreign_syscall_programs() -> list[str]:
+    """Programs already on the syscall path make "nothing attached" a lie: the kernel then takes the slow
+    syscall-exit path for every condition and the differences shrink."""
+    try:
+        out = subprocess.run(["bpftool", "prog", "show"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        return []
+    return [line for line in out.splitlines()
+            if " name sys_exit " in line or " name sys_enter " in line or "raw_syscalls" in line
+            or "__syscalls__" in line]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=7)
@@ -81,6 +93,11 @@ def main() -> int:
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1)
     args = parser.parse_args()
     binary = build_loop()
+    foreign = foreign_syscall_programs()
+    if foreign:
+        print(f"refusing to measure: {len(foreign)} BPF programs are already attached to syscall tracepoints "
+              f"(stop other agents/tracers first), e.g. {foreign[0].strip()}", file=sys.stderr)
+        return 1
     agent = [sys.executable, "-m", "otel_ebpf_receiver", "run", "--exporter", "none", "--live", "off"]
     conditions = [
         Condition("nothing attached", None),
