@@ -168,8 +168,7 @@ class Agent:
         window = FeatureWindow(time.time(), merge(r.features for _, r in readings))
         self.verdict = self.classifier.classify(window)
         if self.mitigator is not None and self.xdp is not None:
-            raw_state = getattr(self.verdict, "raw_state", self.verdict.state)
-            self.mitigator.step(raw_state, self.verdict.state, self.xdp.top_sources(self.xdp.settings["top_sources"]))
+            self.mitigator.step(self.verdict.state, self.xdp.top_sources(self.xdp.settings["top_sources"]))
         for source in self.sources[len(self.probes):]:  # classifier, mitigator: what they produced this window
             readings.append((source, source.read(seconds)))
         self._record(readings, self.verdict.attributes())

@@ -1,9 +1,10 @@
 """Closed-loop mitigation: from the state verdict to XDP blocklist entries, with safety rails.
 
 The per-source verdict is a documented rule on top of the system state rather than a second model: while the
-host is in an attack state (raw or debounced: the first drop must come within a few seconds, so one window of
-the model saying "flood" is enough to act on the sources that are flooding), a source is *offending* when it
-sends at least ``min_share`` of all packets at ``min_packet_rate`` or more. Early warnings never block: they
+host is in an attack state — the *debounced* state, two consecutive windows: a single window of the model saying
+"flood" during a heavy-but-benign transfer once blocked the transfer's source in the lab, and two windows still
+put the first drop about 2 s after a flood starts — a source is *offending* when it sends at least ``min_share``
+of all packets at ``min_packet_rate`` or more. Early warnings never block: they
 fire on a trend, and heavy-but-benign traffic (a backup, a large transfer) is a trend too. A rule is auditable — an operator can say exactly why an address was
 blocked — and the state model already did the hard part, deciding that the host is under attack. Sources are
 ranked by packet rate (then SYN share).
@@ -196,9 +197,8 @@ class Mitigator:
         self._skipped_reported: set[tuple[str, str]] = set()
 
     # The rule ---------------------------------------------------------------------------------------------
-    def under_attack(self, raw_state: str, state: str) -> bool:
-        attack = set(self.settings.attack_states)
-        return raw_state in attack or state in attack
+    def under_attack(self, state: str) -> bool:
+        return state in self.settings.attack_states
 
     def offenders(self, sources: Sequence[Any]) -> list[Any]:
         s = self.settings
@@ -216,9 +216,9 @@ class Mitigator:
         return min(self.settings.ttl * (2 ** repeats), self.settings.max_ttl)
 
     # Each window ------------------------------------------------------------------------------------------
-    def step(self, raw_state: str, state: str, sources: Sequence[Any]) -> list[Action]:
+    def step(self, state: str, sources: Sequence[Any]) -> list[Action]:
         now = self.clock()
-        if self.settings.mode == "off" or not self.under_attack(raw_state, state):
+        if self.settings.mode == "off" or not self.under_attack(state):
             # No map walk on quiet windows: our own record of what we added, minus what expired.
             live = sum(1 for expiry in self.expiries.values() if expiry > now)
             self._pending.gauges.append(("otel_ebpf_receiver.mitigation.auto_blocks", live, {}))
@@ -244,7 +244,7 @@ class Mitigator:
                                       src.share))
                 continue
             ttl = self.ttl_for(src.address)
-            reason = (f"{AUTO_REASON_PREFIX} state={raw_state} {src.packets_per_s:.0f} pkt/s "
+            reason = (f"{AUTO_REASON_PREFIX} state={state} {src.packets_per_s:.0f} pkt/s "
                       f"share={src.share:.2f} syn={src.syn_share:.2f}")
             if self.settings.mode == "enforce":
                 self.blocklist.block(src.address, ttl=ttl, reason=reason)
@@ -256,7 +256,7 @@ class Mitigator:
             else:
                 actions.append(Action("would_block", src.address, reason, ttl, src.packets_per_s, src.share))
         for action in actions:
-            self._report(action, raw_state)
+            self._report(action, state)
         self._pending.gauges.append(("otel_ebpf_receiver.mitigation.auto_blocks", auto, {}))
         return actions
 

@@ -42,13 +42,13 @@ def make(blocklist, mode="enforce", clock=None, **kw):
 
 def test_off_mode_does_nothing(blocklist):
     m, events = make(blocklist, mode="off")
-    assert m.step("network_flood", "network_flood", [flood("10.9.0.1")]) == []
+    assert m.step("network_flood", [flood("10.9.0.1")]) == []
     assert blocklist.lookup("10.9.0.1") is None and not events
 
 
 def test_dry_run_says_what_it_would_block(blocklist):
     m, events = make(blocklist, mode="dry-run")
-    actions = m.step("network_flood", "normal", [flood("10.9.0.1")])
+    actions = m.step("network_flood", [flood("10.9.0.1")])
     assert [a.kind for a in actions] == ["would_block"]
     assert blocklist.lookup("10.9.0.1") is None
     assert events[0][0] == "mitigation.would_block" and events[0][1]["source.address"] == "10.9.0.1"
@@ -57,8 +57,8 @@ def test_dry_run_says_what_it_would_block(blocklist):
 def test_enforce_blocks_only_offenders_and_only_under_attack(blocklist):
     m, events = make(blocklist)
     sources = [flood("10.9.0.1"), SourceRate("10.9.0.2", 50, 5000, 0.0, 100, 0.01)]
-    assert m.step("normal", "normal", sources) == []  # no attack, no action
-    actions = m.step("network_flood", "normal", sources)
+    assert m.step("normal", sources) == []  # no attack, no action
+    actions = m.step("network_flood", sources)
     assert [(a.kind, a.address) for a in actions] == [("block", "10.9.0.1")]
     entry = blocklist.lookup("10.9.0.1")
     assert entry is not None and entry.reason.startswith("auto:")
@@ -73,12 +73,12 @@ def test_hard_allowlist_is_never_blocked_even_when_forged(blocklist, monkeypatch
     host_addr = next(str(n.network_address) for n in own.networks if own.why[str(n)] == "this host's address"
                      and n.version == 4 and not n.network_address.is_loopback)
     forged = [flood("127.0.0.1"), flood("192.0.2.7"), flood(host_addr), flood("::1"), flood("::ffff:127.0.0.2")]
-    actions = m.step("network_flood", "network_flood", forged)
+    actions = m.step("network_flood", forged)
     assert {a.kind for a in actions} == {"skipped"}
     assert all("allowlisted" in a.reason for a in actions)
     assert not blocklist.list()
     # the same forged flood next window is not reported again (one event per source and reason)
-    m.step("network_flood", "network_flood", forged)
+    m.step("network_flood", forged)
     assert len(events) == len(forged)
 
 
@@ -92,11 +92,11 @@ def test_rate_cap_and_total_cap(blocklist):
     now = [1000.0]
     m, _ = make(blocklist, clock=lambda: now[0], max_blocks_per_minute=2, max_auto_blocks=3)
     sources = [flood(f"10.9.1.{i}", pps=20_000 - i, share=0.25) for i in range(1, 5)]
-    actions = m.step("network_flood", "network_flood", sources)
+    actions = m.step("network_flood", sources)
     assert [a.kind for a in actions] == ["block", "block", "skipped", "skipped"]
     assert "rate cap" in actions[2].reason
     now[0] += 61  # a minute later the rate cap allows two more, but the total cap stops at three
-    actions = m.step("network_flood", "network_flood", sources)
+    actions = m.step("network_flood", sources)
     assert [a.kind for a in actions] == ["block", "skipped"]
     assert "total cap" in actions[1].reason
     assert len(blocklist.list()) == 3
@@ -107,7 +107,7 @@ def test_ttl_escalates_for_repeat_offenders(blocklist):
     m, _ = make(blocklist, clock=lambda: now[0], ttl=60, max_ttl=200)
     ttls = []
     for _ in range(4):
-        actions = m.step("network_flood", "network_flood", [flood("10.9.2.1")])
+        actions = m.step("network_flood", [flood("10.9.2.1")])
         ttls.append(actions[0].ttl)
         blocklist.unblock("10.9.2.1")  # as if it expired
         now[0] += 120
