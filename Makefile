@@ -12,7 +12,7 @@ STAMPS     := $(BUILD)/stamps
 PYTEST_ARGS ?=
 RUN_ARGS   ?=
 
-.PHONY: run test setup host venv bench model clean help
+.PHONY: run test setup host venv bench model lab detection-report clean help
 
 include collector-config/collector.mk
 
@@ -20,7 +20,9 @@ help:
 	@echo "make run    - set up the host (idempotent) and start the agent"
 	@echo "make test   - set up the host (idempotent) and run the whole test-suite"
 	@echo "make bench  - run the benchmarks in bench/ and print their tables"
-	@echo "make model  - record scenarios and rebuild the bundled default model"
+	@echo "make model  - record scenarios and rebuild the bundled models"
+	@echo "make lab    - record labelled windows from every lab scenario"
+	@echo "make detection-report - measure detection and mitigation quality"
 
 setup: host venv
 
@@ -48,9 +50,18 @@ run: setup
 test: setup collector
 	CI=$${CI:-} $(VPY) -m pytest -ra $(PYTEST_ARGS)
 
-# Rebuild the bundled default model from scenarios driven on this host (a few minutes).
+# Rebuild the bundled models from scenarios driven on this host (~12 minutes).
 model: setup
 	$(VPY) -m model_export.default_model
+
+# The scenario lab: record labelled windows from every scenario (namespace hosts, bounded floods and loads).
+lab: setup
+	$(VPY) -m model_export.lab record -o build/lab/windows.csv
+
+# Run every scenario against the agent (enforce mode) and print detection quality: precision/recall/F1 per window,
+# false alarms per hour, time to warning / state flip / first XDP drop, ramp level at the warning.
+detection-report: setup
+	$(VPY) -m model_export.lab report --markdown build/lab/detection-report.md
 
 bench: setup
 	$(VPY) bench/run_all.py

@@ -180,8 +180,9 @@ def disk_io_storm(max_seconds: float = DEFAULT_MAX_SECONDS, directory: str | Non
     """Direct-I/O random reads and writes on a scratch file (fio when available)."""
     with tempfile.TemporaryDirectory(prefix="oer-io-", dir=directory or "/var/tmp") as tmp:
         if shutil.which("fio"):
+            # --thread: fio's job processes would call setsid() and outlive the kill below (until --runtime).
             argv = [["fio", "--name=storm", f"--directory={tmp}", "--size=256M", "--rw=randrw", "--bs=4k",
-                     "--direct=1", "--ioengine=psync", "--numjobs=2", f"--runtime={int(max_seconds)}",
+                     "--direct=1", "--ioengine=psync", "--numjobs=2", "--thread", f"--runtime={int(max_seconds)}",
                      "--time_based", "--output=/dev/null"]]
         else:
             argv = [["dd", "if=/dev/zero", f"of={tmp}/f", "bs=1M", "count=2048", "oflag=direct"]]

@@ -49,6 +49,12 @@ class TrainConfig:
     birch_threshold: float = 0.5       # Birch subcluster radius, in training standard deviations
     gmm_covariance: str = "full"
     gmm_reg_covar: float = 1e-2        # keeps Mahalanobis finite for a feature constant within a component
+    weighting: str = "none"            # "segments": weight features by how steady they are within a workload
+    scale_floor: float = 0.0           # never divide a feature by less than this (in the feature's own unit)
+    min_weight: float = 0.05           # lowest weight a feature gets with weighting="segments"
+
+WEIGHTINGS = ("none", "segments")
+SEGMENT_GAP_S = 2.5                    # windows further apart than this (or differently labelled): another segment
 
 
 @dataclass
@@ -103,6 +109,39 @@ def make_pipeline(config: TrainConfig, k: int) -> Any:
     return Pipeline([("scale", StandardScaler()), ("cluster", est)])
 
 
+def segments(table: WindowTable, gap: float = SEGMENT_GAP_S) -> np.ndarray:
+    """Segment id per window: a run of windows in time order with one label and no gap longer than ``gap`` s —
+    one steady workload (the lab leaves an unrecorded drain between scenarios, `record` writes one run)."""
+    order = np.argsort(table.timestamps, kind="stable")
+    ids = np.zeros(len(table), dtype=np.int64)
+    current = 0
+    for before, after in zip(order[:-1], order[1:]):
+        if table.timestamps[after] - table.timestamps[before] > gap or table.labels[after] != table.labels[before]:
+            current += 1
+        ids[after] = current
+    return ids
+
+
+def feature_weights(table: WindowTable, min_weight: float = 0.05) -> np.ndarray:
+    """Per feature, the share of its variance that lies *between* steady workloads (η², the correlation ratio
+    over :func:`segments`), floored at ``min_weight``. A feature that moves with what the host is doing keeps
+    weight ~1; one that jitters within a steady workload as much as between workloads (a p99 latency over the
+    few requests of one window, a neighbour's disk) gets little, so it cannot push a window away from its
+    cluster on its own. A feature constant in the recording keeps weight 1 (no evidence that it is noise).
+    Standardised distances then weigh each feature by this share: scale = std / weight."""
+    X = table.values
+    total = X.var(axis=0)
+    seg = segments(table)
+    within = np.zeros(X.shape[1])
+    for s in np.unique(seg):
+        part = X[seg == s]
+        within += ((part - part.mean(axis=0)) ** 2).sum(axis=0)
+    within /= max(len(X), 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eta2 = np.where(total > 0, 1.0 - within / total, 1.0)
+    return np.clip(eta2, min_weight, 1.0)
+
+
 def majority_states(clusters: np.ndarray, labels: np.ndarray, k: int) -> list[str]:
     """State of each cluster = the most common non-empty label among its windows (ties: alphabetical);
     a cluster with no labelled window is "unknown"."""
@@ -139,13 +178,22 @@ def fit(table: WindowTable, config: TrainConfig, *, progress: bool = False,
         raise TrainError(f"{len(table)} windows for {k} clusters: record more windows")
     if not (0 < config.percentile <= 100) or config.unknown_above <= 0 or config.min_threshold <= 0:
         raise TrainError("--percentile must be in (0, 100], --unknown-above and --min-threshold > 0")
+    if config.weighting not in WEIGHTINGS or config.scale_floor < 0 or not 0 < config.min_weight <= 1:
+        raise TrainError(f"weighting must be one of {', '.join(WEIGHTINGS)}, scale_floor >= 0, min_weight in (0, 1]")
 
     pipeline = make_pipeline(config, k)
+    # The scaler is fitted first and adjusted (floor, weights), then the clustering on what it outputs: the ONNX
+    # graph converts the scaler from its mean_/scale_, so serving applies exactly the same weighting.
+    scaler = pipeline[0].fit(table.values)
+    scaler.scale_ = np.maximum(scaler.scale_, config.scale_floor) if config.scale_floor else scaler.scale_
+    weights = feature_weights(table, config.min_weight) if config.weighting == "segments" else None
+    if weights is not None:
+        scaler.scale_ = scaler.scale_ / weights
     with warnings.catch_warnings():
         if config.algorithm != "gmm":  # kmeans/birch: fewer distinct points/subclusters than clusters
             warnings.simplefilter("error", ConvergenceWarning)
         try:
-            pipeline.fit(table.values)
+            pipeline[-1].fit(scaler.transform(table.values))
         except ConvergenceWarning as exc:
             raise TrainError(f"{config.algorithm} did not converge ({' '.join(str(exc).split())}); "
                              "lower --clusters (or --birch-threshold for birch)") from None
@@ -170,6 +218,10 @@ def fit(table: WindowTable, config: TrainConfig, *, progress: bool = False,
         "algorithm_params": est_params,
         "seed": config.seed,
         "min_threshold": config.min_threshold,
+        "weighting": config.weighting,
+        "scale_floor": config.scale_floor,
+        **({"feature_weights": {n: round(float(w), 4) for n, w in zip(table.names, weights)},
+            "segments": int(segments(table).max() + 1) if len(table) else 0} if weights is not None else {}),
         "versions": {"scikit-learn": sklearn.__version__, "skl2onnx": skl2onnx.__version__,
                      "onnx": onnx.__version__, "numpy": np.__version__, "target_opset": TARGET_OPSET},
     }
@@ -259,6 +311,14 @@ def report(trained: Trained) -> str:
         f"unknown on training data {np.mean(ev.states == runtime.UNKNOWN_STATE):.2%}  "
         f"(score > {trained.config.unknown_above:g}; score = distance / p{trained.config.percentile:g} "
         f"of the cluster's training distances)",
+    ]
+    weights = trained.training.get("feature_weights")
+    if weights:
+        low = sorted(weights.items(), key=lambda kv: kv[1])[:5]
+        lines.append(f"feature weights (share of variance between the {trained.training.get('segments')} steady "
+                     f"workloads; scale floor {trained.config.scale_floor:g}): lowest "
+                     + ", ".join(f"{n} {w:.2f}" for n, w in low))
+    lines += [
         "",
         "cluster  state                 windows  purity  threshold",
     ]

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Verbs that live with their feature (blocklist, models, lab)."""
     registrars = []
-    for module, attr in (("otel_ebpf_receiver.blocklist", "register_cli"),):
+    for module, attr in (("otel_ebpf_receiver.blocklist", "register_cli"), ("model_export.lab", "register_cli")):
         try:
             mod = __import__(module, fromlist=[attr])
         except ImportError:

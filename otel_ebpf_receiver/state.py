@@ -186,7 +186,8 @@ class StateClassifier:
 
     def _early_warning(self, window: FeatureWindow, raw: Any, state: str, model_version: str) -> None:
         was_active = self.early_warning.active
-        warning = self.early_warning.update({**window.values, "anomaly_score": float(raw.score)})
+        warning = self.early_warning.update({**window.values, "anomaly_score": float(raw.score)},
+                                            normal=state in BASELINE_STATES)
         self._pending.gauges.extend(("otel_ebpf_receiver.early_warning.cusum", value, {"early_warning.signal": name})
                                     for name, value in self.early_warning.scores().items())
         if warning is not None:
