@@ -56,11 +56,13 @@ model: setup
 
 # The scenario lab: record labelled windows from every scenario (namespace hosts, bounded floods and loads).
 lab: setup
+	@mkdir -p build/lab
 	$(VPY) -m model_export.lab record -o build/lab/windows.csv
 
 # Run every scenario against the agent (enforce mode) and print detection quality: precision/recall/F1 per window,
 # false alarms per hour, time to warning / state flip / first XDP drop, ramp level at the warning.
 detection-report: setup
+	@mkdir -p build/lab
 	$(VPY) -m model_export.lab report --markdown build/lab/detection-report.md
 
 bench: setup
