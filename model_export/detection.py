@@ -385,7 +385,7 @@ def markdown(results: Sequence[ScenarioResult], summary: dict[str, Any], *, mode
         positives = tp + fn
         warn, flip, drop = r.first_warning, r.first_flip, r.first_drop
         if r.kind == RAMP_KIND:
-            warn_s = f"{_fmt(warn, '.1f')} s ({_fmt(r.level(warn), '.0%')} of final rate)" if warn is not None else "—"
+            warn_s = "—" if warn is None else f"{warn:.1f} s ({_fmt(r.level(warn), '.0%')} of final rate)"
             flip_s = f"{_fmt(flip, '.1f')} s ({_fmt(r.level(flip), '.0%')})" if flip is not None else "—"
         else:
             warn_s = f"{warn:.1f} s" if warn is not None else "—"
@@ -398,7 +398,8 @@ def markdown(results: Sequence[ScenarioResult], summary: dict[str, Any], *, mode
         scored = r.kind in (FLOOD_KIND, HOST_KIND)
         lines.append(
             f"| {r.name} | {r.kind} | {positives}/{fp + tn} | {_fmt(p) if scored else '—'} | "
-            f"{_fmt(rec) if scored else '—'} | {_fmt(f1) if scored else '—'} | {_fmt(raw_f1) if scored else '—'} | "
+            f"{_fmt(rec) if scored else '—'} | {_fmt(f1) if scored else '—'} | "
+            f"{_fmt(raw_f1) if scored else '—'} | "
             f"{warn_s} | {flip_s} | {drop_s} | {', '.join(sorted({a for _, a in r.blocks})) or '—'} | "
             f"{len(r.skipped)} | {http} | {r.false_alarms()} |")
     s = summary

@@ -249,7 +249,8 @@ class Drive:
 # A benign client: paced GETs, one line per request ("<unix time> <1|0> <seconds>"). Bounded by count and time.
 HTTP_CLIENT = r"""
 import http.client, sys, time
-host, port, rate, seconds, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+host, port = sys.argv[1], int(sys.argv[2])
+rate, seconds, limit = float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 deadline = time.monotonic() + seconds
 next_at = time.monotonic()
 for _ in range(limit):
