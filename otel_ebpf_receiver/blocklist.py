@@ -492,7 +492,15 @@ class Blocklist:
         """The entry for exactly this prefix (not the longest match), or None."""
         net = parse_cidr(cidr)
         value = self._lookup(kind, net)
-        return self._entry(kind, net, value) if value is not None else None
+        if value is None:
+            return None
+        self._refresh_if_changed()
+        if str(net) not in self._meta[kind]:
+            # Another process (the agent, a CLI call) writes the map entry first and the sidecar right after,
+            # under the lock: taking the lock waits for its sidecar, so the entry comes with its reason and TTL.
+            with self._locked():
+                self._load_meta(report_external=True)
+        return self._entry(kind, net, value)
 
     def counts(self) -> dict[tuple[str, int], int]:
         """Entries per (list, IP version), from the sidecar kept in step with the maps (no map walk, so cheap
