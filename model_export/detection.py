@@ -345,7 +345,7 @@ def summarize(results: Sequence[ScenarioResult]) -> dict[str, Any]:
     hours = benign_s / 3600 if benign_s else math.nan
     alarms = sum(r.false_alarms() for r in results)
     warnings = sum(r.benign_warnings() for r in results)
-    heavy = [r for r in results if r.name == "heavy_transfer"]
+    heavy = [r for r in results if r.name in ("heavy_transfer", "paced_transfer")]
     ramps = [r for r in results if r.kind == RAMP_KIND]
     drops = [r.first_drop for r in results if r.kind == FLOOD_KIND and r.expect and r.name != "forged_source_flood"
              and SCENARIOS[r.name].single_source]
@@ -412,7 +412,7 @@ def markdown(results: Sequence[ScenarioResult], summary: dict[str, Any], *, mode
         f"* benign time {_fmt(s['benign_hours'] * 60, '.1f')} min: {s['false_alarms']} false alarm(s) = "
         f"**{_fmt(s['false_alarms_per_hour'], '.1f')}/h**; early warnings on benign time: {s['benign_warnings']} = "
         f"{_fmt(s['warnings_per_hour'], '.1f')}/h",
-        f"* heavy-but-benign transfer: {s['heavy_transfer_flips']} non-normal window(s)/flip(s) — target 0: "
+        f"* heavy-but-benign transfers: {s['heavy_transfer_flips']} non-normal window(s)/flip(s) — target 0: "
         f"{check(s['heavy_transfer_flips'] == 0) if s['heavy_transfer_flips'] is not None else 'not run'}",
         f"* slow ramp: warning at **{_fmt(s['ramp_warning_level'], '.0%')}** of the final rate — target < 30 %: "
         + (check(s['ramp_warning_level'] < TARGETS['ramp_warning_level'])

@@ -355,8 +355,9 @@ def forged_source_flood(bed: Testbed, seconds: float) -> ContextManager[Drive]:
 
 
 @contextlib.contextmanager
-def heavy_transfer(bed: Testbed, seconds: float) -> Iterator[Drive]:
-    """A large TCP transfer client2 -> victim at full speed (iperf3): heavy, one source, and benign."""
+def heavy_transfer(bed: Testbed, seconds: float, bitrate: str | None = None) -> Iterator[Drive]:
+    """A large TCP transfer client2 -> victim (iperf3), at full speed or paced to ``bitrate`` (iperf3 -b):
+    heavy, one source, and benign."""
     # Not one-off (-1): the readiness probe below is a connection too.
     server = bed.spawn("victim", ["iperf3", "-s", "-B", bed.victim.ipv4, "-p", str(IPERF_PORT)], seconds + 10)
     client = None
@@ -365,12 +366,19 @@ def heavy_transfer(bed: Testbed, seconds: float) -> Iterator[Drive]:
             raise RuntimeError("iperf3 server did not start in the victim namespace")
         drive = Drive()
         client = bed.spawn("client2", ["iperf3", "-c", bed.victim.ipv4, "-p", str(IPERF_PORT),
-                                       "-n", str(int(seconds * TRANSFER_MAX_BYTES_PER_S))], seconds)
+                                       "-n", str(int(seconds * TRANSFER_MAX_BYTES_PER_S)),
+                                       *(["-b", bitrate] if bitrate else [])], seconds)
         yield drive
     finally:
         if client is not None:
             bed.stop(client)
         bed.stop(server)
+
+
+def paced_transfer(bed: Testbed, seconds: float) -> ContextManager[Drive]:
+    """The same transfer paced to 1.5 Gbit/s: heavy, without the retransmits of a full-speed one (a model that only
+    ever saw heavy traffic *with* retransmits took heavy traffic without them for a flood)."""
+    return heavy_transfer(bed, seconds, bitrate="1500M")
 
 
 TRAFGEN_UDP = "{{ eth(da={vmac}, sa={amac}), ipv4(saddr={aip}, daddr={vip}, ttl=64), udp(sp=drnd(), dp={port}), " \
@@ -458,6 +466,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              _host("dev_work"), 60),
     Scenario("heavy_transfer", "normal", BENIGN_KIND, "iperf3 client2 -> victim at full speed (must not flag)",
              heavy_transfer, 45),
+    Scenario("paced_transfer", "normal", BENIGN_KIND, "iperf3 client2 -> victim paced to 1.5 Gbit/s",
+             paced_transfer, 30),
     Scenario("syn_flood", "syn_flood", FLOOD_KIND, "hping3 -S from client1 to :8080", syn_flood, 30,
              single_source=True),
     Scenario("udp_flood", "udp_flood", FLOOD_KIND, "hping3 --udp from client1", udp_flood, 30, single_source=True),
@@ -480,14 +490,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 # Normal is most of it and several kinds of it (idle, mixed, developer work, a heavy transfer), recorded at the
 # start and again at the end, so that "normal" is not one narrow cluster a busy-but-healthy host falls outside of.
 TRAINING_PLAN: tuple[tuple[str, float], ...] = (
-    ("idle", 45), ("normal", 75), ("dev_work", 60), ("heavy_transfer", 40),
+    ("idle", 45), ("normal", 75), ("dev_work", 60), ("heavy_transfer", 40), ("paced_transfer", 30),
     ("exec_storm", 35), ("file_open_storm", 35), ("cpu_saturated", 35), ("disk_io_storm", 35),
     ("syn_flood", 40), ("udp_flood", 40), ("random_source_flood", 35),
     ("normal", 45), ("idle", 30), ("dev_work", 30),
 )
 
 REPORT_PLAN: tuple[str, ...] = (
-    "normal", "idle", "dev_work", "heavy_transfer", "syn_flood", "udp_flood", "random_source_flood",
+    "normal", "idle", "dev_work", "heavy_transfer", "paced_transfer", "syn_flood", "udp_flood", "random_source_flood",
     "forged_source_flood", "ramp", "exec_storm", "file_open_storm", "cpu_saturated", "disk_io_storm",
 )
 
@@ -544,13 +554,25 @@ def record_scenario(recorder: Any, bed: Testbed, scenario: Scenario, seconds: fl
     """Windows of one scenario under its label. A single-source flood is blocked (at XDP, by a lab-side handle on
     the lists) for its second half: the model must know "flood, being dropped" as the same state. A benign
     scenario is recorded from its first window to two windows after it stopped: starting and ending (a transfer's
-    last, partial second) are normal too, and a model that never saw them may call them anything."""
+    last, partial second) are normal too, and a model that never saw them may call them anything. A host incident
+    runs half on a quiet lab and half with the web clients."""
     background = http_load(bed, seconds + settle_windows + 5) if scenario.background else contextlib.nullcontext()
     if scenario.kind == BENIGN_KIND:
         with recorder.labelled(scenario.label, settle_windows=0):
             with background, scenario.drive(bed, seconds + 1):
                 time.sleep(seconds)
             time.sleep(2 * recorder.agent.config.interval)
+        return
+    if scenario.kind == HOST_KIND:
+        # An exec storm is the same state on an idle host and on a busy server (recorded with the clients only,
+        # default.onnx called a storm without them unknown).
+        with scenario.drive(bed, seconds + settle_windows + 1), recorder.labelled(scenario.label, settle_windows):
+            time.sleep(seconds / 2)
+            if scenario.background:
+                with http_load(bed, seconds / 2 + 2):
+                    time.sleep(seconds / 2)
+            else:
+                time.sleep(seconds / 2)
         return
     with background:
         with scenario.drive(bed, seconds + settle_windows + 1), recorder.labelled(scenario.label, settle_windows):

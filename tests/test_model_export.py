@@ -288,3 +288,26 @@ def test_train_on_a_feature_subset(table: w.WindowTable, tmp_path: Path) -> None
     model = load_model(tmp_path / "s.onnx", NAMES)
     assert list(model.feature_names) == subset.split(",")
     assert model.predict({}).state in model.states
+
+
+def test_segment_weighting_tames_a_jittery_feature(tmp_path: Path) -> None:
+    """Two workloads, each steady for a while (a gap in time between them): a feature that separates them keeps
+    weight ~1, one that only jitters within each gets little; the exported model applies the same weighting."""
+    rng = np.random.default_rng(7)
+    n = 200
+    ts = np.concatenate([np.arange(n, dtype=float), 1000.0 + np.arange(n)])
+    labels = np.array(["normal"] * n + ["exec_storm"] * n, dtype=object)
+    signal = np.concatenate([rng.normal(1.0, 0.1, n), rng.normal(6.0, 0.1, n)])
+    jitter = rng.normal(0.0, 3.0, 2 * n)  # a p99 latency of a handful of requests: loud, and says nothing
+    table = w.WindowTable(("exec.exec_rate_log1p", "http.latency_p99_log1p_ms"), ts, labels,
+                          np.column_stack([signal, jitter]))
+    assert list(tr.segments(table)[[0, n - 1, n, 2 * n - 1]]) == [0, 0, 1, 1]
+    weights = tr.feature_weights(table)
+    assert weights[0] > 0.95 and weights[1] == pytest.approx(0.05)
+    trained = tr.fit(table, tr.TrainConfig(clusters=2, weighting="segments", scale_floor=0.1))
+    assert trained.training["feature_weights"]["http.latency_p99_log1p_ms"] == pytest.approx(0.05)
+    # A storm window with an extreme latency is still the storm, and close to its centre.
+    exported = tr.export(trained, tmp_path / "w.onnx")
+    verdict = exported.model.predict({"exec.exec_rate_log1p": 6.0, "http.latency_p99_log1p_ms": 9.0})
+    assert verdict.state == "exec_storm" and verdict.score < 2.0
+    assert "feature weights" in tr.report(trained)
