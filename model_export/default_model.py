@@ -70,10 +70,15 @@ def recipe(clusters: int, unknown_above: float) -> tr.TrainConfig:
 # recorded on a quiet lab and with the web clients (two modes); measured: fewer merged a paced transfer into
 # udp_flood (network, 16 clusters: purity 0.91; 24: 0.998).
 MODELS = (
-    ("network.onnx", 24, lambda name: True, True),
-    ("default.onnx", 14, lambda name: not name.startswith(NETWORK_PREFIX), False),
+    ("network.onnx", 32, lambda name: True, True),
+    ("default.onnx", 28, lambda name: not name.startswith(NETWORK_PREFIX), False),
     ("core.onnx", 16, lambda name: name.split(".", 1)[0] in CORE_PROBES, False),
 )
+
+
+# States that only one probe can see. A model without that probe's features does not learn them: their windows
+# would teach it that the state looks like normal (a slow volume or a failing API changes little else).
+SEEN_BY = {"io_degraded": "block_io.", "api_degraded": "http."}
 
 
 def select(table: WindowTable, names: list[str], drop_labels: set[str]) -> WindowTable:
@@ -135,9 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         if not names:
             say(f"{filename}: no recorded feature for it; skipped")
             continue
-        part = select(table, names, set() if with_floods else floods)
-        print(f"\n== {filename}: {len(names)} features, {len(part)} windows"
-              f"{'' if with_floods else ' (no flood windows)'} from {windows}", flush=True)
+        blind = {state for state, prefix in SEEN_BY.items() if not any(n.startswith(prefix) for n in names)}
+        part = select(table, names, (set() if with_floods else floods) | blind)
+        left_out = ("" if with_floods else " (no flood windows)") + \
+            (f" (no {', '.join(sorted(blind))}: no feature shows them)" if blind else "")
+        print(f"\n== {filename}: {len(names)} features, {len(part)} windows{left_out} from {windows}", flush=True)
         status = build(part, out / filename, BUILD / Path(filename).stem, recipe(clusters, args.unknown_above))
         if status:
             return status

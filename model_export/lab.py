@@ -8,10 +8,10 @@ to record labelled windows for training, and to measure how the running agent de
 The hosts (``netlab.Lab``, one virtual switch, nothing routed beyond it; the victim has no default route, so
 answers to forged sources die inside the lab)::
 
-    victim   10.200.0.1    HTTP server :8080 (Python), iperf3 server :5201 while a transfer runs
-    client0  10.200.0.10   benign HTTP client (and the address a forged flood claims)
+    victim   10.200.0.1    JSON API :8080 (Python; healthy or degraded), iperf3 server :5201 while a transfer runs
+    client0  10.200.0.10   benign API client (and the address a forged flood claims)
     client1  10.200.0.11   the attacker (hping3, trafgen)
-    client2  10.200.0.12   benign HTTP client, iperf3 client
+    client2  10.200.0.12   benign API client, iperf3 client
 
 The agent's XDP probe watches the victim's ``eth0`` (setting ``netns``: attached from here, counted there); every
 other probe watches the whole host, the lab's own processes included. Host workloads (exec storm, disk I/O, ...)
@@ -61,7 +61,8 @@ examples:
 record: one row per 1 s window (the agent's feature schema), labelled with the scenario's state. Incidents and
 floods skip their first windows (ramp-up) and the seconds after them (drain); benign scenarios are written from
 their first window to two after they stopped (starting and stopping are normal too). Single-source floods are
-blocked at XDP half way through, so "under attack but mitigated" windows are training data too. (`make model`
+blocked at XDP half way through, so "under attack but mitigated" windows are training data too. Host incidents run
+half on a quiet lab and half with the API clients (api_degraded: with them throughout — no clients, no incident). (`make model`
 trains with feature weighting, which `otel-ebpf-model train` does not offer: model_export/default_model.py.)
 report: the agent as `run` assembles it (every probe, the bundled model that fits, mitigation in enforce mode)
 runs in this process while each scenario goes pre (benign) -> load -> post (benign); prints precision, recall
@@ -117,8 +118,9 @@ class Testbed:
             www = self.tmp / "www"
             www.mkdir()
             (www / "index.html").write_text("<html><body>" + "lab " * 1000 + "</body></html>\n")
-            self.spawn("victim", [sys.executable, "-m", "http.server", "--bind", self.victim.ipv4, "--directory",
-                                  str(www), str(HTTP_PORT)], SERVER_MAX_SECONDS)
+            self.set_api_mode("ok")
+            self.spawn("victim", [sys.executable, "-c", API_SERVER, self.victim.ipv4, str(HTTP_PORT), str(www),
+                                  str(self.api_mode_file)], SERVER_MAX_SECONDS)
             if not self.wait_for_port(HTTP_PORT):
                 raise RuntimeError(f"the lab's HTTP server did not come up on {self.victim.ipv4}:{HTTP_PORT}")
         except BaseException:
@@ -143,6 +145,19 @@ class Testbed:
 
             remove_pins(self.pin_dir)
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- the victim's API -------------------------------------------------------------------------------------------
+    @property
+    def api_mode_file(self) -> Path:
+        return self.tmp / "api-mode"
+
+    def set_api_mode(self, mode: str) -> None:
+        """``ok`` or ``degraded`` (the server answers half its requests 503, every one slowly); read per request."""
+        if mode not in API_MODES:
+            raise ValueError(f"API mode must be one of {', '.join(API_MODES)}, not {mode!r}")
+        tmp = self.api_mode_file.with_suffix(".new")
+        tmp.write_text(mode)
+        tmp.replace(self.api_mode_file)
 
     # -- hosts and settings -------------------------------------------------------------------------------------------
     @property
@@ -246,14 +261,66 @@ class Drive:
         return level
 
 
-# A benign client: paced GETs, one line per request ("<unix time> <1|0> <seconds>"). Bounded by count and time.
+# The victim's service: a small JSON API on Python's http.server — GET /index.html, POST and PUT /api/items — whose
+# behaviour the lab switches through a mode file: "ok", or "degraded" (an overloaded backend: every answer 250 ms
+# late, every other one 503). Nothing is logged; the process is bounded by the lab's timeout.
+API_MODES = ("ok", "degraded")
+API_SERVER = r"""
+import http.server, itertools, json, sys, time
+bind, port, www, mode_file = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+counter = itertools.count()
+page = open(www + "/index.html", "rb").read()
+
+def mode():
+    try:
+        with open(mode_file) as f:
+            return f.read().strip()
+    except OSError:
+        return "ok"
+
+class Api(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def answer(self, status, body, ctype="application/json"):
+        if mode() == "degraded":
+            time.sleep(0.25)
+            if next(counter) % 2 == 0:
+                status, body, ctype = 503, b'{"error": "backend unavailable"}', "application/json"
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path in ("/", "/index.html"):
+            self.answer(200, page, "text/html")
+        else:
+            self.answer(404, b'{"error": "not found"}')
+
+    def body(self):
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def do_POST(self):
+        self.answer(201, json.dumps({"created": len(self.body())}).encode())
+
+    def do_PUT(self):
+        self.answer(200, json.dumps({"updated": len(self.body())}).encode())
+
+http.server.ThreadingHTTPServer((bind, port), Api).serve_forever()
+"""
+
+# A benign client: paced requests in an API's mix (GET 70 %, POST 20 %, PUT 10 %), one line per request
+# ("<unix time> <1|0> <seconds>": 1 for a 2xx answer). Bounded by count and time.
 HTTP_CLIENT = r"""
 import http.client, sys, time
 host, port = sys.argv[1], int(sys.argv[2])
 rate, seconds, limit = float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+METHODS = ("GET", "GET", "POST", "GET", "PUT", "GET", "GET", "POST", "GET", "GET")
 deadline = time.monotonic() + seconds
 next_at = time.monotonic()
-for _ in range(limit):
+for i in range(limit):
     now = time.monotonic()
     if now >= deadline:
         break
@@ -262,9 +329,14 @@ for _ in range(limit):
     started, ok = time.time(), 0
     try:
         conn = http.client.HTTPConnection(host, port, timeout=2.0)
-        conn.request("GET", "/index.html")
+        method = METHODS[i % len(METHODS)]
+        if method == "GET":
+            conn.request("GET", "/index.html")
+        else:
+            conn.request(method, "/api/items", body=b'{"name": "lab", "qty": 1}',
+                         headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
-        ok = int(resp.status == 200 and len(resp.read()) > 0)
+        ok = int(200 <= resp.status < 300 and len(resp.read()) > 0)
         conn.close()
     except Exception:
         pass
@@ -381,6 +453,16 @@ def paced_transfer(bed: Testbed, seconds: float) -> ContextManager[Drive]:
     return heavy_transfer(bed, seconds, bitrate="1500M")
 
 
+@contextlib.contextmanager
+def api_degraded(bed: Testbed, seconds: float) -> Iterator[Drive]:
+    """The victim's API starts failing: half its answers 503, all of them slow, while the clients keep asking."""
+    bed.set_api_mode("degraded")
+    try:
+        yield Drive()
+    finally:
+        bed.set_api_mode("ok")
+
+
 TRAFGEN_UDP = "{{ eth(da={vmac}, sa={amac}), ipv4(saddr={aip}, daddr={vip}, ttl=64), udp(sp=drnd(), dp={port}), " \
               "fill(0x41, 18) }}\n"
 
@@ -448,6 +530,7 @@ class Scenario:
     seconds: float = 30.0       # default length of the load
     background: bool = True     # the benign HTTP clients keep going meanwhile
     single_source: bool = False  # one attacker address: per-source mitigation can act
+    quiet_half: bool = True     # host incident: recorded half on a quiet lab, half with the clients
 
     def expect(self, attack_states: Sequence[str]) -> tuple[str, ...]:
         """The reported states that count as detecting this scenario (none for benign ones)."""
@@ -484,21 +567,32 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("cpu_saturated", "cpu_saturated", HOST_KIND, "stress-ng --cpu, 2 workers per CPU",
              _host("cpu_saturated"), 30),
     Scenario("disk_io_storm", "io_storm", HOST_KIND, "fio direct random read/write", _host("disk_io_storm"), 30),
+    Scenario("db_reads", "normal", BENIGN_KIND,
+             "HTTP clients, plus a database reading its volume (loop device, direct I/O) at a steady 250/s",
+             _host("db_reads"), 40),
+    Scenario("io_degraded", "io_degraded", HOST_KIND,
+             "the same database with its storage capped to 25 reads/s (block cgroup): fewer, slow reads",
+             _host("io_degraded"), 30),
+    Scenario("api_degraded", "api_degraded", HOST_KIND,
+             "the victim's API answers every other request 503, all of them 250 ms late", api_degraded, 30,
+             quiet_half=False),
 )}
 
 # What `lab record` drives by default, and `make model` (model_export.default_model) records: (scenario, seconds).
 # Normal is most of it and several kinds of it (idle, mixed, developer work, a heavy transfer), recorded at the
 # start and again at the end, so that "normal" is not one narrow cluster a busy-but-healthy host falls outside of.
 TRAINING_PLAN: tuple[tuple[str, float], ...] = (
-    ("idle", 45), ("normal", 75), ("dev_work", 60), ("heavy_transfer", 40), ("paced_transfer", 30),
-    ("exec_storm", 35), ("file_open_storm", 35), ("cpu_saturated", 35), ("disk_io_storm", 35),
+    ("idle", 45), ("normal", 75), ("dev_work", 60), ("heavy_transfer", 40), ("paced_transfer", 30), ("db_reads", 40),
+    ("exec_storm", 35), ("file_open_storm", 35), ("cpu_saturated", 35), ("disk_io_storm", 35), ("io_degraded", 40),
+    ("api_degraded", 40),
     ("syn_flood", 40), ("udp_flood", 40), ("random_source_flood", 35),
     ("normal", 45), ("idle", 30), ("dev_work", 30),
 )
 
 REPORT_PLAN: tuple[str, ...] = (
     "normal", "idle", "dev_work", "heavy_transfer", "paced_transfer", "syn_flood", "udp_flood", "random_source_flood",
-    "forged_source_flood", "ramp", "exec_storm", "file_open_storm", "cpu_saturated", "disk_io_storm",
+    "forged_source_flood", "ramp", "exec_storm", "file_open_storm", "cpu_saturated", "disk_io_storm", "db_reads",
+    "io_degraded", "api_degraded",
 )
 
 
@@ -566,6 +660,11 @@ def record_scenario(recorder: Any, bed: Testbed, scenario: Scenario, seconds: fl
     if scenario.kind == HOST_KIND:
         # An exec storm is the same state on an idle host and on a busy server (recorded with the clients only,
         # default.onnx called a storm without them unknown).
+        if not scenario.quiet_half:  # an API incident is only one while clients are asking
+            with http_load(bed, seconds + settle_windows + 5), scenario.drive(bed, seconds + settle_windows + 1), \
+                    recorder.labelled(scenario.label, settle_windows):
+                time.sleep(seconds)
+            return
         with scenario.drive(bed, seconds + settle_windows + 1), recorder.labelled(scenario.label, settle_windows):
             time.sleep(seconds / 2)
             if scenario.background:

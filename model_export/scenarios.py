@@ -190,6 +190,136 @@ def disk_io_storm(max_seconds: float = DEFAULT_MAX_SECONDS, directory: str | Non
             yield
 
 
+# ---- a database volume whose storage gets slow (io_degraded) ------------------------------------------------------
+
+DB_READ_IOPS = 250          # the healthy reader's paced rate: 4 KiB random reads per second
+DB_DEGRADED_IOPS = 25       # what the throttled backing store still serves
+DB_VOLUME_MIB = 64
+
+
+def _whole_disk(dev: int) -> str:
+    """``MAJ:MIN`` of the disk holding ``dev`` (the parent of a partition): block throttling is per disk."""
+    sysfs = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if not sysfs.exists():
+        raise RuntimeError(f"device {os.major(dev)}:{os.minor(dev)} is not a block device (a tmpfs or overlay?); "
+                           "put the database volume's backing file on a disk-backed filesystem")
+    if (sysfs / "partition").exists():
+        return (sysfs.resolve().parent / "dev").read_text().strip()
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+class BlockThrottle:
+    """A block-I/O cgroup whose reads from one disk can be capped: cgroup v2 ``io.max`` where the io controller is
+    available, else cgroup v1 ``blkio.throttle.read_iops_device``."""
+
+    def __init__(self, disk: str, name: str) -> None:
+        self.disk = disk
+        v2_root = Path("/sys/fs/cgroup")
+        controllers = v2_root / "cgroup.controllers"
+        if controllers.exists() and "io" in controllers.read_text().split():
+            subtree = v2_root / "cgroup.subtree_control"
+            if "io" not in subtree.read_text().split():
+                subtree.write_text("+io")
+            self.path, self.v2 = v2_root / name, True
+        elif Path("/sys/fs/cgroup/blkio/blkio.throttle.read_iops_device").exists():
+            self.path, self.v2 = Path("/sys/fs/cgroup/blkio") / name, False
+        else:
+            raise RuntimeError("no block-I/O cgroup controller (cgroup v2 io or v1 blkio) to throttle a reader with")
+        self.path.mkdir(exist_ok=True)
+
+    def join(self) -> None:
+        """Move the calling process into the group (a child calls this before exec)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def limit_reads(self, iops: int | None) -> None:
+        """Cap reads from the disk at ``iops`` per second; None lifts the cap."""
+        if self.v2:
+            (self.path / "io.max").write_text(f"{self.disk} riops={iops if iops else 'max'}")
+        else:
+            (self.path / "blkio.throttle.read_iops_device").write_text(f"{self.disk} {iops or 0}")
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.limit_reads(None)
+        for _ in range(50):  # rmdir fails while the killed reader is still being reaped
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+class DatabaseVolume:
+    """What ``database_reads`` yields: the volume's loop device and a handle on its storage's speed."""
+
+    def __init__(self, device: str, throttle: BlockThrottle) -> None:
+        self.device = device
+        self.throttle = throttle
+
+    def degrade(self, iops: int = DB_DEGRADED_IOPS) -> None:
+        self.throttle.limit_reads(iops)
+
+    def restore(self) -> None:
+        self.throttle.limit_reads(None)
+
+
+# A database's steady reads: 4 KiB O_DIRECT reads at random offsets, paced (rate/s), bounded by time.
+_DB_READER = """
+import mmap, os, random, sys, time
+device, rate, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+blocks = os.lseek(fd, 0, os.SEEK_END) // 4096
+buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+deadline = time.monotonic() + seconds
+next_at = time.monotonic()
+while time.monotonic() < deadline:
+    os.preadv(fd, [buf], random.randrange(blocks) * 4096)
+    next_at = max(next_at + 1.0 / rate, time.monotonic() - 1.0)
+    time.sleep(max(0.0, next_at - time.monotonic()))
+"""
+
+
+@contextlib.contextmanager
+def database_reads(max_seconds: float = DEFAULT_MAX_SECONDS, degraded: bool = False,
+                   directory: str = "/var/tmp") -> Iterator[DatabaseVolume]:
+    """The talk's performance case: a database reading its volume at a steady rate ("you expect a minimum level of
+    database reads"). The volume is a loop device over a file, in direct-I/O mode, so each of its reads is a read
+    of the disk below; the reader runs in a block-I/O cgroup, so capping that cgroup's reads from the disk (what
+    an overcommitted or failing store does to a tenant) makes the volume itself slow: fewer reads, each waiting
+    tens of milliseconds at the loop device — what the block_io probe sees. ``degraded`` starts capped."""
+    with tempfile.TemporaryDirectory(prefix="oer-db-", dir=directory) as tmp:
+        backing = Path(tmp, "volume.img")
+        with backing.open("wb") as f:  # written, not fallocated: unwritten extents read as zeros with no disk I/O
+            chunk = os.urandom(1 << 20)
+            for _ in range(DB_VOLUME_MIB):
+                f.write(chunk)
+            os.fsync(f.fileno())
+        throttle = BlockThrottle(_whole_disk(backing.stat().st_dev), f"oer-db-{os.getpid()}-{Path(tmp).name[-6:]}")
+        device = None
+        try:
+            device = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", str(backing)], check=True,
+                                    capture_output=True, text=True).stdout.strip()
+            volume = DatabaseVolume(device, throttle)
+            if degraded:
+                volume.degrade()
+            argv = [sys.executable, "-c", _DB_READER, device, str(DB_READ_IOPS), str(max_seconds)]
+            with _children([argv], preexec_fn=throttle.join):
+                yield volume
+        finally:
+            if device:
+                subprocess.run(["losetup", "-d", device], check=False, capture_output=True)
+            throttle.remove()
+
+
+@contextlib.contextmanager
+def io_degraded(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[DatabaseVolume]:
+    """The database's storage slowed to a tenth of what it reads: io_degraded."""
+    with database_reads(max_seconds, degraded=True) as volume:
+        yield volume
+
+
 @contextlib.contextmanager
 def idle(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
     """Nothing driven: whatever the host does by itself."""
@@ -204,4 +334,6 @@ SCENARIOS: dict[str, Callable[..., contextlib.AbstractContextManager]] = {
     "file_open_storm": file_open_storm,
     "cpu_saturated": cpu_saturated,
     "disk_io_storm": disk_io_storm,
+    "db_reads": database_reads,
+    "io_degraded": io_degraded,
 }

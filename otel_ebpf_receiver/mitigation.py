@@ -4,7 +4,11 @@ The per-source verdict is a documented rule on top of the system state rather th
 host is in an attack state — the *debounced* state, two consecutive windows: a single window of the model saying
 "flood" during a heavy-but-benign transfer once blocked the transfer's source in the lab, and two windows still
 put the first drop about 2 s after a flood starts — a source is *offending* when it sends at least ``min_share``
-of all packets at ``min_packet_rate`` or more. Early warnings never block: they
+of all packets at ``min_packet_rate`` or more, in packets averaging at most ``max_bytes_per_packet`` (a source
+sending full-size packets is a bulk transfer — a backup, a large download — and the floods that exhaust a host
+are packet floods: a model that once mistook a transfer for a UDP flood cannot get its source blocked; a
+large-packet volumetric flood is left to the operator, or to a setting of 0, which lifts this rail). Early
+warnings never block: they
 fire on a trend, and heavy-but-benign traffic (a backup, a large transfer) is a trend too. A rule is auditable — an operator can say exactly why an address was
 blocked — and the state model already did the hard part, deciding that the host is under attack. Sources are
 ranked by packet rate (then SYN share).
@@ -46,6 +50,7 @@ class MitigationSettings:
     attack_states: tuple[str, ...] = ("network_flood", "syn_flood", "udp_flood", "random_source_flood")
     min_share: float = 0.2
     min_packet_rate: float = 500.0
+    max_bytes_per_packet: float = 1000.0  # larger average packets: a transfer, not a packet flood (0: no limit)
     ttl: float = 300.0
     max_ttl: float = 86400.0
     max_blocks_per_minute: int = 10
@@ -54,7 +59,7 @@ class MitigationSettings:
     protect_dns: bool = True
     protect_gateway: bool = True
 
-    KEYS = ("mode", "attack_states", "min_share", "min_packet_rate", "ttl", "max_ttl", "max_blocks_per_minute",
+    KEYS = ("mode", "attack_states", "min_share", "min_packet_rate", "max_bytes_per_packet", "ttl", "max_ttl", "max_blocks_per_minute",
             "max_auto_blocks", "allow", "protect_dns", "protect_gateway")
 
 
@@ -232,6 +237,10 @@ class Mitigator:
             if protected:
                 actions.append(Action("skipped", src.address, f"allowlisted ({protected})", 0, src.packets_per_s,
                                       src.share))
+                continue
+            if 0 < self.settings.max_bytes_per_packet < src.bytes_per_packet:
+                actions.append(Action("skipped", src.address, f"bulk transfer ({src.bytes_per_packet:.0f} bytes/packet "
+                                      f"> max_bytes_per_packet)", 0, src.packets_per_s, src.share))
                 continue
             if self.blocklist is not None and self.blocklist.lookup(src.address) is not None:
                 continue  # already blocked (by us or by an operator)

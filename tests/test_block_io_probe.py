@@ -3,6 +3,7 @@ agent and the SDK's in-memory reader."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import tempfile
@@ -74,6 +75,10 @@ def test_direct_reads_of_a_known_size_are_counted(agent, loop_device):
     features = agent.last_window.values
     assert features["block_io.read_ops_rate_log1p"] > 5  # >= 1500 reads in a 1 s window
     assert 0 < features["block_io.latency_p50_log1p_us"] <= features["block_io.latency_p99_log1p_us"]
+    # r_await: the mean of this window's reads (our 1500 and whatever else read) — the probe's own operation_time
+    # over its operations, within what the log2 buckets say.
+    await_us = math.expm1(features["block_io.read_await_log1p_us"])
+    assert 0 < await_us <= math.expm1(features["block_io.latency_p99_log1p_us"]) * 2
 
 
 def test_direct_writes_are_counted_per_direction(agent, loop_device):

@@ -112,3 +112,15 @@ def test_ttl_escalates_for_repeat_offenders(blocklist):
         blocklist.unblock("10.9.2.1")  # as if it expired
         now[0] += 120
     assert ttls == [60, 120, 200, 200]
+
+
+def test_a_bulk_transfer_source_is_not_blocked_even_in_an_attack_state(blocklist):
+    """Full-size packets are a transfer, not a packet flood: a model that mistakes a large transfer for a UDP flood
+    still cannot get its source blocked. The rail can be lifted (0)."""
+    transfer = SourceRate("10.9.0.3", 100_000, 100_000 * 1448, 0.0, 1448.0, 0.95)
+    m, events = make(blocklist)
+    actions = m.step("udp_flood", [transfer, flood("10.9.0.1")])
+    assert [(a.kind, a.address) for a in actions] == [("skipped", "10.9.0.3"), ("block", "10.9.0.1")]
+    assert "bulk transfer" in actions[0].reason and blocklist.lookup("10.9.0.3") is None
+    lifted, _ = make(blocklist, max_bytes_per_packet=0)
+    assert [a.kind for a in lifted.step("udp_flood", [transfer])] == ["block"]

@@ -4,6 +4,7 @@ fails it, cluster naming and thresholds, the windows CSV format, and the CLI tra
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -311,3 +312,15 @@ def test_segment_weighting_tames_a_jittery_feature(tmp_path: Path) -> None:
     verdict = exported.model.predict({"exec.exec_rate_log1p": 6.0, "http.latency_p99_log1p_ms": 9.0})
     assert verdict.state == "exec_storm" and verdict.score < 2.0
     assert "feature weights" in tr.report(trained)
+
+
+def test_the_database_volume_wants_a_disk_backed_directory() -> None:
+    """io_degraded throttles the disk under the volume's backing file: a tmpfs has none, and says so in one line."""
+    from model_export.scenarios import _whole_disk
+
+    with pytest.raises(RuntimeError, match="disk-backed filesystem"):
+        _whole_disk(os.stat("/dev/shm").st_dev)
+    root = os.stat("/").st_dev
+    if Path(f"/sys/dev/block/{os.major(root)}:{os.minor(root)}").exists():
+        major, minor = _whole_disk(root).split(":")
+        assert not Path(f"/sys/dev/block/{major}:{minor}/partition").exists()  # a whole disk, not a partition

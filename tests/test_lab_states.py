@@ -1,0 +1,130 @@
+"""The bundled state models tell performance degradation and API misbehaviour apart from normal: each test drives
+one condition in the scenario lab against the agent as `run` assembles it and reads the state it reports.
+
+* io_degraded: a database reading its volume (a loop device in direct-I/O mode) at a steady rate is normal; its
+  storage capped to a tenth (a block cgroup) is io_degraded; uncapped, normal again.
+* cpu_saturated: every CPU busy twice over (stress-ng) while the web clients keep asking.
+* api_degraded: the lab's API answers every other request 503, all of them late; healthy again, normal.
+
+Each runs twice: with every probe (XDP on the lab victim: network.onnx serves) and without the XDP probe (the
+host-only default.onnx serves). Mitigation is off: these are not attacks, and nothing may be blocked anyway."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import Counter
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from model_export import scenarios
+from model_export.detection import AgentRig
+from model_export.lab import Testbed, http_load
+from otel_ebpf_receiver.probes import DEFAULT_PROBES
+
+pytestmark = [pytest.mark.bpf, pytest.mark.netns]
+
+SETTLE_S = 40.0       # how long the agent may take to report normal before a condition starts
+CONDITION_S = 16.0    # how long each condition lasts
+RECOVER_S = 25.0      # how long it may take to report normal again after
+
+
+@pytest.fixture
+def bed():
+    with Testbed(say=lambda line: None) as bed:
+        yield bed
+
+
+MODELS = {
+    "network.onnx": (),                                               # every probe
+    "default.onnx": tuple(name for name in DEFAULT_PROBES if name != "xdp"),
+}
+
+
+def wait_for(condition: Callable[[], Any], timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.2)
+    return condition()
+
+
+def seen(r: AgentRig, since: int) -> list[tuple[str, str, float]]:
+    return [(w.state, w.raw_state, round(w.score, 2)) for w in r.windows[since:]]
+
+
+@contextlib.contextmanager
+def agent(bed: Testbed, model: str) -> Iterator[AgentRig]:
+    r = AgentRig(bed, mode="off", probes=MODELS[model], say=lambda line: None)
+    try:
+        r.start()
+        assert model in " ".join(r.lines), r.lines  # the model these tests mean is the one serving
+        yield r
+    finally:
+        r.close()
+
+
+def settle(r: AgentRig) -> None:
+    ok = wait_for(lambda: [w.state for w in r.windows[-3:]] == ["normal"] * 3, SETTLE_S)
+    assert ok, f"never settled on normal: {seen(r, -15)}"
+
+
+def check_condition(r: AgentRig, state: str, drive: Callable[[], contextlib.AbstractContextManager]) -> None:
+    """``drive`` on for CONDITION_S: the reported state becomes ``state`` (most windows once it had time to
+    enter); off: normal again."""
+    start = len(r.windows)
+    with drive():
+        time.sleep(CONDITION_S)
+        during = seen(r, start)
+    entered = during[4:]  # the first windows: load starting, and the debounce (2 windows to enter)
+    counts = Counter(s for s, _, _ in entered)
+    assert counts[state] >= len(entered) / 2, f"expected mostly {state}: {during}"
+    stop = len(r.windows)
+    back = wait_for(lambda: [w.state for w in r.windows[-2:]] == ["normal"] * 2 and len(r.windows) > stop + 2,
+                    RECOVER_S)
+    assert back, f"not normal again after {state}: {seen(r, stop)}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_slowed_database_volume_is_io_degraded(bed, model):
+    with agent(bed, model) as r, http_load(bed, SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30), \
+            scenarios.database_reads(SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30) as volume:
+        settle(r)  # the healthy database is part of normal
+
+        @contextlib.contextmanager
+        def slowed() -> Iterator[None]:
+            volume.degrade()
+            try:
+                yield
+            finally:
+                volume.restore()
+
+        check_condition(r, "io_degraded", slowed)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_cpu_saturation_is_cpu_saturated(bed, model):
+    with agent(bed, model) as r, http_load(bed, SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30):
+        settle(r)
+        check_condition(r, "cpu_saturated", lambda: scenarios.cpu_saturated(CONDITION_S + 5))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_failing_slow_api_is_api_degraded(bed, model):
+    with agent(bed, model) as r, http_load(bed, SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30) as load:
+        settle(r)
+
+        @contextlib.contextmanager
+        def failing() -> Iterator[None]:
+            bed.set_api_mode("degraded")
+            try:
+                yield
+            finally:
+                bed.set_api_mode("ok")
+
+        began = time.time()
+        check_condition(r, "api_degraded", failing)
+        ok, sent = load.success(since=began, until=began + CONDITION_S)
+        assert 0 < ok < sent  # the API really failed part of its requests, and answered the rest
