@@ -3,12 +3,13 @@
     .venv/bin/python -m model_export.default_model [--scale 1.0] [--windows FILE.csv] [--out-dir DIR]
 
 1. Records the scenario lab's training plan (model_export.lab.TRAINING_PLAN: idle, mixed web/file/build work,
-   developer work, a heavy iperf3 transfer — all labelled ``normal`` — then exec and file-open storms, CPU
-   saturation, a disk I/O storm, SYN, UDP and random-source floods) with every probe this host can run, XDP on the
-   lab victim's eth0, into build/model/windows.csv (``--windows`` reuses a recording instead). About 11 minutes.
+   developer work, heavy iperf3 transfers, a database reading its volume — all labelled ``normal`` — then exec and
+   file-open storms, CPU saturation, a disk I/O storm, the database's storage slowed, the lab API failing, SYN, UDP
+   and random-source floods) with every probe this host can run, XDP on the lab victim's eth0, into
+   build/model/windows.csv (``--windows`` reuses a recording instead). About 14 minutes.
 2. ``network.onnx``: every recorded feature, every scenario. States: normal, exec_storm, file_open_storm,
-   cpu_saturated, io_storm, syn_flood, udp_flood, random_source_flood — the flood states are the ones mitigation
-   acts on (MitigationSettings.attack_states).
+   cpu_saturated, io_storm, io_degraded, api_degraded, syn_flood, udp_flood, random_source_flood — the flood
+   states are the ones mitigation acts on (MitigationSettings.attack_states).
 3. ``default.onnx``: the host probes' features only (every recorded column not starting with ``xdp.``), for hosts
    without the XDP probe; trained without the flood windows: a host-only model cannot see a flood, only the lab's
    own attacker process (hping3 shares this kernel, so its send loop shows in the syscall features), which a real
@@ -16,6 +17,7 @@
 4. ``core.onnx``: the same, on the features of the three probes every supported kernel runs (syscalls, file_open,
    exec) — what serves when a newer probe (tcp, block_io, sched, http) cannot attach here, or when the agent runs
    with ``--probes syscalls,file_open,exec``. Without it no bundled model would fit such a host.
+   io_degraded and api_degraded are left out of every model without block_io or http features (SEEN_BY).
 
 The agent serves whichever bundled model uses the most features its probes produce (state.best_bundled_model).
 A label that ends up the majority of no cluster (a state these features cannot see, e.g. CPU saturation for the
