@@ -74,6 +74,18 @@ class Condition:
                 self.proc.kill()
 
 
+# Any program on sys_exit makes the kernel take the slow syscall-exit path (syscall tracepoint work on every task):
+# this condition measures that floor, which every syscall counter built on tracepoints pays.
+EMPTY_SYS_EXIT = """
+import signal, time
+from bcc import BPF
+b = BPF(text="RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }")
+print("attached", flush=True)
+signal.signal(signal.SIGINT, lambda *a: b.cleanup() or exit(0))
+time.sleep(3600)
+"""
+
+
 def foreign_syscall_programs() -> list[str]:
     """Programs already on the syscall path make "nothing attached" a lie: the kernel then takes the slow
     syscall-exit path for every condition and the differences shrink."""
@@ -101,6 +113,7 @@ def main() -> int:
     agent = [sys.executable, "-m", "otel_ebpf_receiver", "run", "--exporter", "none", "--live", "off"]
     conditions = [
         Condition("nothing attached", None),
+        Condition("empty raw sys_exit program (the floor)", [sys.executable, "-c", EMPTY_SYS_EXIT], "attached"),
         Condition("otel-ebpf-receiver syscalls probe (raw tracepoint)", agent + ["--probes", "syscalls"], "attached "),
         Condition("bcc syscount-bpfcc", ["syscount-bpfcc", "-i", "3600"], "Tracing syscalls"),
         Condition("otel-ebpf-receiver all probes", agent, "attached "),
