@@ -61,9 +61,10 @@ examples:
 record: one row per 1 s window (the agent's feature schema), labelled with the scenario's state. Incidents and
 floods skip their first windows (ramp-up) and the seconds after them (drain); benign scenarios are written from
 their first window to two after they stopped (starting and stopping are normal too). Single-source floods are
-blocked at XDP half way through, so "under attack but mitigated" windows are training data too. Host incidents run
-half on a quiet lab and half with the API clients (api_degraded: with them throughout — no clients, no incident). (`make model`
-trains with feature weighting, which `otel-ebpf-model train` does not offer: model_export/default_model.py.)
+blocked at XDP half way through, so "under attack but mitigated" windows are training data too. Host incidents
+run half on a quiet lab and half with the API clients (api_degraded: with them throughout — no clients, no
+incident). (`make model` trains with feature weighting, which `otel-ebpf-model train` does not offer:
+model_export/default_model.py.)
 report: the agent as `run` assembles it (every probe, the bundled model that fits, mitigation in enforce mode)
 runs in this process while each scenario goes pre (benign) -> load -> post (benign); prints precision, recall
 and F1 per window, time to the first warning, state flip and XDP drop, and false alarms per hour
@@ -659,19 +660,12 @@ def record_scenario(recorder: Any, bed: Testbed, scenario: Scenario, seconds: fl
         return
     if scenario.kind == HOST_KIND:
         # An exec storm is the same state on an idle host and on a busy server (recorded with the clients only,
-        # default.onnx called a storm without them unknown).
-        if not scenario.quiet_half:  # an API incident is only one while clients are asking
-            with http_load(bed, seconds + settle_windows + 5), scenario.drive(bed, seconds + settle_windows + 1), \
-                    recorder.labelled(scenario.label, settle_windows):
-                time.sleep(seconds)
-            return
+        # default.onnx called a storm without them unknown); an API incident is one only while clients ask.
         with scenario.drive(bed, seconds + settle_windows + 1), recorder.labelled(scenario.label, settle_windows):
-            time.sleep(seconds / 2)
-            if scenario.background:
-                with http_load(bed, seconds / 2 + 2):
-                    time.sleep(seconds / 2)
-            else:
-                time.sleep(seconds / 2)
+            quiet = seconds / 2 if scenario.quiet_half else 0.0
+            time.sleep(quiet)
+            with http_load(bed, seconds - quiet + 2) if scenario.background else contextlib.nullcontext():
+                time.sleep(seconds - quiet)
         return
     with background:
         with scenario.drive(bed, seconds + settle_windows + 1), recorder.labelled(scenario.label, settle_windows):

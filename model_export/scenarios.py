@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -251,18 +252,21 @@ class BlockThrottle:
                 time.sleep(0.1)
 
 
+@dataclass
 class DatabaseVolume:
     """What ``database_reads`` yields: the volume's loop device and a handle on its storage's speed."""
 
-    def __init__(self, device: str, throttle: BlockThrottle) -> None:
-        self.device = device
-        self.throttle = throttle
+    device: str
+    throttle: BlockThrottle
 
-    def degrade(self, iops: int = DB_DEGRADED_IOPS) -> None:
+    @contextlib.contextmanager
+    def slowed(self, iops: int = DB_DEGRADED_IOPS) -> Iterator[None]:
+        """The storage capped to ``iops`` reads/s while inside; full speed again after."""
         self.throttle.limit_reads(iops)
-
-    def restore(self) -> None:
-        self.throttle.limit_reads(None)
+        try:
+            yield
+        finally:
+            self.throttle.limit_reads(None)
 
 
 # A database's steady reads: 4 KiB O_DIRECT reads at random offsets, paced (rate/s), bounded by time.
@@ -303,7 +307,7 @@ def database_reads(max_seconds: float = DEFAULT_MAX_SECONDS, degraded: bool = Fa
                                     capture_output=True, text=True).stdout.strip()
             volume = DatabaseVolume(device, throttle)
             if degraded:
-                volume.degrade()
+                throttle.limit_reads(DB_DEGRADED_IOPS)
             argv = [sys.executable, "-c", _DB_READER, device, str(DB_READ_IOPS), str(max_seconds)]
             with _children([argv], preexec_fn=throttle.join):
                 yield volume

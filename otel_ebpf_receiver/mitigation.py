@@ -8,10 +8,9 @@ of all packets at ``min_packet_rate`` or more, in packets averaging at most ``ma
 sending full-size packets is a bulk transfer — a backup, a large download — and the floods that exhaust a host
 are packet floods: a model that once mistook a transfer for a UDP flood cannot get its source blocked; a
 large-packet volumetric flood is left to the operator, or to a setting of 0, which lifts this rail). Early
-warnings never block: they
-fire on a trend, and heavy-but-benign traffic (a backup, a large transfer) is a trend too. A rule is auditable — an operator can say exactly why an address was
-blocked — and the state model already did the hard part, deciding that the host is under attack. Sources are
-ranked by packet rate (then SYN share).
+warnings never block: they fire on a trend, and heavy-but-benign traffic (a backup, a large transfer) is a trend
+too. A rule is auditable — an operator can say exactly why an address was blocked — and the state model already
+did the hard part, deciding that the host is under attack. Sources are ranked by packet rate (then SYN share).
 
 Modes: ``off`` (default, nothing evaluated), ``dry-run`` (events say what would be blocked), ``enforce``.
 Rails, each enforced before any map write: a hard allowlist (loopback, this host's addresses, default gateways,
@@ -59,8 +58,8 @@ class MitigationSettings:
     protect_dns: bool = True
     protect_gateway: bool = True
 
-    KEYS = ("mode", "attack_states", "min_share", "min_packet_rate", "max_bytes_per_packet", "ttl", "max_ttl", "max_blocks_per_minute",
-            "max_auto_blocks", "allow", "protect_dns", "protect_gateway")
+    KEYS = ("mode", "attack_states", "min_share", "min_packet_rate", "max_bytes_per_packet", "ttl", "max_ttl",
+            "max_blocks_per_minute", "max_auto_blocks", "allow", "protect_dns", "protect_gateway")
 
 
 # -- the hard allowlist ----------------------------------------------------------------------------------------
@@ -239,8 +238,8 @@ class Mitigator:
                                       src.share))
                 continue
             if 0 < self.settings.max_bytes_per_packet < src.bytes_per_packet:
-                actions.append(Action("skipped", src.address, f"bulk transfer ({src.bytes_per_packet:.0f} bytes/packet "
-                                      f"> max_bytes_per_packet)", 0, src.packets_per_s, src.share))
+                actions.append(Action("skipped", src.address, f"bulk transfer ({src.bytes_per_packet:.0f} "
+                                      "bytes/packet > max_bytes_per_packet)", 0, src.packets_per_s, src.share))
                 continue
             if self.blocklist is not None and self.blocklist.lookup(src.address) is not None:
                 continue  # already blocked (by us or by an operator)

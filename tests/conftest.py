@@ -60,3 +60,12 @@ def jaeger_bin() -> Path:
     from . import backends
 
     return backends.build_jaeger(timeout=1200)
+
+
+@pytest.fixture
+def bed():
+    """A scenario-lab test bed (namespaces, the victim's API, a private pin dir), gone after the test."""
+    from model_export.lab import Testbed
+
+    with Testbed(say=lambda line: None) as bed:
+        yield bed

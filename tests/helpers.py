@@ -7,9 +7,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -99,3 +100,14 @@ def make_agent(probe: Any) -> Any:
     agent.reader = reader
     agent.step(1.0)  # baseline
     return agent
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, step: float = 0.1) -> Any:
+    """Poll ``condition`` until it is truthy or ``timeout`` s passed; its last value either way."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(step)
+    return condition()

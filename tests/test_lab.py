@@ -8,22 +8,16 @@ traffic (the lab's addresses, our requests), with generous time limits: the mach
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from model_export.detection import AgentRig
-from model_export.lab import Testbed, forged_source_flood, heavy_transfer, http_load, syn_flood
+from model_export.lab import forged_source_flood, heavy_transfer, http_load, syn_flood
 
-from .helpers import metric_sum
+from .helpers import metric_sum, wait_for
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
-
-
-@pytest.fixture
-def bed():
-    with Testbed(say=lambda line: None) as bed:
-        yield bed
 
 
 @pytest.fixture
@@ -40,16 +34,6 @@ def rig(bed):
     yield make
     for r in made:
         r.close()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, step: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(step)
-    return condition()
 
 
 def states(r: AgentRig, last: int = 20) -> list[tuple[str, str]]:

@@ -14,41 +14,28 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import pytest
 
 from model_export import scenarios
 from model_export.detection import AgentRig
-from model_export.lab import Testbed, http_load
+from model_export.lab import Testbed, api_degraded, http_load
 from otel_ebpf_receiver.probes import DEFAULT_PROBES
+
+from .helpers import wait_for
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
 SETTLE_S = 40.0       # how long the agent may take to report normal before a condition starts
 CONDITION_S = 16.0    # how long each condition lasts
 RECOVER_S = 25.0      # how long it may take to report normal again after
-
-
-@pytest.fixture
-def bed():
-    with Testbed(say=lambda line: None) as bed:
-        yield bed
-
+LOAD_S = SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30  # time bound of the background loads
 
 MODELS = {
     "network.onnx": (),                                               # every probe
     "default.onnx": tuple(name for name in DEFAULT_PROBES if name != "xdp"),
 }
-
-
-def wait_for(condition: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.2)
-    return condition()
 
 
 def seen(r: AgentRig, since: int) -> list[tuple[str, str, float]]:
@@ -89,42 +76,23 @@ def check_condition(r: AgentRig, state: str, drive: Callable[[], contextlib.Abst
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_slowed_database_volume_is_io_degraded(bed, model):
-    with agent(bed, model) as r, http_load(bed, SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30), \
-            scenarios.database_reads(SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30) as volume:
+    with agent(bed, model) as r, http_load(bed, LOAD_S), scenarios.database_reads(LOAD_S) as volume:
         settle(r)  # the healthy database is part of normal
-
-        @contextlib.contextmanager
-        def slowed() -> Iterator[None]:
-            volume.degrade()
-            try:
-                yield
-            finally:
-                volume.restore()
-
-        check_condition(r, "io_degraded", slowed)
+        check_condition(r, "io_degraded", volume.slowed)
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_cpu_saturation_is_cpu_saturated(bed, model):
-    with agent(bed, model) as r, http_load(bed, SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30):
+    with agent(bed, model) as r, http_load(bed, LOAD_S):
         settle(r)
         check_condition(r, "cpu_saturated", lambda: scenarios.cpu_saturated(CONDITION_S + 5))
 
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_failing_slow_api_is_api_degraded(bed, model):
-    with agent(bed, model) as r, http_load(bed, SETTLE_S * 3 + CONDITION_S + RECOVER_S + 30) as load:
+    with agent(bed, model) as r, http_load(bed, LOAD_S) as load:
         settle(r)
-
-        @contextlib.contextmanager
-        def failing() -> Iterator[None]:
-            bed.set_api_mode("degraded")
-            try:
-                yield
-            finally:
-                bed.set_api_mode("ok")
-
         began = time.time()
-        check_condition(r, "api_degraded", failing)
+        check_condition(r, "api_degraded", lambda: api_degraded(bed, CONDITION_S))
         ok, sent = load.success(since=began, until=began + CONDITION_S)
         assert 0 < ok < sent  # the API really failed part of its requests, and answered the rest
