@@ -8,9 +8,6 @@ One row per window. ``timestamp`` is Unix seconds, ``label`` the scenario the op
 feature names of ``otel_ebpf_receiver.features`` in the order of the header; values are written with
 ``repr(float)`` so they read back bit-for-bit. A file always has one fixed set of columns: appending with
 different features is refused, record into a new file instead.
-
-(The column names match ``otel_ebpf_receiver.features.TIMESTAMP_COLUMN``/``LABEL_COLUMN``; they are repeated
-here so that reading and writing CSV does not import the probe registry.)
 """
 
 from __future__ import annotations

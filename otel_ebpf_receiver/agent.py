@@ -1,135 +1,136 @@
-"""The agent: load probes, then every interval read their maps, build the feature window, classify the state and
-record everything into OpenTelemetry with ``system.state`` attached. Stops cleanly on SIGINT/SIGTERM: final
-flush, every program detached."""
+"""The agent loop. Every interval one window goes through five stages, in this order:
+
+    collect    read every probe's maps                          -> a Reading per probe
+    featurize  merge the probes' features                       -> a FeatureWindow
+    classify   score the window with the state model (debounced) -> a Verdict
+    act        hand the verdict to the actors (mitigation)
+    export     record every reading, and what the classifier and actors produced, with ``system.state`` attached
+
+The agent is built by :func:`otel_ebpf_receiver.assembly.build_agent` (the one place that wires probes, model,
+mitigation, telemetry and the live view). Stops cleanly on SIGINT/SIGTERM: every program detached, then a flush
+with a short deadline.
+"""
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable, Protocol, Sequence
 
 from .config import Config
-from .errors import AgentError, PrivilegeError, ProbeError
 from .features import FeatureWindow, merge
-from .probes import REGISTRY
-from .probes.base import GAUGE, Probe, Reading
+from .model.runtime import Verdict
+from .probes.base import GAUGE, Metric, Probe, Reading
 from .telemetry import MODEL_ATTRIBUTE, SELF_METRICS, STATE_ATTRIBUTE, MetricSink, Telemetry
 
 log = logging.getLogger("otel_ebpf_receiver")
 
-# Capabilities that let a process load tracing and XDP programs (linux/capability.h numbers).
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
+
+class MetricSource(Protocol):
+    """Something other than a probe that has metrics to export each window (the classifier, the mitigator).
+    Its readings are recorded with the window's state, after it acted on the window."""
+
+    name: str
+    metrics: Sequence[Metric]
+
+    def read(self, seconds: float) -> Reading: ...
 
 
-def effective_capabilities() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("CapEff:"):
-                return int(line.split()[1], 16)
-    return 0
+class Classifier(Protocol):
+    """Turns a feature window into the verdict every data point carries."""
+
+    @property
+    def version(self) -> str: ...
+
+    def classify(self, window: FeatureWindow) -> Verdict: ...
+
+    def close(self) -> None: ...
 
 
-def check_privileges() -> None:
-    caps = effective_capabilities()
-    has = lambda cap: bool(caps >> cap & 1)  # noqa: E731
-    if not (has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON))):
-        raise PrivilegeError("must run as root (or with CAP_BPF and CAP_PERFMON) to load eBPF programs; "
-                             "try: sudo otel-ebpf-receiver run")
+class Actor(Protocol):
+    """Acts on each window's verdict (mitigation); must never raise for a bad window."""
 
-
-@dataclass
-class StateVerdict:
-    state: str
-    model_version: str
-    score: float = 0.0
-    cluster: int = -1
-    top_features: list[tuple[str, float]] = field(default_factory=list)
-
-    def attributes(self) -> dict[str, str]:
-        return {STATE_ATTRIBUTE: self.state, MODEL_ATTRIBUTE: self.model_version}
+    def act(self, verdict: Verdict) -> None: ...
 
 
 class NoModel:
-    """Used until a model loads: every data point still says what is known, which is nothing."""
+    """Used when nothing classifies (recording, probe tests): every data point says what is known, which is
+    nothing."""
 
     version = "none"
 
-    def classify(self, window: FeatureWindow) -> StateVerdict:
-        return StateVerdict("unknown", self.version)
+    def classify(self, window: FeatureWindow) -> Verdict:
+        return Verdict.unknown(self.version)
+
+    def close(self) -> None:
+        pass
 
 
-def load_probes(names: list[str], settings: dict[str, dict[str, Any]], say: Callable[[str], None],
-                on_event: Callable[[str, dict[str, Any]], None] | None = None) -> list[Probe]:
-    """Instantiate and attach; a probe that cannot run here is skipped with one line, never a crash.
-    ``on_event(name, attributes)`` receives probe events (blocklist changes) as OTel log events."""
-    loaded: list[Probe] = []
-    explicit = bool(names)
-    for name in names or list(REGISTRY):
-        cls = REGISTRY[name]
-        reason = cls.unavailable_reason()
-        if reason:
-            say(f"probe {name} disabled: {reason}")
-            continue
-        probe = cls(settings.get(name))
-        if on_event is not None and hasattr(probe, "on_event"):
-            probe.on_event = on_event
-        try:
-            probe.load()
-        except ProbeError as exc:
-            say(str(exc))
-            continue
-        except AgentError:
-            raise
-        except Exception as exc:  # bcc raises bare Exceptions for attach failures
-            say(f"probe {name} disabled: {exc}")
-            probe.close()
-            continue
-        loaded.append(probe)
-    if not loaded:
-        what = ", ".join(names) if explicit else "any probe"
-        raise AgentError(f"could not attach {what} on this kernel; run `otel-ebpf-receiver doctor` to see why")
-    return loaded
+@dataclass
+class WindowResult:
+    """Everything one window produced, for whoever listens (the recorder, the lab, the live view)."""
+
+    number: int
+    window: FeatureWindow
+    verdict: Verdict
+    readings: dict[str, Reading]            # by probe name; a probe whose read failed is absent
+    seconds: float                          # the window's length
+    cost_seconds: float = 0.0               # what the agent spent on it
+
+
+@dataclass
+class ProbeHealth:
+    """Per-probe map health as the kernel counts it (cumulative), turned into per-window increases."""
+
+    previous: dict[tuple[str, str], int] = field(default_factory=dict)
+    read_errors_reported: set[str] = field(default_factory=set)
+
+    def increase(self, metric: str, probe: str, cumulative: int) -> int:
+        last = self.previous.get((metric, probe), 0)
+        self.previous[(metric, probe)] = cumulative
+        return cumulative - last if cumulative >= last else cumulative
 
 
 class Agent:
-    def __init__(self, config: Config, telemetry: Telemetry, probes: list[Probe],
-                 classifier: Any = None, live_view: Any = None, mitigator: Any = None) -> None:
+    def __init__(self, config: Config, telemetry: Telemetry, probes: Sequence[Probe], *,
+                 classifier: Classifier | None = None, sources: Sequence[MetricSource] = (),
+                 actors: Sequence[Actor] = (), skipped_probes: Sequence[str] = (),
+                 on_reload: Callable[[], None] | None = None) -> None:
         self.config = config
         self.telemetry = telemetry
-        self.probes = probes
-        self.classifier = classifier or NoModel()
-        self.live_view = live_view
-        self.mitigator = mitigator
-        self.xdp = next((p for p in probes if p.name == "xdp"), None)
+        self.probes = list(probes)
+        self.classifier: Classifier = classifier or NoModel()
+        self.sources = list(sources)
+        self.actors = list(actors)
+        self.on_reload = on_reload
         self.stop_event = threading.Event()
-        self.reload_requested = threading.Event()
         self.windows = 0
-        self.verdict = StateVerdict("unknown", getattr(self.classifier, "version", "none"))
-        self.last_window: FeatureWindow | None = None
-        self.last_window_seconds = 0.0
-        self.window_listeners: list[Callable[[FeatureWindow, StateVerdict], None]] = []
-        # The classifier reports like a probe (anomaly score, transitions), so its metrics are declared alongside.
-        self.sources: list[Any] = list(probes) + [s for s in (self.classifier, mitigator) if hasattr(s, "read")]
-        metrics = [m for source in self.sources for m in source.metrics] + list(SELF_METRICS)
-        self.sink = MetricSink(telemetry.meter, metrics)
-        self._health: dict[tuple[str, str], int] = {}
-        self._read_errors_reported: set[str] = set()
-        attached = [(1.0, {"probe.name": p.name, "probe.mode": p.mode}) for p in probes]
-        skipped = [(0.0, {"probe.name": n, "probe.mode": "disabled"})
-                   for n in (config.probes or REGISTRY) if n not in {p.name for p in probes}]
+        self.verdict = Verdict.unknown(self.classifier.version)
+        self.last: WindowResult | None = None
+        self.window_listeners: list[Callable[[WindowResult], None]] = []
+        metrics = [m for p in self.probes for m in p.metrics] + [m for s in self.sources for m in s.metrics]
+        self.sink = MetricSink(telemetry.meter, metrics + list(SELF_METRICS))
+        self._gauge_names = [m.name for m in metrics if m.kind == GAUGE]
+        self._health = ProbeHealth()
+        attached = [(1.0, {"probe.name": p.name, "probe.mode": p.mode}) for p in self.probes]
+        skipped = [(0.0, {"probe.name": n, "probe.mode": "disabled"}) for n in skipped_probes]
         self._attached_gauge = {"otel_ebpf_receiver.probe.attached": attached + skipped}
         self._failures_seen = 0
+
+    @property
+    def last_window(self) -> FeatureWindow | None:
+        return self.last.window if self.last is not None else None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGINT, lambda *_: self.stop_event.set())
         signal.signal(signal.SIGTERM, lambda *_: self.stop_event.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        if self.on_reload is not None:  # SIGHUP: the model watcher re-validates the model directory next window
+            on_reload = self.on_reload
+            signal.signal(signal.SIGHUP, lambda *_: on_reload())
 
     def run(self) -> None:
         interval = self.config.interval
@@ -148,69 +149,71 @@ class Agent:
                 next_tick = now + interval
 
     def close(self) -> None:
-        """Flush telemetry, then detach every program (in that order: the last window's data go out first)."""
-        if hasattr(self.classifier, "close"):
-            self.classifier.close()  # ends an open incident span, so it is exported too
+        """End the open incident, flush telemetry, then detach every program (the last window's data go out
+        first)."""
+        self.classifier.close()
         self.telemetry.shutdown()
         for probe in self.probes:
             probe.close()
 
     # -- one window -----------------------------------------------------------------------------------------
-    def step(self, seconds: float) -> StateVerdict:
-        """Read every probe, classify the window, act on it (mitigation), record everything with the state."""
+    def step(self, seconds: float) -> Verdict:
         started = time.perf_counter()
-        if self.reload_requested.is_set():
-            self.reload_requested.clear()
-            reload = getattr(self.classifier, "request_reload", None)
-            if reload:
-                reload()
-        readings = self._read_probes(seconds)
-        window = FeatureWindow(time.time(), merge(r.features for _, r in readings))
-        self.verdict = self.classifier.classify(window)
-        if self.mitigator is not None and self.xdp is not None:
-            self.mitigator.step(self.verdict.state, self.xdp.top_sources(self.xdp.settings["top_sources"]))
-        for source in self.sources[len(self.probes):]:  # classifier, mitigator: what they produced this window
-            readings.append((source, source.read(seconds)))
-        self._record(readings, self.verdict.attributes())
+        readings = self.collect(seconds)
+        window = self.featurize(readings)
+        verdict = self.classify(window)
+        self.act(verdict)
+        self.export(readings, verdict, seconds)
         self.windows += 1
-        self.last_window = window
+        self.last = WindowResult(self.windows, window, verdict, readings, seconds, time.perf_counter() - started)
         for listener in self.window_listeners:
-            listener(window, self.verdict)
-        self.last_window_seconds = time.perf_counter() - started
-        if self.live_view is not None:
-            self.live_view.render(self)
-        return self.verdict
+            listener(self.last)
+        return verdict
 
-    def _read_probes(self, seconds: float) -> list[tuple[Any, Reading]]:
-        readings: list[tuple[Any, Reading]] = []
+    def collect(self, seconds: float) -> dict[str, Reading]:
+        """Every probe's reading; a read that fails is reported (once per probe) and never stops the agent."""
+        readings: dict[str, Reading] = {}
         for probe in self.probes:
             try:
-                readings.append((probe, probe.read(seconds)))
-            except Exception as exc:  # a read must never stop the agent; say it once per probe
-                self._record_health("otel_ebpf_receiver.probe.read_errors", probe.name, None, 1)
-                if probe.name not in self._read_errors_reported:
+                readings[probe.name] = probe.read(seconds)
+            except Exception as exc:
+                self._add_health("otel_ebpf_receiver.probe.read_errors", probe.name, 1)
+                if probe.name not in self._health.read_errors_reported:
                     log.warning("probe %s: reading its maps failed (%s); it will be retried every interval",
                                 probe.name, exc)
-                    self._read_errors_reported.add(probe.name)
+                    self._health.read_errors_reported.add(probe.name)
         return readings
 
-    def _record(self, readings: list[tuple[Any, Reading]], state: dict[str, str]) -> None:
-        gauges: dict[str, list[tuple[float, Any]]] = dict(self._attached_gauge)
-        for source, reading in readings:
-            for name, value, attrs in reading.counters:
-                self.sink.add(name, value, attrs, state)
-            for metric in source.metrics:  # a gauge with no values this window reports nothing
-                if metric.kind == GAUGE:
-                    gauges.setdefault(metric.name, [])
-            for name, value, attrs in reading.gauges:
-                gauges[name].append((value, attrs))
-            for name, buckets, total, attrs in reading.histograms:
-                self.sink.record_histogram(name, buckets, attrs, state, total=total)
-            if isinstance(source, Probe):
-                self._record_health("otel_ebpf_receiver.map.update_failures", source.name, state,
-                                    reading.map_update_failures, cumulative=True)
-                self._record_health("otel_ebpf_receiver.map.evictions", source.name, state, reading.map_evictions,
-                                    cumulative=True)
+    def featurize(self, readings: dict[str, Reading]) -> FeatureWindow:
+        return FeatureWindow(time.time(), merge(r.features for r in readings.values()))
+
+    def classify(self, window: FeatureWindow) -> Verdict:
+        self.verdict = self.classifier.classify(window)
+        return self.verdict
+
+    def act(self, verdict: Verdict) -> None:
+        for actor in self.actors:
+            actor.act(verdict)
+
+    def export(self, readings: dict[str, Reading], verdict: Verdict, seconds: float) -> None:
+        """Record the probes' readings and the other sources' (read now: they include what classify and act
+        produced) with this window's state attached."""
+        state = self.state_attributes(verdict)
+        gauges: dict[str, list[tuple[float, dict]]] = dict(self._attached_gauge)
+        gauges.update((name, []) for name in self._gauge_names)  # a gauge with no values this window reports nothing
+        all_readings = list(readings.items()) + [(s.name, s.read(seconds)) for s in self.sources]
+        for name, reading in all_readings:
+            for metric, value, attrs in reading.counters:
+                self.sink.add(metric, value, attrs, state)
+            for metric, value, attrs in reading.gauges:
+                gauges[metric].append((value, attrs))
+            for metric, buckets, total, attrs in reading.histograms:
+                self.sink.record_histogram(metric, buckets, attrs, state, total=total)
+        for name, reading in readings.items():
+            self._add_health("otel_ebpf_receiver.map.update_failures", name,
+                             self._health.increase("update_failures", name, reading.map_update_failures), state)
+            self._add_health("otel_ebpf_receiver.map.evictions", name,
+                             self._health.increase("evictions", name, reading.map_evictions), state)
         reporting = self.telemetry.reporting
         if reporting is not None and reporting.failures != self._failures_seen:
             self.sink.add("otel_ebpf_receiver.export.failures", reporting.failures - self._failures_seen,
@@ -218,66 +221,10 @@ class Agent:
             self._failures_seen = reporting.failures
         self.sink.set_gauges(gauges, state)
 
-    def _record_health(self, metric: str, probe: str, state: Any, value: int, cumulative: bool = False) -> None:
-        if cumulative:
-            key = (metric, probe)
-            previous = self._health.get(key, 0)
-            self._health[key] = value
-            value = value - previous if value >= previous else value
+    @staticmethod
+    def state_attributes(verdict: Verdict) -> dict[str, str]:
+        return {STATE_ATTRIBUTE: verdict.state, MODEL_ATTRIBUTE: verdict.model_version}
+
+    def _add_health(self, metric: str, probe: str, value: int, state: dict[str, str] | None = None) -> None:
         if value:
-            self.sink.add(metric, value, {"probe.name": probe}, state or self.verdict.attributes())
-
-
-def build_mitigator(config: Config, probes: list[Probe], telemetry: Telemetry, classifier: Any,
-                    say: Callable[[str], None]) -> Any:
-    from .mitigation import HardAllowlist, MitigationSettings, Mitigator
-
-    settings = MitigationSettings(**config.mitigation)
-    if settings.mode == "off":
-        return None
-    xdp = next((p for p in probes if p.name == "xdp"), None)
-    if xdp is None or xdp.blocklist is None:
-        say(f"mitigation {settings.mode} needs the xdp probe (probe_settings.xdp.interfaces); mitigation is off")
-        return None
-    extra = [(e.cidr, "XDP allowlist") for e in xdp.blocklist.list("allow")]
-    allow = HardAllowlist.build(settings, netns=[None] + ([xdp.netns] if xdp.netns else []), extra=extra)
-    incidents = getattr(classifier, "incidents", None)
-    say(f"mitigation {settings.mode}: attack states {', '.join(settings.attack_states)}; "
-        f"{len(allow.networks)} protected prefixes")
-    return Mitigator(settings, xdp.blocklist, allow, emit=telemetry.emit_event,
-                     span_event=incidents.event if incidents is not None else None)
-
-
-def run(config: Config, *, metric_readers=(), say: Callable[[str], None] | None = None) -> None:
-    """`otel-ebpf-receiver run`: everything between the CLI and the loop."""
-    say = say or (lambda line: log.warning(line))
-    check_privileges()
-    telemetry = Telemetry(config.exporter, metric_readers=metric_readers)
-    try:
-        probes = load_probes(config.probes, config.probe_settings, say, on_event=telemetry.emit_event)
-    except AgentError:
-        telemetry.shutdown()
-        raise
-    from .live import LiveView, live_enabled
-    from .state import build_classifier
-
-    try:
-        classifier = build_classifier(config, [p.name for p in probes], telemetry, say)
-        mitigator = build_mitigator(config, probes, telemetry, classifier, say)
-    except AgentError:
-        for probe in probes:
-            probe.close()
-        telemetry.shutdown()
-        raise
-    live = LiveView(sys.stdout) if live_enabled(config.live, sys.stdout) else None
-    agent = Agent(config, telemetry, probes, classifier=classifier, live_view=live, mitigator=mitigator)
-    agent.install_signal_handlers()
-    attached = ", ".join(f"{p.name} ({p.mode})" for p in probes)
-    log.info("attached %s; exporting via %s every %s ms; state model %s", attached,
-             telemetry.reporting.target if telemetry.reporting else "nothing (exporter=none)",
-             os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "10000"), getattr(classifier, "version", "none"))
-    try:
-        agent.run()
-    finally:
-        agent.close()
-        log.info("stopped: telemetry flushed, %d probe(s) detached", len(probes))
+            self.sink.add(metric, value, {"probe.name": probe}, state or self.state_attributes(self.verdict))

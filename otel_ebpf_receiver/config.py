@@ -8,11 +8,11 @@ ConfigError with one line naming it and saying what is accepted.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .durations import parse_duration
 from .errors import ConfigError
 
 ENV_PREFIX = "OTEL_EBPF_RECEIVER_"
@@ -36,24 +36,6 @@ ENV_MITIGATION = ENV_PREFIX + "MITIGATION"
 EXPORTERS = ("otlp", "console", "none")
 LIVE_MODES = ("auto", "on", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
-
-
-def parse_duration(text: str | float | int, what: str) -> float:
-    """'500ms', '1s', '10m', '2h', '1d' or a number of seconds -> seconds (> 0)."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        seconds = float(text)
-    else:
-        match = _DURATION.match(str(text))
-        if not match:
-            raise ConfigError(f"{what} {text!r} is not a duration: use e.g. 500ms, 1s, 10m, 2h")
-        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-    if seconds <= 0:
-        raise ConfigError(f"{what} {text!r} must be greater than zero")
-    return seconds
-
-
 @dataclass
 class Config:
     interval: float = 1.0
@@ -63,7 +45,7 @@ class Config:
     live: str = "auto"
     log_level: str = "info"
     probe_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    mitigation: dict[str, Any] = field(default_factory=dict)  # see mitigation.MitigationSettings
+    mitigation: dict[str, Any] = field(default_factory=dict)  # see mitigation/settings.py
     source: str = "defaults"
 
     KEYS = ("interval", "probes", "exporter", "model_dir", "live", "log_level", "probe_settings", "mitigation")
@@ -117,7 +99,7 @@ def _mitigation(value: Any, where: str) -> dict[str, Any]:
     """Validate the mitigation section; values keep MitigationSettings' types."""
     import ipaddress
 
-    from .mitigation import MODES, MitigationSettings
+    from .mitigation.settings import MODES, MitigationSettings
 
     if isinstance(value, str):  # OTEL_EBPF_RECEIVER_MITIGATION=enforce is a mode
         value = {"mode": value}

@@ -8,16 +8,10 @@ Models are matched by *name*: a model trained without a probe's features still r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
-
-import numpy as np
+from typing import Iterable, Mapping
 
 from .probes import REGISTRY
-from .probes.base import Feature, Probe
-
-TIMESTAMP_COLUMN = "timestamp"
-LABEL_COLUMN = "label"
-
+from .probes.base import Feature
 
 def schema(probe_names: Iterable[str] | None = None) -> list[Feature]:
     """Every feature the named probes (default: all known probes) offer, in the canonical order."""
@@ -40,11 +34,6 @@ def owning_probe(feature_name: str) -> str | None:
     return None
 
 
-def missing_features(required: Sequence[str], available: Iterable[str]) -> list[str]:
-    have = set(available)
-    return [name for name in required if name not in have]
-
-
 @dataclass
 class FeatureWindow:
     """One window's features: what `record` writes as a row and what the model scores."""
@@ -52,19 +41,9 @@ class FeatureWindow:
     timestamp: float
     values: dict[str, float]
 
-    def vector(self, names: Sequence[str]) -> np.ndarray:
-        """Shape (1, len(names)) float32, in the order the model was trained on. A feature the probes did not
-        produce this window (no events at all) is 0, which is what an idle counter means."""
-        return np.asarray([[self.values.get(n, 0.0) for n in names]], dtype=np.float32)
-
 
 def merge(feature_maps: Iterable[Mapping[str, float]]) -> dict[str, float]:
     merged: dict[str, float] = {}
     for features in feature_maps:
         merged.update(features)
     return merged
-
-
-def describe(probes: Iterable[type[Probe]]) -> list[tuple[str, str, str]]:
-    """(probe, feature, description) rows for `probes` and `model info`."""
-    return [(p.name, f.name, f.description) for p in probes for f in p.features]

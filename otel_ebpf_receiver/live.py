@@ -1,4 +1,4 @@
-"""The compact live view shown when the agent runs in a terminal: state, per-probe rates, busiest processes."""
+"""The compact live view shown when the agent runs in a terminal: state, per-probe rates, busiest things."""
 
 from __future__ import annotations
 
@@ -18,29 +18,33 @@ def live_enabled(mode: str, stream: TextIO) -> bool:
 
 
 class LiveView:
-    def __init__(self, stream: TextIO) -> None:
-        self.stream = stream
+    """Renders each window (a window listener of the agent)."""
 
-    def render(self, agent: Any) -> None:
-        v = agent.verdict
+    def __init__(self, stream: TextIO, agent: Any) -> None:
+        self.stream = stream
+        self.agent = agent
+
+    def lines(self, result: Any) -> list[str]:
+        v = result.verdict
         lines = [
-            f"otel-ebpf-receiver  {time.strftime('%H:%M:%S')}  window {agent.windows}  "
-            f"({agent.last_window_seconds * 1000:.1f} ms)",
+            f"otel-ebpf-receiver  {time.strftime('%H:%M:%S')}  window {result.number}  "
+            f"({result.cost_seconds * 1000:.1f} ms)",
             f"state: {v.state}  score {v.score:.2f}  model {v.model_version}",
             "",
         ]
-        for probe in agent.probes:
-            rate = getattr(probe, "last_rate", None)
+        for probe in self.agent.probes:
+            reading = result.readings.get(probe.name)
+            rate = reading.rate if reading is not None else None
             rate_text = f"{rate:>12,.0f}/s" if rate is not None else " " * 14
             lines.append(f"  {probe.name:<10} {rate_text}  [{probe.mode}]")
-            for item in getattr(probe, "last_top", [])[:3]:
-                if len(item) == 3:  # (command, pid, rate)
-                    lines.append(f"      {item[0]:<16} pid {item[1]:<8} {item[2]:>10,.0f}/s")
-                else:  # (label, rate)
-                    lines.append(f"      {str(item[0])[:48]:<48} {item[1]:>8,.0f}/s")
-        reporting = agent.telemetry.reporting
+            for item in (reading.top if reading is not None else [])[:3]:
+                lines.append(f"      {item.label[:48]:<48} {item.value:>12,.1f} {item.unit}")
+        reporting = self.agent.telemetry.reporting
         if reporting is not None:
             status = "FAILING" if reporting.failing else "ok"
             lines.append(f"\nexport: {reporting.target}: {status} ({reporting.failures} failures)")
-        self.stream.write(CLEAR + "\n".join(lines) + "\n")
+        return lines
+
+    def render(self, result: Any) -> None:
+        self.stream.write(CLEAR + "\n".join(self.lines(result)) + "\n")
         self.stream.flush()

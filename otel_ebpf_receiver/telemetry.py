@@ -23,7 +23,8 @@ from opentelemetry.sdk.metrics.export import (ConsoleMetricExporter, MetricExpor
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
-from . import __version__, log2hist
+from . import __version__
+from .kernel import log2hist
 from .probes.base import COUNTER, GAUGE, HISTOGRAM, Metric
 
 log = logging.getLogger("otel_ebpf_receiver")

@@ -16,7 +16,7 @@ import tempfile
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Hashable, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Hashable, Iterable, Mapping
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -102,6 +102,15 @@ def tracepoint_has_field(hook: Hook, field_name: str) -> bool:
     return field_name in tracepoint_fields(hook)
 
 
+@dataclass(frozen=True)
+class TopItem:
+    """One of a probe's busiest things this window, as the live view shows it: what, how much, in which unit."""
+
+    label: str
+    value: float
+    unit: str = "/s"
+
+
 @dataclass
 class Reading:
     """What one probe saw in one window.
@@ -119,6 +128,9 @@ class Reading:
     # Per-probe map health, cumulative since load; the agent reports the increases as self-metrics.
     map_update_failures: int = 0
     map_evictions: int = 0
+    # For people watching (the live view, the lab): the probe's headline events per second and its busiest things.
+    rate: float | None = None
+    top: list[TopItem] = field(default_factory=list)
 
 
 class CounterDeltas:
@@ -171,6 +183,8 @@ class Probe:
         self.settings = {**self.defaults, **dict(settings or {})}
         self.bpf: Any = None
         self.mode = ""  # how it attached, e.g. "raw_tracepoint" — shown by `probes` and the live view
+        # Set by the assembly: on_event(name, attributes) turns probe events (blocklist changes) into OTel logs.
+        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
 
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any], where: str) -> None:
@@ -227,21 +241,6 @@ class Probe:
             self.bpf.cleanup()
             self.bpf = None
 
-    def program_ids(self) -> list[int]:
-        """Kernel ids of this probe's loaded programs (to prove detaching in tests)."""
-        if self.bpf is None:
-            return []
-        return [pid for fn in self.bpf.funcs.values() if (pid := _prog_info_id(fn.fd))]
-        for fn in self.bpf.funcs.values():
-            try:
-                from bcc import libbcc  # noqa: F401
-                info = _prog_info_id(fn.fd)
-            except Exception:  # pragma: no cover - informational only
-                continue
-            if info:
-                ids.append(info)
-        return ids
-
     # -- each window ---------------------------------------------------------------------------------------
     def read(self, seconds: float) -> Reading:
         raise NotImplementedError
@@ -269,20 +268,3 @@ def first_error_line(text: str) -> str:
         if ("error" in low or "fatal" in low) and "kheaders" not in low:
             return line.strip()
     return ""
-
-
-def _prog_info_id(fd: int) -> int | None:
-    """Program id of a BPF fd, from /proc/self/fdinfo (no libbpf call needed)."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}") as fh:
-            for line in fh:
-                if line.startswith("prog_id:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def sum_percpu(values: Any) -> int:
-    """bcc returns per-CPU map values as a list-like of per-CPU numbers or structs."""
-    return int(sum(values))

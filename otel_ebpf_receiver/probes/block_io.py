@@ -13,9 +13,10 @@ import time
 
 import numpy as np
 
-from .. import log2hist
-from ..bpfmaps import MapSnapshot, percpu_array_u64
-from .base import COUNTER, GAUGE, HISTOGRAM, Feature, Hook, Metric, Probe, Reading, hook_exists, log1p_rate
+from ..kernel import log2hist
+from ..kernel.maps import MapSnapshot, percpu_array_u64
+from .base import (COUNTER, GAUGE, HISTOGRAM, Feature, Hook, Metric, Probe, Reading, TopItem, hook_exists,
+                   log1p_rate)
 
 SLOTS = log2hist.LATENCY_SLOTS
 FIELDS = 3 + SLOTS  # struct disk_stats: ops, bytes, time_ns, slots[SLOTS]
@@ -166,7 +167,9 @@ class BlockIoProbe(Probe):
         reading.map_evictions = max(0, int(stats[STAT_NEW_START]) - int(stats[STAT_START_DONE]) - entries)
 
         counts = window_slots.tolist()
-        self.last_rates = {d: (ops[d] / seconds, nbytes[d] / seconds) for d in DIRECTIONS} if seconds > 0 else {}
+        if seconds > 0:
+            reading.rate = sum(ops.values()) / seconds
+            reading.top = [TopItem(f"{d} bytes", nbytes[d] / seconds, "B/s") for d in DIRECTIONS]
         reading.features = {
             "block_io.read_ops_rate_log1p": log1p_rate(ops["read"], seconds),
             "block_io.read_bytes_rate_log1p": log1p_rate(nbytes["read"], seconds),

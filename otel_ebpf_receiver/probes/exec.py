@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..bpfmaps import MapSnapshot, percpu_array_u64
+from ..kernel.maps import MapSnapshot, percpu_array_u64
 from .base import (COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, decode_comm, log1p_rate,
                    tracepoint_has_field)
 
@@ -64,7 +64,7 @@ class ExecProbe(Probe):
                 reading.counters.append(("otel_ebpf_receiver.exec", delta, {"process.command": comm}))
 
         reading.map_update_failures = int(counters[STAT_UPDATE_FAILED])
-        self.last_rate = execs / seconds
+        reading.rate = execs / seconds
         reading.features = {
             "exec.exec_rate_log1p": log1p_rate(execs / self._ncpu, seconds),
             "exec.fork_rate_log1p": log1p_rate(created / self._ncpu, seconds),

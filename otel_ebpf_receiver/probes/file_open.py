@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 
-from ..bpfmaps import KeyedDeltas, MapSnapshot, percpu_array_u64, top_indices
-from .base import (COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, decode_comm, hook_exists,
-                   log1p_rate, ratio)
+from ..kernel.maps import KeyedDeltas, MapSnapshot, percpu_array_u64, top_indices
+from .base import (COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, decode_comm,
+                   hook_exists, log1p_rate, ratio)
 
 OPTIONAL_HOOKS = {"HAVE_SYS_ENTER_OPEN": "open", "HAVE_SYS_ENTER_OPENAT2": "openat2"}
 
@@ -79,17 +79,16 @@ class FileOpenProbe(Probe):
         deltas = self._paths.update(KeyedDeltas.key_ids(snap, n), snap.u64_values(n))
         successful = float(deltas.sum())
         top = top_indices(deltas, self.top_n)
-        self.last_top = []
         for i in top:
             path = snap.keys[i].path.decode("utf-8", "replace")  # ctypes stops at the NUL
             rate = float(deltas[i]) / seconds
-            self.last_top.append((path, rate))
+            reading.top.append(TopItem(path, rate, "opens/s"))
             reading.gauges.append(("otel_ebpf_receiver.file_opens.top_path.rate", rate, {"file.path": path}))
 
         stats = percpu_array_u64(self.bpf["stats"])
         reading.map_update_failures = int(stats[0])
         reading.map_evictions = max(0, int(stats[1]) - n)
-        self.last_rate = total_opens / seconds
+        reading.rate = total_opens / seconds
         reading.features = {
             "file_open.rate_log1p": log1p_rate(total_opens / self._ncpu, seconds),
             "file_open.failure_ratio": ratio(total_failed, total_opens),

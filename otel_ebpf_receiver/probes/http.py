@@ -21,8 +21,8 @@ import time
 
 import numpy as np
 
-from .. import log2hist
-from ..bpfmaps import MapSnapshot, percpu_array_u64
+from ..kernel import log2hist
+from ..kernel.maps import MapSnapshot, percpu_array_u64
 from .base import (COUNTER, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, hook_exists, log1p_rate,
                    ratio)
 
@@ -202,7 +202,7 @@ class HttpProbe(Probe):
 
         total_requests = sum(per_method)
         total_responses = sum(per_class)
-        self.last_rate = total_requests / seconds if seconds > 0 else 0.0
+        reading.rate = total_requests / seconds if seconds > 0 else 0.0
         reading.features = {
             "http.request_rate_log1p": log1p_rate(total_requests, seconds),
             "http.server_error_share": ratio(per_class[5], total_responses),

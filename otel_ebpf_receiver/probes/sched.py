@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 
-from .. import log2hist
-from ..bpfmaps import MapSnapshot
-from .base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, log1p_rate, ratio,
-                   tracefs_root)
+from ..kernel import log2hist
+from ..kernel.maps import MapSnapshot
+from .base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
+                   ratio, tracefs_root)
 
 SLOTS = log2hist.LATENCY_SLOTS
 SWITCHES, INVOLUNTARY, LATENCY_SUM_NS, UPDATE_FAILED, COUNTERS = range(5)
@@ -103,7 +103,6 @@ class SchedProbe(Probe):
         self._last_wait: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.uint32), np.zeros(0, np.uint64))
         self._ncpu = os.cpu_count() or 1
         self._owners: dict[int, tuple[float, int, str]] = {}  # tid -> (looked up at, tgid, comm)
-        self.last_top: list[tuple[str, int, int, float]] = []
 
     def _owner(self, tid: int) -> tuple[int, str]:
         """thread_owner() cached for OWNER_CACHE_SECONDS: the same busy threads top the list window after window."""
@@ -150,14 +149,13 @@ class SchedProbe(Probe):
         # A thread evicted and re-inserted restarts from zero: its whole value is new.
         delta = np.where(wait >= previous, wait - previous, wait).astype(np.int64)
         top = np.argsort(delta)[::-1][: self.top_n]
-        self.last_top = []
         for i in top:
             if delta[i] <= 0 or seconds <= 0:
                 break
             tid = int(tids[i])
             pid, comm = self._owner(tid)
             share = float(min(1.0, delta[i] / 1e9 / seconds))
-            self.last_top.append((comm, pid, tid, share))
+            reading.top.append(TopItem(f"{comm} (tid {tid})", share * 100, "% of the window waiting"))
             reading.gauges.append(("otel_ebpf_receiver.sched.top_thread.runqueue.wait", share,
                                    {"thread.id": tid, "process.pid": pid, "process.command": comm}))
 

@@ -9,8 +9,9 @@ import platform
 
 import numpy as np
 
-from ..bpfmaps import KeyedDeltas, MapSnapshot, percpu_array_u64, possible_cpus, top_indices
-from .base import COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, log1p_rate, ratio
+from ..kernel.maps import KeyedDeltas, MapSnapshot, percpu_array_u64, possible_cpus, top_indices
+from .base import (COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
+                   ratio)
 
 MAX_SYSCALLS = 512  # x86_64 has ~460; every slot is read each window
 
@@ -117,12 +118,12 @@ class SyscallsProbe(Probe):
         deltas = self._procs.update(pids.astype(np.uint64), snap.u64_values(n, self._ncpu_possible))
         top = top_indices(deltas, self.top_n)
         active = int(np.count_nonzero(deltas))
-        self.last_top = []
         for i in top:
             pid, rate = int(pids[i]), float(deltas[i]) / seconds
-            self.last_top.append((process_name(pid), pid, rate))
+            command = process_name(pid)
+            reading.top.append(TopItem(f"{command} (pid {pid})", rate, "calls/s"))
             reading.gauges.append(("otel_ebpf_receiver.syscalls.top_process.rate", rate,
-                                   {"process.pid": pid, "process.command": self.last_top[-1][0]}))
+                                   {"process.pid": pid, "process.command": command}))
 
         stats = percpu_array_u64(self.bpf["stats"])
         reading.map_update_failures = int(stats[0])
@@ -134,5 +135,5 @@ class SyscallsProbe(Probe):
             "syscalls.top_process_share": ratio(float(deltas[top[0]]), total_calls) if len(top) else 0.0,
             "syscalls.active_processes_log1p": math.log1p(active),
         }
-        self.last_rate = total_calls / seconds
+        reading.rate = total_calls / seconds
         return reading

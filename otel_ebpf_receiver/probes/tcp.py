@@ -3,8 +3,9 @@ and received — from the sock/tcp tracepoints only (this kernel offers no kprob
 
 from __future__ import annotations
 
-from ..bpfmaps import percpu_array_u64
-from .base import COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, log1p_rate, tracepoint_fields
+from ..kernel.maps import percpu_array_u64
+from .base import (COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
+                   tracepoint_fields)
 
 # Indexes into tcp_counts, as in bpf/tcp.bpf.c; each is followed by its IPv6 twin.
 TCP_STATES = 16
@@ -91,6 +92,7 @@ class TcpProbe(Probe):
             "tcp.retransmits_rate_log1p": log1p_rate(retransmits, seconds),
             "tcp.new_connections_rate_log1p": log1p_rate(opened, seconds),
         }
-        self.last_rates = {"opened": opened / seconds if seconds > 0 else 0.0,
-                           "resets": resets / seconds if seconds > 0 else 0.0}
+        if seconds > 0:
+            reading.rate = opened / seconds
+            reading.top = [TopItem("resets", resets / seconds, "/s")]
         return reading

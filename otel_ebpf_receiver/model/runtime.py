@@ -1,27 +1,5 @@
-"""The state model at run time: load and validate an ONNX file, score one feature window, debounce the state.
-
-The model file is self-describing (written by ``model_export``, read here; this module owns the contract)::
-
-    input    features   float32 [N, n_features]   raw feature values, in the order of metadata feature_names
-    output   label      int64   [N]               cluster id, 0 <= label < n_clusters
-    output   distances  float32 [N, n_clusters]   distance from the window to every cluster (see metadata distance)
-    output   deviation  float32 [N, n_features]   scaled window minus the centre it was assigned to
-
-    metadata_props (all strings; JSON where noted) — see the METADATA_* constants below.
-
-Anomaly score (the exact definition)::
-
-    score = distances[label] / distance_thresholds[label]
-
-``distance_thresholds[k]`` is the ``threshold_percentile`` (default 99th) percentile of the distances of the
-training windows that cluster k won, floored at the exporter's ``--min-threshold``. So score 1.0 means "as far
-from its centre as the 99th-percentile training window of that cluster", score 2.0 twice as far. A window whose
-score is above ``unknown_above`` (metadata, default 1.5) is reported as the state ``unknown``, whatever cluster
-is nearest: the model has not seen anything like it. Distances are Euclidean in the standardised feature space
-for kmeans and birch, Mahalanobis under the component's covariance for gmm (metadata ``distance``).
-
-"Features that moved most" (:attr:`Verdict.top_features`) are the three largest ``|deviation|`` entries: how
-many training standard deviations each feature is away from the centre of the assigned cluster.
+"""The state model at run time: load and validate an ONNX file (the contract is in ``contract.py``), score one
+feature window.
 
 No import of the probe registry happens here at import time: the runtime is given explicit feature-name lists.
 """
@@ -38,63 +16,31 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-DEFAULT_MAX_BYTES = 16 * 1024 * 1024
-"""Model files above this size are refused before they are read (ours are a few KiB)."""
-
-UNKNOWN_STATE = "unknown"
-MODEL_FORMAT = "otel-ebpf-receiver/state-model/1"
-
-INPUT_NAME = "features"
-OUTPUT_LABEL = "label"
-OUTPUT_DISTANCES = "distances"
-OUTPUT_DEVIATION = "deviation"
-OUTPUT_NAMES = (OUTPUT_LABEL, OUTPUT_DISTANCES, OUTPUT_DEVIATION)
-
-# metadata_props keys. Every one is required.
-METADATA_FORMAT = "format"                  # MODEL_FORMAT
-METADATA_VERSION = "model_version"          # free text, e.g. "kmeans-20261125T171417Z-3f2a9c01"
-METADATA_ALGORITHM = "algorithm"            # kmeans | gmm | birch
-METADATA_FEATURES = "feature_names"         # JSON list, the input columns in order
-METADATA_STATES = "cluster_states"          # JSON list, state name of cluster i at index i
-METADATA_DISTANCE = "distance"              # "euclidean" (standardised space) | "mahalanobis"
-METADATA_THRESHOLDS = "distance_thresholds"  # JSON list of floats > 0, score denominator per cluster
-METADATA_PERCENTILE = "threshold_percentile"  # e.g. "99": which training-distance percentile the thresholds are
-METADATA_UNKNOWN_ABOVE = "unknown_above"    # e.g. "1.5": score above this → state "unknown"
-METADATA_TRAINING = "training"              # JSON object: rows, files, label counts, purity, silhouette, ...
-REQUIRED_METADATA = (
-    METADATA_FORMAT, METADATA_VERSION, METADATA_ALGORITHM, METADATA_FEATURES, METADATA_STATES,
-    METADATA_DISTANCE, METADATA_THRESHOLDS, METADATA_PERCENTILE, METADATA_UNKNOWN_ABOVE, METADATA_TRAINING,
-)
-
-TOP_FEATURES = 3
-
-
-class ModelError(Exception):
-    """A model file that cannot be served. ``str()`` is one line: the file, what is wrong, what to do."""
-
-    def __init__(self, path: str | os.PathLike[str], problem: str, hint: str) -> None:
-        self.path = str(path)
-        self.problem = _one_line(problem)
-        self.hint = _one_line(hint)
-        super().__init__(f"model {self.path}: {self.problem} — {self.hint}")
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    flat = " ".join(str(text).split())
-    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+from .contract import (DEFAULT_MAX_BYTES, INPUT_NAME, METADATA_ALGORITHM, METADATA_DISTANCE, METADATA_FEATURES,
+                       METADATA_FORMAT, METADATA_PERCENTILE, METADATA_STATES, METADATA_THRESHOLDS, METADATA_TRAINING,
+                       METADATA_UNKNOWN_ABOVE, METADATA_VERSION, MODEL_FORMAT, OUTPUT_NAMES, REQUIRED_METADATA,
+                       TOP_FEATURES, UNKNOWN_STATE, ModelError)
 
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """What the model says about one window."""
+    """What is known about one window: the model's own answer, and — once the state layer has debounced it — the
+    state to report. The one verdict type of the product: the model returns it with ``state == raw_state``, the
+    classifier replaces ``state`` with the debounced one."""
 
     cluster: int
-    state: str                      # the cluster's state, or "unknown" when score > unknown_above
+    state: str                      # reported: the debounced state (the model's own answer before debouncing)
     score: float                    # distance / distance_thresholds[cluster]; > 1.0 is beyond the percentile
     distance: float                 # to the assigned cluster's centre, in the model's distance metric
     model_version: str
     top_features: list[tuple[str, float]]  # (feature, deviation in training std units), largest |deviation| first
-    nearest_state: str              # the cluster's state even when state is "unknown"
+    nearest_state: str              # the cluster's state even when the model's answer is "unknown"
+    raw_state: str                  # the model's answer this window: nearest_state, or "unknown" above the threshold
+
+    @classmethod
+    def unknown(cls, model_version: str = "none") -> "Verdict":
+        """No model, or none yet: nothing is known about the window."""
+        return cls(-1, UNKNOWN_STATE, 0.0, 0.0, model_version, [], UNKNOWN_STATE, UNKNOWN_STATE)
 
 
 def session_options() -> Any:
@@ -163,7 +109,7 @@ class StateModel:
         dev = deviation[0].tolist()  # a handful of floats: plain Python beats numpy's per-call overhead here
         order = sorted(range(len(dev)), key=lambda i: -abs(dev[i]))[:TOP_FEATURES]
         top = [(self.feature_names[i], dev[i]) for i in order]
-        return Verdict(cluster, state, score, distance, self.version, top, nearest)
+        return Verdict(cluster, state, score, distance, self.version, top, nearest, state)
 
     def describe(self) -> dict[str, Any]:
         """Everything `otel-ebpf-model info` and the agent's startup log show."""
@@ -365,7 +311,7 @@ def _check_graph(path: Path, model: Any, n_features: int) -> None:
 
 def _default_owner(name: str) -> str | None:
     try:  # the registry is optional here: a broken probe import must not stop us from naming the feature
-        from .features import owning_probe
+        from ..features import owning_probe
 
         return owning_probe(name)
     except Exception:
@@ -412,74 +358,3 @@ def _test_inference(path: Path, model: StateModel, n_features: int, n_clusters: 
     if deviation.shape != (1, n_features) or not np.all(np.isfinite(deviation)):
         raise ModelError(path, f"test inference gave deviation of shape {deviation.shape}, "
                                f"expected (1, {n_features}) finite", hint)
-
-
-# -- debouncing -------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """The reported state changed this window."""
-
-    from_state: str
-    to_state: str
-    windows: int  # consecutive windows the new state had won when it was accepted
-
-
-@dataclass(frozen=True, slots=True)
-class Debounced:
-    state: str                       # the state to report (attach to data points)
-    raw_state: str                   # what the model said this window
-    transition: Transition | None    # set on the window the reported state changes
-    pending: str | None              # a challenger that has not won enough windows yet
-    pending_windows: int
-
-
-class StateDebouncer:
-    """Hysteresis on the state, so that one noisy window does not flap ``system.state``.
-
-    Rule: the reported state changes to X only after X was the model's state in N *consecutive* windows;
-    any other state in between restarts the count. N is ``enter_windows`` when leaving a baseline state
-    (``normal`` by default) — entering an incident — and ``exit_windows`` when leaving any other state, so an
-    incident is sticky and ends only when the host has looked like something else for a while.
-    Before any state has been confirmed the reported state is ``initial`` (``unknown``: we do not know yet)
-    and the first state to win ``enter_windows`` windows is adopted.
-
-    With the defaults (2, 3): normal, flood, normal, normal  → normal throughout (one window is noise);
-    normal, flood, flood → flood on the 2nd flood; flood, normal, normal, normal → normal on the 3rd normal.
-    """
-
-    def __init__(self, enter_windows: int = 2, exit_windows: int = 3, *,
-                 baseline: Iterable[str] = ("normal",), initial: str = UNKNOWN_STATE) -> None:
-        if enter_windows < 1 or exit_windows < 1:
-            raise ValueError("enter_windows and exit_windows must be >= 1")
-        self.enter_windows = enter_windows
-        self.exit_windows = exit_windows
-        self.baseline = frozenset(baseline)
-        self.state = initial
-        self._confirmed = False
-        self._pending: str | None = None
-        self._count = 0
-
-    def _needed(self) -> int:
-        if not self._confirmed or self.state in self.baseline:
-            return self.enter_windows
-        return self.exit_windows
-
-    def update(self, raw_state: str) -> Debounced:
-        transition = None
-        if raw_state == self.state:
-            self._pending, self._count = None, 0
-            self._confirmed = True
-        else:
-            if raw_state == self._pending:
-                self._count += 1
-            else:
-                self._pending, self._count = raw_state, 1
-            if self._count >= self._needed():
-                transition = Transition(self.state, raw_state, self._count)
-                self.state, self._confirmed = raw_state, True
-                self._pending, self._count = None, 0
-        return Debounced(self.state, raw_state, transition, self._pending, self._count)
-
-    def reset(self, initial: str = UNKNOWN_STATE) -> None:
-        self.state, self._confirmed, self._pending, self._count = initial, False, None, 0

@@ -25,7 +25,11 @@ import stat
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .model import DEFAULT_MAX_BYTES, ModelError, StateModel, load_model
+from .contract import DEFAULT_MAX_BYTES, ModelError
+from .runtime import StateModel, load_model
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "bundled"   # what `make model` writes; shipped in the package
+DEFAULT_MODEL_DIR = Path("/var/lib/otel-ebpf-receiver/models")  # watched: drop a .onnx file here to swap
 
 Signature = tuple[int, int, int, int]  # inode, size, mtime_ns, ctime_ns
 
@@ -122,3 +126,21 @@ class ModelWatcher:
                 self.on_swap(old, new)
             return new
         return None
+
+
+def best_bundled_model(available: list[str], say: Callable[[str], None]) -> StateModel | None:
+    """The bundled model that uses the most of the features this host produces. The package ships one model for
+    host probes only and one that also knows network states (XDP features); which one fits depends on the
+    probes that attached here."""
+    loaded = []
+    errors = []
+    for path in sorted(BUNDLED_MODEL_DIR.glob("*.onnx")):
+        try:
+            loaded.append(load_model(path, available))
+        except ModelError as exc:
+            errors.append(str(exc))
+    if not loaded:
+        if errors:
+            say(f"no bundled state model fits the probes attached here: {errors[0]}")
+        return None
+    return max(loaded, key=lambda m: len(m.feature_names))

@@ -22,143 +22,20 @@ Every action is an OTel log event and a span event on the open incident.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
-import os
-import socket
-import subprocess
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import urlparse
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
-from .probes.base import COUNTER, GAUGE, Metric, Reading
+from ..model.runtime import Verdict
+from ..probes.base import COUNTER, GAUGE, Metric, Reading
+from .protected import HardAllowlist
+from .settings import MODES, MitigationSettings
 
 log = logging.getLogger("otel_ebpf_receiver")
 
-MODES = ("off", "dry-run", "enforce")
 AUTO_REASON_PREFIX = "auto:"
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-
-@dataclass
-class MitigationSettings:
-    mode: str = "off"
-    attack_states: tuple[str, ...] = ("network_flood", "syn_flood", "udp_flood", "random_source_flood")
-    min_share: float = 0.2
-    min_packet_rate: float = 500.0
-    max_bytes_per_packet: float = 1000.0  # larger average packets: a transfer, not a packet flood (0: no limit)
-    ttl: float = 300.0
-    max_ttl: float = 86400.0
-    max_blocks_per_minute: int = 10
-    max_auto_blocks: int = 100
-    allow: tuple[str, ...] = ()           # operator CIDRs that are never blocked
-    protect_dns: bool = True
-    protect_gateway: bool = True
-
-    KEYS = ("mode", "attack_states", "min_share", "min_packet_rate", "max_bytes_per_packet", "ttl", "max_ttl",
-            "max_blocks_per_minute", "max_auto_blocks", "allow", "protect_dns", "protect_gateway")
-
-
-# -- the hard allowlist ----------------------------------------------------------------------------------------
-def _ip_json(*args: str, netns: str | None = None) -> list[dict]:
-    cmd = (["ip", "-n", netns] if netns else ["ip"]) + ["-j", *args]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout
-        return json.loads(out or "[]")
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return []
-
-
-def host_addresses(netns: str | None = None) -> list[str]:
-    return [a["local"] for link in _ip_json("addr", "show", netns=netns) for a in link.get("addr_info", [])
-            if "local" in a]
-
-
-def default_gateways(netns: str | None = None) -> list[str]:
-    routes = _ip_json("route", "show", "default", netns=netns) + _ip_json("-6", "route", "show", "default",
-                                                                         netns=netns)
-    return [r["gateway"] for r in routes if "gateway" in r]
-
-
-def dns_resolvers(path: str = "/etc/resolv.conf") -> list[str]:
-    try:
-        with open(path) as fh:
-            return [line.split()[1] for line in fh if line.startswith("nameserver") and len(line.split()) > 1]
-    except OSError:
-        return []
-
-
-def collector_addresses() -> list[str]:
-    out = []
-    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"):
-        endpoint = os.environ.get(var)
-        if not endpoint:
-            continue
-        host = urlparse(endpoint if "://" in endpoint else f"//{endpoint}").hostname
-        if not host:
-            continue
-        try:
-            out.extend(info[4][0] for info in socket.getaddrinfo(host, None))
-        except OSError:
-            continue
-    return out
-
-
-def _network(text: str) -> Network:
-    return ipaddress.ip_network(text.split("%", 1)[0], strict=False)
-
-
-@dataclass
-class HardAllowlist:
-    """Addresses that must never be blocked, whatever the traffic claims to come from."""
-
-    networks: list[Network] = field(default_factory=list)
-    why: dict[str, str] = field(default_factory=dict)
-
-    def add(self, text: str, why: str) -> None:
-        try:
-            net = _network(text)
-        except ValueError:
-            return
-        self.networks.append(net)
-        self.why.setdefault(str(net), why)
-
-    def covers(self, address: str) -> str | None:
-        """The reason ``address`` is protected, or None."""
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-        for net in self.networks:
-            if ip.version == net.version and ip in net:
-                return self.why.get(str(net), "allowlisted")
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            return self.covers(str(ip.ipv4_mapped))
-        return None
-
-    @classmethod
-    def build(cls, settings: MitigationSettings, netns: Sequence[str | None] = (None,),
-              extra: Iterable[tuple[str, str]] = ()) -> "HardAllowlist":
-        allow = cls()
-        for text in ("127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"):
-            allow.add(text, "loopback/unspecified")
-        for ns in netns:
-            for addr in host_addresses(ns):
-                allow.add(addr, "this host's address")
-            if settings.protect_gateway:
-                for gw in default_gateways(ns):
-                    allow.add(gw, "default gateway")
-        if settings.protect_dns:
-            for ns_addr in dns_resolvers():
-                allow.add(ns_addr, "DNS resolver")
-        for addr in collector_addresses():
-            allow.add(addr, "OpenTelemetry Collector endpoint")
-        for cidr in settings.allow:
-            allow.add(cidr, "operator allowlist")
-        for cidr, why in extra:
-            allow.add(cidr, why)
-        return allow
 
 
 # -- the engine ----------------------------------------------------------------------------------------------
@@ -185,7 +62,8 @@ class Mitigator:
     def __init__(self, settings: MitigationSettings, blocklist: Any, allowlist: HardAllowlist,
                  emit: Callable[[str, dict[str, Any]], None] | None = None,
                  span_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 top_sources: Callable[[], Sequence[Any]] | None = None) -> None:
         if settings.mode not in MODES:
             raise ValueError(f"mitigation mode {settings.mode!r}: use one of {', '.join(MODES)}")
         self.settings = settings
@@ -194,6 +72,7 @@ class Mitigator:
         self.emit = emit or (lambda name, attrs: None)
         self.span_event = span_event or (lambda name, attrs: None)
         self.clock = clock
+        self.top_sources = top_sources or (lambda: [])  # the busiest sources of the window (the XDP probe's)
         self.recent_blocks: deque[float] = deque()
         self.offences: dict[str, int] = {}
         self.expiries: dict[str, float] = {}
@@ -220,6 +99,10 @@ class Mitigator:
         return min(self.settings.ttl * (2 ** repeats), self.settings.max_ttl)
 
     # Each window ------------------------------------------------------------------------------------------
+    def act(self, verdict: Verdict) -> None:
+        """The agent's call, once per window, with the debounced state."""
+        self.step(verdict.state, self.top_sources())
+
     def step(self, state: str, sources: Sequence[Any]) -> list[Action]:
         now = self.clock()
         if self.settings.mode == "off" or not self.under_attack(state):

@@ -27,16 +27,19 @@ import struct
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from .. import bpfsys
-from ..blocklist import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
-                         DEFAULT_STATE_DIR, Blocklist, BlocklistError, bpffs_mounted, check_pin_dir)
-from ..bpfmaps import MapSnapshot
-from ..netlab import LabError, in_netns
-from .base import COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, log1p_rate, ratio
+from ...kernel import bpfsys
+from ...kernel.maps import MapSnapshot
+from ...kernel.netns import NetnsError, in_netns
+from ..base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, TopItem, log1p_rate,
+                    ratio)
+from .blocklist import Blocklist
+from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
+                    DEFAULT_STATE_DIR, BlocklistError)
+from .pins import bpffs_mounted, check_pin_dir
 
 PROGRAM = "otel_ebpf_xdp"  # the C function; also the kernel's program name, used to recognise our orphans
 
@@ -140,8 +143,6 @@ class XdpProbe(Probe):
         self.interfaces: list[str] = list(dict.fromkeys(self.settings["interfaces"]))
         self.netns: str = self.settings["netns"]
         self.blocklist: Blocklist | None = None
-        # Set by the agent: called as on_event(name, attributes) for block/unblock/expire... (OTel logs).
-        self.on_event: Callable[[str, dict[str, Any]], None] | None = None
         self._attached: list[tuple[str, int, int]] = []  # (interface, flags, program id)
         self._ifindex: dict[str, int] = {}
         self._epoch = 1
@@ -162,7 +163,7 @@ class XdpProbe(Probe):
     @classmethod
     def validate_settings(cls, settings: Mapping[str, Any], where: str) -> None:
         super().validate_settings(settings, where)
-        from ..errors import ConfigError
+        from ...errors import ConfigError
 
         if settings.get("mode", "auto") not in ("auto", "native", "generic"):
             raise ConfigError(f"probe_settings.xdp.mode (from {where}) must be auto, native or generic")
@@ -193,7 +194,7 @@ class XdpProbe(Probe):
         from bcc import BPF
         from bcc.utils import get_possible_cpus
 
-        from ..errors import ProbeError
+        from ...errors import ProbeError
 
         if not self.interfaces:
             raise ProbeError("probe xdp disabled: no interface to watch; set probe_settings.xdp.interfaces, e.g. [eth0]")
@@ -205,7 +206,7 @@ class XdpProbe(Probe):
                     except OSError:
                         where = f" in network namespace {self.netns}" if self.netns else ""
                         raise ProbeError(f"probe xdp disabled: interface {name} not found{where}") from None
-        except LabError as exc:
+        except NetnsError as exc:
             raise ProbeError(f"probe xdp disabled: {exc}") from None
         # The lists first: creates or adopts the pinned maps, refusing a layout that does not match ours, and
         # removes entries that expired while no agent ran — all before bcc sees the pins.
@@ -254,7 +255,7 @@ class XdpProbe(Probe):
     def _attach(self, ifname: str, fn: Any) -> None:
         from bcc import BPF
 
-        from ..errors import ProbeError
+        from ...errors import ProbeError
 
         wanted = self.settings["mode"]
         order = {"native": [XDP_FLAGS_DRV_MODE], "generic": [XDP_FLAGS_SKB_MODE],
@@ -403,8 +404,9 @@ class XdpProbe(Probe):
             "xdp.top_source_share": top_share,
             "xdp.drop_rate_log1p": log1p_rate(sums["drop"], seconds),
         }
-        self.last_rates = {"packets": sums["packets"] / seconds if seconds > 0 else 0.0,
-                           "dropped": sums["drop"] / seconds if seconds > 0 else 0.0}
+        if seconds > 0:
+            reading.rate = sums["packets"] / seconds
+            reading.top = [TopItem("dropped by the blocklist", sums["drop"] / seconds, "packets/s")]
         return reading
 
     def _delta(self, key: Any, cumulative: float) -> float:

@@ -22,55 +22,21 @@ Design (why it looks like this):
 
 from __future__ import annotations
 
-import ctypes
 import ipaddress
 import itertools
 import os
 import socket
 import subprocess
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Sequence
 
-CLONE_NEWNET = 0x40000000
-NETNS_RUN_DIR = "/run/netns"
+from otel_ebpf_receiver.kernel.netns import in_netns
 
-_libc = ctypes.CDLL(None, use_errno=True)
 _counter = itertools.count()
 
 
 class LabError(RuntimeError):
     pass
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-@contextmanager
-def in_netns(name: str | None) -> Iterator[None]:
-    """Run the enclosed code (this thread only) inside network namespace ``name`` (from ``ip netns``);
-    ``None`` or ``""`` stays where we are. Sockets created inside keep belonging to that namespace."""
-    if not name:
-        yield
-        return
-    path = name if name.startswith("/") else os.path.join(NETNS_RUN_DIR, name)
-    try:
-        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise LabError(f"network namespace {name!r} does not exist (ip netns list)") from None
-    origin = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        _setns(target)
-        try:
-            yield
-        finally:
-            _setns(origin)
-    finally:
-        os.close(target)
-        os.close(origin)
 
 
 def ip(*args: str, netns: str | None = None, check: bool = True) -> subprocess.CompletedProcess:

@@ -1,101 +1,29 @@
 """Between the agent and the model runtime: which model serves (bundled default, then the model directory, hot
-swapped), debounce, and what a state change produces — a log event, a transition counter, and an incident span
-from entering a non-normal state to leaving it (so Jaeger/Tempo show the incident timeline)."""
+swapped), debounce, early warning, and what a state change produces — a log event, a transition counter, and an
+incident span (``incidents.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import Config
-from .features import FeatureWindow, feature_names
-from .probes.base import COUNTER, GAUGE, Metric, Reading
+from ..config import Config
+from ..errors import ConfigError
+from ..features import FeatureWindow, feature_names
+from ..model.runtime import Verdict
+from ..model.watch import DEFAULT_MODEL_DIR, ModelWatcher, best_bundled_model
+from ..probes.base import COUNTER, GAUGE, Metric, Reading
+from .debounce import StateDebouncer
+from .early_warning import EarlyWarning
+from .incidents import BASELINE_STATES, EVENT_WARNING, Incidents
 
 log = logging.getLogger("otel_ebpf_receiver")
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_MODEL_DIR = Path("/var/lib/otel-ebpf-receiver/models")  # watched: drop a .onnx file here to swap
-BASELINE_STATES = ("normal",)
-UNKNOWN = "unknown"
-
 EVENT_STATE_CHANGE = "system.state.change"
-EVENT_WARNING = "system.state.warning"
 EVENT_MODEL_SWAP = "system.state.model.swap"
 EVENT_MODEL_REJECTED = "system.state.model.rejected"
-INCIDENT_SPAN = "system.state.incident"
-
-
-class Incidents:
-    """One span per non-normal episode: opened when the host leaves the baseline, closed when it returns.
-    Other parts of the agent (early warning, mitigation) add span events to the open incident."""
-
-    def __init__(self, tracer: Any, host: str) -> None:
-        self.tracer = tracer
-        self.host = host
-        self.span: Any = None
-        self.peak_score = 0.0
-        self.states: list[str] = []
-
-    @property
-    def open(self) -> bool:
-        return self.span is not None
-
-    def event(self, name: str, attributes: dict[str, Any]) -> None:
-        if self.span is not None:
-            self.span.add_event(name, attributes)
-
-    def warning(self, state: str, attributes: dict[str, Any], model_version: str) -> None:
-        """An early warning opens the incident (if none is open) before the state flips: the span then shows
-        how long the build-up was visible before it became a state."""
-        if self.span is None:
-            self.peak_score = 0.0
-            self.states = []
-            self.span = self.tracer.start_span(INCIDENT_SPAN, attributes={
-                "system.state": state, "system.state.model": model_version, "host.name": self.host,
-                "system.state.opened_by": "early_warning"})
-        self.span.add_event(EVENT_WARNING, attributes)
-
-    def warning_cleared(self, state: str) -> None:
-        """A warning that never became a non-normal state closes its incident."""
-        if self.span is not None and not self.states and state in BASELINE_STATES:
-            self.span.set_attribute("system.state.outcome", "warning_cleared")
-            self.span.end()
-            self.span = None
-
-    def on_window(self, score: float) -> None:
-        if self.span is not None:
-            self.peak_score = max(self.peak_score, score)
-
-    def on_transition(self, from_state: str, to_state: str, score: float, model_version: str) -> None:
-        attrs = {"system.state.from": from_state, "system.state.to": to_state, "system.state.anomaly_score": score}
-        if to_state in BASELINE_STATES:
-            if self.span is not None:
-                self.span.add_event("system.state.transition", attrs)
-                self.span.set_attribute("system.state.peak_score", self.peak_score)
-                self.span.set_attribute("system.state.sequence", ",".join(self.states))
-                self.span.end()
-                self.span = None
-            return
-        if self.span is None:
-            self.peak_score = score
-            self.states = []
-            self.span = self.tracer.start_span(INCIDENT_SPAN, attributes={
-                "system.state": to_state, "system.state.model": model_version, "host.name": self.host,
-                "system.state.from": from_state})
-        elif not self.states:  # opened by an early warning: the incident is named by the state it became
-            self.span.set_attribute("system.state", to_state)
-        self.states.append(to_state)
-        self.span.add_event("system.state.transition", attrs)
-
-    def close(self) -> None:
-        if self.span is not None:
-            self.span.set_attribute("system.state.peak_score", self.peak_score)
-            self.span.set_attribute("system.state.sequence", ",".join(self.states))
-            self.span.add_event("agent.stopped", {})
-            self.span.end()
-            self.span = None
 
 
 class StateClassifier:
@@ -120,10 +48,8 @@ class StateClassifier:
                "Model files refused (corrupt, wrong features, failed test inference); the old model kept serving."),
     )
 
-    def __init__(self, watcher: Any, telemetry: Any, say: Callable[[str], None], *,
+    def __init__(self, watcher: ModelWatcher | None, telemetry: Any, say: Callable[[str], None], *,
                  enter_windows: int = 2, exit_windows: int = 3) -> None:
-        from .model import StateDebouncer
-
         self.watcher = watcher
         self.telemetry = telemetry
         self.say = say
@@ -131,9 +57,6 @@ class StateClassifier:
         host = telemetry.resource.attributes.get("host.name", "") if telemetry is not None else ""
         self.incidents = Incidents(telemetry.tracer, host) if telemetry is not None else None
         self._pending = Reading()
-        self.last: Any = None
-        from .early_warning import EarlyWarning
-
         self.early_warning = EarlyWarning()
         self.warning_listeners: list[Callable[[Any], None]] = []
 
@@ -141,9 +64,6 @@ class StateClassifier:
     def version(self) -> str:
         model = self.watcher.model
         return model.version if model is not None else "none"
-
-    def request_reload(self) -> None:
-        self.watcher.request_reload()
 
     # -- hot swap callbacks -----------------------------------------------------------------------------------
     def on_swap(self, old: Any, new: Any) -> None:
@@ -163,25 +83,20 @@ class StateClassifier:
                                                              "system.state.model": self.version}, severity="WARN")
 
     # -- each window -------------------------------------------------------------------------------------------
-    def classify(self, window: FeatureWindow):
-        from .agent import StateVerdict
-
+    def classify(self, window: FeatureWindow) -> Verdict:
         self.watcher.poll()
         model = self.watcher.model
         if model is None:
-            self.last = StateVerdict(UNKNOWN, "none")
-            return self.last
+            return Verdict.unknown()
         raw = model.predict(window.values)
         debounced = self.debouncer.update(raw.state)
-        verdict = StateVerdict(debounced.state, model.version, raw.score, raw.cluster, list(raw.top_features))
-        verdict.raw_state = raw.state
+        verdict = dataclasses.replace(raw, state=debounced.state)
         self._pending.gauges.append(("otel_ebpf_receiver.system_state.anomaly_score", raw.score, {}))
         if self.incidents is not None:
             self.incidents.on_window(raw.score)
         if debounced.transition is not None:
             self._on_transition(debounced.transition, raw, model.version)
         self._early_warning(window, raw, debounced.state, model.version)
-        self.last = verdict
         return verdict
 
     def _early_warning(self, window: FeatureWindow, raw: Any, state: str, model_version: str) -> None:
@@ -234,36 +149,12 @@ class StateClassifier:
             self.incidents.close()
 
 
-def best_bundled_model(available: list[str], say: Callable[[str], None]) -> Any:
-    """The bundled model that uses the most of the features this host produces. The package ships one model for
-    host probes only and one that also knows network states (XDP features); which one fits depends on the
-    probes that attached here."""
-    from .model import ModelError, load_model
-
-    loaded = []
-    errors = []
-    for path in sorted(BUNDLED_MODEL_DIR.glob("*.onnx")):
-        try:
-            loaded.append(load_model(path, available))
-        except ModelError as exc:
-            errors.append(str(exc))
-    if not loaded:
-        if errors:
-            say(f"no bundled state model fits the probes attached here: {errors[0]}")
-        return None
-    return max(loaded, key=lambda m: len(m.feature_names))
-
-
 def build_classifier(config: Config, probe_names: list[str], telemetry: Any, say: Callable[[str], None]) -> Any:
     """The best-fitting bundled model serves until the model directory offers a valid one; a bad or missing model
     never stops the agent: it reports ``system.state=unknown`` and says why, once."""
-    from .model_watch import ModelWatcher
-
     available = feature_names(probe_names)
     model_dir = Path(config.model_dir) if config.model_dir else DEFAULT_MODEL_DIR
     if config.model_dir and not model_dir.is_dir():
-        from .errors import ConfigError
-
         raise ConfigError(f"model directory {model_dir} does not exist; create it or drop --model-dir to use "
                           f"{DEFAULT_MODEL_DIR}")
     if not config.model_dir:

@@ -1,0 +1,59 @@
+"""`otel-ebpf-receiver run`: the agent."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import assembly, config
+from .common import say, setup_logging
+
+RUN_EPILOG = """examples:
+  otel-ebpf-receiver run                                  every probe this kernel supports, OTLP/gRPC to localhost:4317
+  otel-ebpf-receiver run --probes syscalls,exec --interval 500ms
+  otel-ebpf-receiver run --exporter console --live off    print metrics instead of sending them
+  OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf otel-ebpf-receiver run
+  otel-ebpf-receiver run --config /etc/otel-ebpf-receiver/config.yaml
+  otel-ebpf-receiver run --interfaces eth0 --mitigation dry-run   XDP on eth0; say what would be blocked
+
+configuration precedence: flags > OTEL_EBPF_RECEIVER_* variables > config file > defaults.
+where data go: the standard OTEL_EXPORTER_OTLP_* variables; OTEL_METRIC_EXPORT_INTERVAL (ms, default 10000);
+OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME add to or override the resource.
+"""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.ebpf:
+        from ..probes import REGISTRY
+
+        for name in args.probes.split(",") if args.probes else REGISTRY:
+            print(f"// ---- bpf/{name}.bpf.c\n{REGISTRY[name].source_path().read_text()}")
+        return 0
+    flags = {"config": args.config, "interval": args.interval, "probes": args.probes, "exporter": args.exporter,
+             "model_dir": args.model_dir, "live": args.live, "log_level": args.log_level,
+             "mitigation": args.mitigation}
+    cfg = config.load(flags)
+    if args.interfaces:  # shorthand for probe_settings.xdp.interfaces
+        interfaces = [i for i in args.interfaces.split(",") if i]
+        config.check_probe_settings("xdp", {"interfaces": interfaces}, "--interfaces")
+        cfg.probe_settings.setdefault("xdp", {})["interfaces"] = interfaces
+    setup_logging(cfg.log_level)
+    assembly.run(cfg, say=say)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="start the agent", epilog=RUN_EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", "-c", help="YAML configuration file")
+    run.add_argument("--interval", "-i", help="window length, e.g. 1s (default), 500ms")
+    run.add_argument("--probes", "-p", help="comma-separated probes (default: all available), e.g. syscalls,exec")
+    run.add_argument("--exporter", "-e", choices=["otlp", "console", "none"], help="where metrics go (default otlp)")
+    run.add_argument("--model-dir", help="directory watched for .onnx state models (default /var/lib/otel-ebpf-receiver/models; "
+                          "the bundled model serves until it holds a valid one)")
+    run.add_argument("--live", choices=["auto", "on", "off"], help="terminal live view (default auto: on in a tty)")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--interfaces", metavar="IFACE[,IFACE]", help="watch these interfaces with XDP, e.g. eth0")
+    run.add_argument("--mitigation", choices=["off", "dry-run", "enforce"],
+                     help="block offending sources at XDP while under attack (default off)")
+    run.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)  # print the C programs and exit
+    run.set_defaults(handler=cmd_run)

@@ -1,0 +1,393 @@
+"""The source blocklist and allowlist that bpf/xdp.bpf.c enforces, managed with or without a running agent.
+
+Where things live, and why:
+
+* **The lists are pinned maps** under the pin dir (default ``/sys/fs/bpf/otel-ebpf-receiver``, mode 0700):
+  ``block_hosts`` (hash of single addresses), ``block_v4``/``block_v6`` (LPM tries of CIDR prefixes) and
+  ``allow_v4``/``allow_v6`` (LPM tries). Addresses are 16 bytes with IPv4 as ``::ffff:a.b.c.d``; the tries are
+  per family so an IPv4 walk compares 4 bytes, not 16. Single addresses go to the hash because bad-IP feeds
+  are mostly single addresses and a hash lookup is 2-4x cheaper than a trie walk over 10,000 entries (numbers
+  in bench/bench_xdp.py); users never see the split — ``block 192.0.2.7`` and ``block 192.0.2.0/24`` are the
+  same verb, and a host inside a blocked prefix matches (and counts) as the longer prefix, as in one trie.
+  A prefix written as IPv4-mapped IPv6 (``::ffff:192.0.2.0/120``) is stored as what matches on the wire
+  (``192.0.2.0/24``).
+* **Pinning** means the lists and their hit counters survive an agent restart, and that ``block`` works before
+  any agent ever ran: whoever needs the maps first creates them with the layout below, and everyone checks that
+  layout (type, key size, value size, flags and — for the agent — max entries) before use, refusing a foreign
+  or stale pin with one line instead of misreading it.
+* **Each entry's value is what the kernel needs**: hits, last hit and the expiry, in ``CLOCK_MONOTONIC`` ns.
+  The program compares the expiry with a clock the agent writes into it every interval (reading a kernel clock
+  per packet costs 20-45 ns on a VM), so an expired entry stops matching within one interval even before
+  :meth:`Blocklist.expire` — called by the agent each interval and at start-up — removes it and logs the event.
+  While no agent runs, that clock stands still: entries that expire meanwhile are removed by the next start.
+* **What the kernel does not need** — reason, added-at, and the expiry as wall-clock time — is a JSON sidecar
+  in a root-only state dir (``/var/lib/otel-ebpf-receiver/blocklist.json``), written atomically under a lock.
+  bpffs does not survive a reboot, the sidecar does: when this module has to create the maps afresh it
+  re-inserts the sidecar's entries that have not expired, so a reboot keeps the list (hit counts restart).
+
+The pieces: ``lists`` (addresses, keys, layouts), ``pins`` (the pinned maps), ``sidecar`` (the JSON file) and
+this module's :class:`Blocklist`, which keeps them in step. The CLI verbs are in ``otel_ebpf_receiver/cli/blocklist.py``.
+
+Every change can be reported through ``on_event(name, attributes)``; the agent wires that to OpenTelemetry
+logs. Changes made by another process (the CLI while the agent runs) are noticed through the sidecar and
+reported by the agent with ``blocklist.origin = external``.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ...kernel import bpfsys
+from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
+                    DEFAULT_STATE_DIR, LIST_MAPS, VALUE, BlocklistError, Entry, ListFull, Network, decode, encode,
+                    map_for, mono_ns_to_wall, parse_cidr, wall_to_mono_ns)
+from .pins import bpffs_mounted, check_pin_dir, open_pinned_map
+from .sidecar import Sidecar
+
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+class Blocklist:
+    """The pinned lists plus their sidecar. Usable by the agent and by one-shot CLI commands alike.
+
+    ``blocklist_entries`` (per map) and ``allowlist_entries`` (per family): None adopts whatever the pinned maps
+    have (and uses the defaults when creating them), which is what CLI verbs want. The agent passes its settings
+    so that a map of another size is refused rather than silently used.
+
+    ``reconcile`` walks every map once to bring the sidecar in step (entries added with bpftool, entries the
+    kernel already treats as expired); the agent does it at start, one-shot CLI changes skip it.
+    """
+
+    def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, state_dir: str = DEFAULT_STATE_DIR, *,
+                 blocklist_entries: int | None = None, allowlist_entries: int | None = None,
+                 create: bool = True, reconcile: bool = True, on_event: EventSink | None = None) -> None:
+        self.pin_dir = check_pin_dir(pin_dir)
+        self.state_dir = Path(state_dir)
+        self.sidecar = Sidecar(self.pin_dir, state_dir)
+        self.on_event = on_event
+        self._fds: dict[str, int] = {}
+        self._counts: tuple[Any, dict[tuple[str, int], int]] | None = None
+        self.created = False
+        self.expired_on_open: list[str] = []  # entries whose TTL passed while nobody had the lists open
+        if not bpffs_mounted():
+            raise BlocklistError("bpffs is not mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf, "
+                                 "or run deploy/host-setup.sh)")
+        if create:
+            try:
+                os.makedirs(self.pin_dir, mode=0o700, exist_ok=True)
+                os.chmod(self.pin_dir, 0o700)
+            except OSError as exc:
+                raise BlocklistError(f"cannot create pin dir {self.pin_dir}: {exc.strerror}") from None
+        sizes = {BLOCK: blocklist_entries, ALLOW: allowlist_entries}
+        defaults = {BLOCK: DEFAULT_BLOCKLIST_ENTRIES, ALLOW: DEFAULT_ALLOWLIST_ENTRIES}
+        try:
+            for spec in LIST_MAPS:
+                fd, created = open_pinned_map(
+                    os.path.join(self.pin_dir, spec.name), spec.layout(sizes[spec.kind]),
+                    create_entries=(sizes[spec.kind] or defaults[spec.kind]) if create else None, name=spec.name)
+                self._fds[spec.name] = fd
+                self.created |= created
+            with self.sidecar.locked():
+                self._load_meta()
+                if self.created:
+                    self._restore_from_sidecar()
+                if reconcile or self.created:
+                    self._reconcile()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        for fd in self._fds.values():
+            bpfsys.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "Blocklist":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def map_fd(self, name: str) -> int:
+        return self._fds[name]
+
+    # -- changes ----------------------------------------------------------------------------------------------
+    def block(self, cidr: str, ttl: float | None = None, reason: str | None = None) -> Entry:
+        """Block a source address or prefix; an existing entry gets the new TTL and reason and keeps its hits."""
+        net = parse_cidr(cidr)
+        with self.sidecar.locked():
+            self._load_meta()
+            entry = self._add(BLOCK, net, ttl, reason)
+            self.sidecar.save()
+        return entry
+
+    def unblock(self, cidr: str) -> bool:
+        """True when the prefix was blocked."""
+        net = parse_cidr(cidr)
+        with self.sidecar.locked():
+            self._load_meta()
+            removed = self._remove(BLOCK, net, "unblock")
+            self.sidecar.save()
+        return removed
+
+    def allow(self, cidr: str, reason: str | None = None, ttl: float | None = None) -> Entry:
+        """Allowlisted sources always pass, even when a blocklist entry covers them."""
+        net = parse_cidr(cidr)
+        with self.sidecar.locked():
+            self._load_meta()
+            entry = self._add(ALLOW, net, ttl, reason)
+            self.sidecar.save()
+        return entry
+
+    def disallow(self, cidr: str) -> bool:
+        net = parse_cidr(cidr)
+        with self.sidecar.locked():
+            self._load_meta()
+            removed = self._remove(ALLOW, net, "disallow")
+            self.sidecar.save()
+        return removed
+
+    def import_file(self, path: str, ttl: float | None = None, reason: str | None = None,
+                    ) -> tuple[list[str], list[tuple[int, str, str]]]:
+        """Block every address or prefix of a file: one per line, ``#`` starts a comment, blank lines are fine,
+        ``-`` reads stdin. Returns (added prefixes, [(line number, text, why skipped)]). Entries already blocked
+        are skipped, not refreshed, so re-importing a feed is idempotent and keeps their TTLs."""
+        try:
+            text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BlocklistError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        added: list[str] = []
+        skipped: list[tuple[int, str, str]] = []
+        seen: dict[str, int] = {}
+        why = reason or f"imported from {os.path.basename(path) if path != '-' else 'stdin'}"
+        with self.sidecar.locked():
+            self._load_meta()
+            try:
+                for lineno, line in enumerate(text.splitlines(), 1):
+                    item = line.split("#", 1)[0].strip()
+                    if not item:
+                        continue
+                    try:
+                        net = parse_cidr(item)
+                        cidr = str(net)
+                        if cidr in seen:
+                            skipped.append((lineno, item, f"duplicate of line {seen[cidr]}"))
+                            continue
+                        seen[cidr] = lineno
+                        if self._lookup(BLOCK, net) is not None:
+                            skipped.append((lineno, item, "already blocked"))
+                            continue
+                        self._add(BLOCK, net, ttl, why, emit=False)
+                        added.append(cidr)
+                    except ListFull as exc:
+                        skipped.append((lineno, item, str(exc)))
+                        break
+                    except BlocklistError as exc:
+                        skipped.append((lineno, item, str(exc)))
+            finally:
+                self.sidecar.save()
+        self._emit("otel_ebpf_receiver.blocklist.import", {
+            "blocklist.file": str(path), "blocklist.added": len(added), "blocklist.skipped": len(skipped)})
+        return added, skipped
+
+    def expire(self, now: float | None = None) -> list[str]:
+        """Remove entries whose TTL has passed (the kernel already ignores them); returns their prefixes.
+        Cheap when nothing is due: the sidecar is re-read only when another process changed it."""
+        now = time.time() if now is None else now
+        with self.sidecar.locked():
+            self._load_meta(report_external=True)
+            due = [(kind, cidr) for kind in (BLOCK, ALLOW) for cidr, m in self.sidecar.rows[kind].items()
+                   if m.get("expires_at") is not None and m["expires_at"] <= now]
+            for kind, cidr in due:
+                self._remove(kind, parse_cidr(cidr), "expire")
+            if due:
+                self.sidecar.save()
+        return [cidr for _, cidr in due]
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def list(self, kind: str = BLOCK) -> list[Entry]:
+        """Entries as the kernel has them (the truth), with the sidecar's reason and times."""
+        self._refresh_if_changed()
+        out = []
+        for spec in LIST_MAPS:
+            if spec.kind != kind:
+                continue
+            fd = self._fds[spec.name]
+            for raw in bpfsys.map_keys(fd, spec.key.size):
+                value = bpfsys.map_lookup(fd, raw, VALUE.size)
+                if value is not None:
+                    out.append(self._entry(kind, decode(spec.name, raw), VALUE.unpack(value)))
+        out.sort(key=lambda e: (ipaddress.ip_network(e.cidr).version, ipaddress.ip_network(e.cidr)))
+        return out
+
+    def lookup(self, cidr: str, kind: str = BLOCK) -> Entry | None:
+        """The entry for exactly this prefix (not the longest match), or None."""
+        net = parse_cidr(cidr)
+        value = self._lookup(kind, net)
+        if value is None:
+            return None
+        self._refresh_if_changed()
+        if str(net) not in self.sidecar.rows[kind]:
+            # Another process (the agent, a CLI call) writes the map entry first and the sidecar right after,
+            # under the lock: taking the lock waits for its sidecar, so the entry comes with its reason and TTL.
+            with self.sidecar.locked():
+                self._load_meta(report_external=True)
+        return self._entry(kind, net, value)
+
+    def counts(self) -> dict[tuple[str, int], int]:
+        """Entries per (list, IP version), from the sidecar kept in step with the maps (no map walk, so cheap
+        enough for every interval)."""
+        self._refresh_if_changed()
+        if self._counts is not None and self._counts[0] == self.sidecar.stamp:
+            return dict(self._counts[1])
+        out = {(kind, family): 0 for kind in (BLOCK, ALLOW) for family in (4, 6)}
+        for kind in (BLOCK, ALLOW):
+            for cidr in self.sidecar.rows[kind]:
+                out[(kind, 6 if ":" in cidr else 4)] += 1
+        self._counts = (self.sidecar.stamp, out)
+        return dict(out)
+
+    # -- internals ----------------------------------------------------------------------------------------------
+    def _entry(self, kind: str, net: Network, value: tuple[int, int, int]) -> Entry:
+        hits, last_hit_ns, expires_ns = value
+        meta = self.sidecar.rows[kind].get(str(net), {})
+        expires_at = meta.get("expires_at")
+        if expires_at is None and expires_ns:
+            expires_at = mono_ns_to_wall(expires_ns)
+        return Entry(str(net), kind, hits, mono_ns_to_wall(last_hit_ns) if last_hit_ns else None,
+                     meta.get("reason"), meta.get("added_at"), expires_at)
+
+    def _lookup(self, kind: str, net: Network) -> tuple[int, int, int] | None:
+        name = map_for(kind, net)
+        value = bpfsys.map_lookup(self._fds[name], encode(name, net), VALUE.size)
+        return VALUE.unpack(value) if value is not None else None
+
+    def _add(self, kind: str, net: Network, ttl: float | None, reason: str | None, *, emit: bool = True) -> Entry:
+        if kind == BLOCK and net.prefixlen == 0:
+            raise BlocklistError(f"refusing to block every IPv{net.version} source ({net}); block narrower prefixes")
+        if ttl is not None and not ttl > 0:
+            raise BlocklistError("ttl must be more than zero")
+        now = time.time()
+        expires_at = now + ttl if ttl is not None else None
+        name = map_for(kind, net)
+        fd = self._fds[name]
+        key = encode(name, net)
+        old = self._lookup(kind, net)
+        hits, last_hit_ns = (old[0], old[1]) if old else (0, 0)
+        # Hits are carried over; a packet counted between our read and this write is lost (rare, harmless).
+        value = VALUE.pack(hits, last_hit_ns, wall_to_mono_ns(expires_at) if expires_at else 0)
+        try:
+            bpfsys.map_update(fd, key, value)
+        except bpfsys.BpfError as exc:
+            if exc.errno in (errno.ENOSPC, errno.E2BIG, errno.ENOMEM):
+                size = bpfsys.map_info(fd).max_entries
+                raise ListFull(f"{name} is full ({size} entries); raise probe_settings.xdp.{kind}list_entries "
+                                f"and remove the pin to resize it") from None
+            raise BlocklistError(f"cannot update {name}: {exc.strerror}") from None
+        cidr = str(net)
+        previous = self.sidecar.rows[kind].get(cidr, {})
+        meta = {"reason": reason if reason is not None else previous.get("reason"),
+                "added_at": previous.get("added_at") or now, "expires_at": expires_at}
+        self.sidecar.rows[kind][cidr] = meta
+        if emit:
+            attrs: dict[str, Any] = {"blocklist.cidr": cidr, "blocklist.list": kind}
+            if meta["reason"]:
+                attrs["blocklist.reason"] = meta["reason"]
+            if ttl is not None:
+                attrs["blocklist.ttl_s"] = float(ttl)
+            self._emit(f"otel_ebpf_receiver.blocklist.{kind}", attrs)
+        return Entry(cidr, kind, hits, mono_ns_to_wall(last_hit_ns) if last_hit_ns else None,
+                     meta["reason"], meta["added_at"], expires_at)
+
+    def _remove(self, kind: str, net: Network, event: str) -> bool:
+        cidr = str(net)
+        name = map_for(kind, net)
+        value = self._lookup(kind, net)
+        removed = bpfsys.map_delete(self._fds[name], encode(name, net))
+        meta = self.sidecar.rows[kind].pop(cidr, None)
+        if removed:
+            attrs: dict[str, Any] = {"blocklist.cidr": cidr, "blocklist.list": kind,
+                                     "blocklist.hits": int(value[0]) if value else 0}
+            if meta and meta.get("reason"):
+                attrs["blocklist.reason"] = meta["reason"]
+            self._emit(f"otel_ebpf_receiver.blocklist.{event}", attrs)
+        return removed
+
+    def _emit(self, name: str, attributes: dict[str, Any]) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(name, attributes)
+            except Exception:  # a failing log pipeline must never break the blocklist
+                pass
+
+    def _restore_from_sidecar(self) -> None:
+        """Maps were just created (first run, or bpffs emptied by a reboot): put back what has not expired."""
+        now = time.time()
+        for kind in (BLOCK, ALLOW):
+            for cidr, meta in list(self.sidecar.rows[kind].items()):
+                expires_at = meta.get("expires_at")
+                if expires_at is not None and expires_at <= now:
+                    continue  # _reconcile drops the row
+                try:
+                    net = parse_cidr(cidr)
+                    if self._lookup(kind, net) is None:
+                        name = map_for(kind, net)
+                        bpfsys.map_update(self._fds[name], encode(name, net),
+                                          VALUE.pack(0, 0, wall_to_mono_ns(expires_at) if expires_at else 0))
+                except (BlocklistError, bpfsys.BpfError):
+                    continue
+
+    def _reconcile(self) -> None:
+        """Make the sidecar describe exactly the maps: drop rows whose key is gone, add rows (no reason) for keys
+        someone put there with bpftool, and remove entries the kernel already treats as expired."""
+        now_mono = time.monotonic_ns()
+        changed = False
+        present: dict[str, set[str]] = {BLOCK: set(), ALLOW: set()}
+        for spec in LIST_MAPS:
+            fd = self._fds[spec.name]
+            for raw in bpfsys.map_keys(fd, spec.key.size):
+                net = decode(spec.name, raw)
+                value = bpfsys.map_lookup(fd, raw, VALUE.size)
+                if value is not None:
+                    expires_ns = VALUE.unpack(value)[2]
+                    if expires_ns and expires_ns <= now_mono:
+                        self._remove(spec.kind, net, "expire")
+                        self.expired_on_open.append(str(net))
+                        changed = True
+                        continue
+                present[spec.kind].add(str(net))
+                if str(net) not in self.sidecar.rows[spec.kind]:
+                    self.sidecar.rows[spec.kind][str(net)] = {"reason": None, "added_at": None, "expires_at": None}
+                    changed = True
+        for kind in (BLOCK, ALLOW):
+            for cidr in [c for c in self.sidecar.rows[kind] if c not in present[kind]]:
+                del self.sidecar.rows[kind][cidr]
+                changed = True
+        if changed or self.sidecar.file_stamp() is None:
+            self.sidecar.save()
+
+    # -- the sidecar ------------------------------------------------------------------------------------------
+    def _load_meta(self, report_external: bool = False) -> None:
+        """Bring the sidecar rows up to date; with ``report_external``, report what another process changed."""
+        for kind, cidr, row in self.sidecar.load():
+            if not report_external:
+                continue
+            attrs = {"blocklist.cidr": cidr, "blocklist.list": kind, "blocklist.origin": "external"}
+            if row is None:
+                self._emit(f"otel_ebpf_receiver.blocklist.{'unblock' if kind == BLOCK else 'disallow'}", attrs)
+                continue
+            if row.get("reason"):
+                attrs["blocklist.reason"] = row["reason"]
+            self._emit(f"otel_ebpf_receiver.blocklist.{kind}", attrs)
+
+    def _refresh_if_changed(self) -> None:
+        if self.sidecar.changed:
+            with self.sidecar.locked():
+                self._load_meta(report_external=True)

@@ -1,0 +1,162 @@
+"""What a list entry is, as users see it and as bpf/xdp.bpf.c keys it: addresses and prefixes, their map and key
+encoding (struct addr16, lpm4_key, lpm6_key; list_entry values), and the layouts every pinned list map must have."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+import time
+from dataclasses import dataclass
+from typing import Union
+
+from ...errors import AgentError
+from ...kernel import bpfsys
+
+DEFAULT_PIN_DIR = "/sys/fs/bpf/otel-ebpf-receiver"
+DEFAULT_STATE_DIR = "/var/lib/otel-ebpf-receiver"
+DEFAULT_BLOCKLIST_ENTRIES = 100_000  # per map: single addresses, IPv4 prefixes, IPv6 prefixes
+DEFAULT_ALLOWLIST_ENTRIES = 10_000   # per family
+
+BLOCK = "block"
+ALLOW = "allow"
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+
+class BlocklistError(AgentError):
+    """A user-facing error: ``str(exc)`` is one line saying what is wrong and what to do."""
+
+
+class ListFull(BlocklistError):
+    """The map for this entry has no room left."""
+
+
+# Layouts shared with bpf/xdp.bpf.c: struct addr16, lpm4_key, lpm6_key, list_entry.
+HOST_KEY = struct.Struct("=16s")
+KEY4 = struct.Struct("=I4s")
+KEY6 = struct.Struct("=I16s")
+VALUE = struct.Struct("=QQQ")  # hits, last_hit_ns, expires_ns (CLOCK_MONOTONIC, 0 = never)
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+@dataclass(frozen=True)
+class MapLayout:
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int | None  # None: adopt whatever size the pinned map has (CLI verbs)
+    flags: int
+
+    def describe(self, max_entries: int | None = None) -> str:
+        size = self.max_entries if max_entries is None else max_entries
+        return (f"{bpfsys.MAP_TYPE_NAMES.get(self.map_type, self.map_type)} key {self.key_size} B "
+                f"value {self.value_size} B max_entries {size if size is not None else 'any'} flags {self.flags:#x}")
+
+
+@dataclass(frozen=True)
+class ListMap:
+    """One pinned map: which list, which prefixes it holds, and its key layout."""
+
+    name: str
+    kind: str
+    map_type: int
+    key: struct.Struct
+
+    def layout(self, max_entries: int | None) -> MapLayout:
+        return MapLayout(self.map_type, self.key.size, VALUE.size, max_entries, bpfsys.BPF_F_NO_PREALLOC)
+
+
+LIST_MAPS = (
+    ListMap("block_hosts", BLOCK, bpfsys.MAP_TYPE_HASH, HOST_KEY),
+    ListMap("block_v4", BLOCK, bpfsys.MAP_TYPE_LPM_TRIE, KEY4),
+    ListMap("block_v6", BLOCK, bpfsys.MAP_TYPE_LPM_TRIE, KEY6),
+    ListMap("allow_v4", ALLOW, bpfsys.MAP_TYPE_LPM_TRIE, KEY4),
+    ListMap("allow_v6", ALLOW, bpfsys.MAP_TYPE_LPM_TRIE, KEY6),
+)
+MAP_NAMES = tuple(m.name for m in LIST_MAPS)
+
+
+
+@dataclass
+class Entry:
+    """One list entry as users see it. Times are wall-clock seconds (``time.time()``), None when unknown/never."""
+
+    cidr: str
+    list: str
+    hits: int
+    last_hit: float | None
+    reason: str | None
+    added_at: float | None
+    expires_at: float | None
+
+
+# ---- addresses ----------------------------------------------------------------------------------------------
+
+def parse_cidr(text: str) -> Network:
+    """An address or a prefix; IPv4-mapped IPv6 prefixes become the IPv4 prefix that matches on the wire."""
+    raw = text.strip()
+    if not raw:
+        raise BlocklistError("empty address")
+    try:
+        net = ipaddress.ip_network(raw, strict=True)
+    except ValueError:
+        raise BlocklistError(_why_not_cidr(raw)) from None
+    if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.network_address.ipv4_mapped:
+        net = ipaddress.IPv4Network((net.network_address.ipv4_mapped, net.prefixlen - 96))
+    return net
+
+
+def _why_not_cidr(raw: str) -> str:
+    addr, _, plen = raw.partition("/")
+    try:
+        ip_addr = ipaddress.ip_address(addr)
+    except ValueError:
+        return f"{raw!r} is not an IP address or CIDR prefix"
+    if plen:
+        limit = ip_addr.max_prefixlen
+        if not plen.isdigit() or int(plen) > limit:
+            return f"{raw!r}: prefix length must be 0-{limit} for IPv{ip_addr.version}"
+        loose = ipaddress.ip_network(raw, strict=False)
+        return f"{raw!r} has host bits set; did you mean {loose}?"
+    return f"{raw!r} is not an IP address or CIDR prefix"
+
+
+def map_for(kind: str, net: Network) -> str:
+    if kind == BLOCK and net.prefixlen == net.max_prefixlen:
+        return "block_hosts"
+    return f"{kind}_v{net.version}"
+
+
+def encode(map_name: str, net: Network) -> bytes:
+    if map_name == "block_hosts":
+        packed = net.network_address.packed
+        return HOST_KEY.pack(_V4_MAPPED + packed if net.version == 4 else packed)
+    if net.version == 4:
+        return KEY4.pack(net.prefixlen, net.network_address.packed)
+    return KEY6.pack(net.prefixlen, net.network_address.packed)
+
+
+def decode(map_name: str, raw: bytes) -> Network:
+    if map_name == "block_hosts":
+        addr = raw[:16]
+        if addr[:12] == _V4_MAPPED:
+            return ipaddress.IPv4Network(addr[12:16])
+        return ipaddress.IPv6Network(addr)
+    if map_name.endswith("_v4"):
+        plen, addr = KEY4.unpack(raw)
+        return ipaddress.IPv4Network((ipaddress.IPv4Address(addr), plen))
+    plen, addr = KEY6.unpack(raw)
+    return ipaddress.IPv6Network((ipaddress.IPv6Address(addr), plen))
+
+
+# ---- time -------------------------------------------------------------------------------------------------
+
+def wall_to_mono_ns(wall: float) -> int:
+    """The kernel compares against CLOCK_MONOTONIC(_COARSE); wall-clock expiries are converted at write time."""
+    return max(1, time.monotonic_ns() + int((wall - time.time()) * 1e9))
+
+
+def mono_ns_to_wall(ns: int) -> float:
+    return time.time() - (time.monotonic_ns() - ns) / 1e9
+
+
