@@ -1,6 +1,6 @@
 """What the debounce buys: state changes per hour with and without it, replaying recorded windows through a model.
 
-    .venv/bin/python bench/bench_debounce.py [--windows build/model/windows.csv] [--model otel_ebpf_receiver/models/default.onnx]
+    .venv/bin/python bench/bench_debounce.py [--windows build/model/windows.csv] [--model otel_ebpf_receiver/model/bundled/default.onnx]
 
 Replays the recording (in time order, as the agent would see it) through the model; counts raw state changes
 (what the model says each window) and reported changes after StateDebouncer, per true label, and the delay the
@@ -18,13 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from model_export.windows import read_windows  # noqa: E402
-from otel_ebpf_receiver.model import StateDebouncer, load_model  # noqa: E402
+from otel_ebpf_receiver.model import load_model  # noqa: E402
+from otel_ebpf_receiver.state.debounce import StateDebouncer  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--windows", default=str(REPO / "build/model/windows.csv"))
-    parser.add_argument("--model", default=str(REPO / "otel_ebpf_receiver/models/default.onnx"))
+    parser.add_argument("--model", default=str(REPO / "otel_ebpf_receiver/model/bundled/default.onnx"))
     args = parser.parse_args()
     if not Path(args.windows).exists():
         print(f"no recording at {args.windows}: run `make model` first", file=sys.stderr)

@@ -19,11 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: E402
 
-from otel_ebpf_receiver.agent import Agent, load_probes  # noqa: E402
+from otel_ebpf_receiver.assembly import build_agent  # noqa: E402
 from otel_ebpf_receiver.config import Config  # noqa: E402
 from otel_ebpf_receiver.features import FeatureWindow  # noqa: E402
-from otel_ebpf_receiver.state import build_classifier  # noqa: E402
-from otel_ebpf_receiver.telemetry import Telemetry  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -36,11 +34,10 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--gap", type=float, default=0.05, help="seconds between windows (maps fill meanwhile)")
     args = parser.parse_args()
-    probes = load_probes([], {}, lambda line: print(line, file=sys.stderr))
-    telemetry = Telemetry("none", metric_readers=[InMemoryMetricReader()])
-    config = Config()
-    classifier = build_classifier(config, [p.name for p in probes], telemetry, lambda line: None)
-    agent = Agent(config, telemetry, probes, classifier=classifier)
+    config = Config(exporter="none", live="off")
+    agent = build_agent(config, metric_readers=[InMemoryMetricReader()],
+                        say=lambda line: print(line, file=sys.stderr))
+    probes, classifier = agent.probes, agent.classifier
     per_probe: dict[str, list[float]] = {p.name: [] for p in probes}
     infer: list[float] = []
     whole: list[float] = []

@@ -42,8 +42,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from otel_ebpf_receiver import bpfsys  # noqa: E402
-from otel_ebpf_receiver.blocklist import Blocklist, remove_pins  # noqa: E402
+from otel_ebpf_receiver.kernel import bpfsys  # noqa: E402
+from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist  # noqa: E402
+from otel_ebpf_receiver.probes.xdp.pins import remove_pins  # noqa: E402
 from otel_ebpf_receiver.netlab import Lab  # noqa: E402
 from otel_ebpf_receiver.probes.xdp import XdpProbe  # noqa: E402
 

@@ -68,6 +68,7 @@ def _progress(args: argparse.Namespace) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from . import inspection
     from . import train as tr
     from .windows import read_many
 
@@ -91,13 +92,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         out = Path(args.output)
         out.mkdir(parents=True, exist_ok=True)
         try:
-            png: Path | str = tr.plot(trained, out / tr.PLOT_FILE)
+            png: Path | str = inspection.plot(trained, out / tr.PLOT_FILE)
         except ImportError as exc:  # matplotlib is a dev extra: train without the picture rather than fail
             png = f"no {tr.PLOT_FILE} ({exc.name or 'matplotlib'} is not installed)"
         bar.update()
         bar.set_postfix_str("save")
         tr.save(trained, out)
-        text = tr.report(trained)
+        text = inspection.report(trained)
         (out / tr.REPORT_FILE).write_text(text + "\n")
         bar.update()
         exported = None

@@ -1,6 +1,6 @@
 """The ONNX graph of a fitted pipeline (StandardScaler + KMeans | GaussianMixture | Birch), and the parity check.
 
-Every algorithm gives the same three outputs (the contract in ``otel_ebpf_receiver.model``): ``label``,
+Every algorithm gives the same three outputs (the contract in ``otel_ebpf_receiver.model.contract``): ``label``,
 ``distances`` to every cluster, and ``deviation`` (scaled input minus the assigned centre). The scaler is
 converted by skl2onnx's own converter; the clustering part is composed with skl2onnx's algebra operators
 rather than taken from its converters, because:

@@ -10,6 +10,10 @@ Jaeger v2 (build/jaeger/jaeger), started on free loopback ports with their state
 
 Nothing here imports the agent (otel_ebpf_receiver): these helpers only spawn binaries and read what they expose.
 Every address is 127.0.0.1 (the tests never send traffic anywhere else).
+
+Longer than usual because it is one small client per backend (build, start, wait, query, stop) for three backends
+whose start-up and outage handling the two end-to-end test files share; split per backend, each part would
+repeat the process and port handling.
 """
 
 from __future__ import annotations

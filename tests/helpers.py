@@ -85,18 +85,17 @@ def metric_sum(reader: Any, name: str, where: Mapping[str, Any] | None = None) -
 
 
 def make_agent(probe: Any) -> Any:
-    """Load one probe and wrap it in an Agent whose metrics land in an in-memory reader (``agent.reader``);
-    the first step sets the baseline."""
+    """Load one probe into an agent built as `run` builds it (no model: the state is "unknown") whose metrics land in
+    an in-memory reader (``agent.reader``); the first step sets the baseline."""
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-    from otel_ebpf_receiver.agent import Agent
+    from otel_ebpf_receiver.assembly import build_agent
     from otel_ebpf_receiver.config import Config
-    from otel_ebpf_receiver.telemetry import Telemetry
 
     assert probe.unavailable_reason() is None
-    probe.load()
     reader = InMemoryMetricReader()
-    agent = Agent(Config(probes=[probe.name], exporter="none"), Telemetry("none", metric_readers=[reader]), [probe])
+    agent = build_agent(Config(probes=[probe.name], exporter="none", live="off"), probes=[probe], classify=False,
+                        metric_readers=[reader], say=print)
     agent.reader = reader
     agent.step(1.0)  # baseline
     return agent

@@ -7,6 +7,10 @@ file exporter.
 Not optional: if the Collector or Jaeger cannot be built, these tests fail (they never skip). Cold, the builds take
 about 2 (Collector) and 5-6 (Jaeger) minutes on 2 cores; with Go's caches warm, seconds. They do not import
 otel_ebpf_receiver: the "agent" here is the OpenTelemetry SDK driven by hand, with the agent's metric names.
+
+Longer than usual because every shipped file outside the agent is checked here with the tool that consumes it, in
+the order an operator deploys them; each check is a few lines over shared fixtures (the built Collector, a
+simulated agent).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from otel_ebpf_receiver.early_warning import EarlyWarning
+from otel_ebpf_receiver.state.early_warning import EarlyWarning
 
 
 def test_warns_early_on_a_slow_ramp():
@@ -49,7 +49,7 @@ def test_missing_and_non_finite_signals_are_ignored():
 def test_small_packets_signal_counts_small_frames_not_large_ones():
     import math
 
-    from otel_ebpf_receiver.early_warning import small_packets_rate_log1p
+    from otel_ebpf_receiver.state.early_warning import small_packets_rate_log1p
 
     def window(pps, frame):
         return {"xdp.packets_rate_log1p": math.log1p(pps), "xdp.bytes_rate_log1p": math.log1p(pps * frame)}

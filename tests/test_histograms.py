@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.metrics import Histogram
 from opentelemetry.sdk.metrics.export import AggregationTemporality, InMemoryMetricReader
 
-from otel_ebpf_receiver import log2hist
+from otel_ebpf_receiver.kernel import log2hist
 from otel_ebpf_receiver.probes.base import HISTOGRAM, Metric
 from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE, MetricSink, Telemetry
 

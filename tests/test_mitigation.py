@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from otel_ebpf_receiver.blocklist import Blocklist
+from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist
 from otel_ebpf_receiver.mitigation import HardAllowlist, MitigationSettings, Mitigator
 from otel_ebpf_receiver.probes.xdp import SourceRate
 
@@ -22,7 +22,7 @@ def blocklist(tmp_path):
         yield bl
     finally:
         bl.close()
-        from otel_ebpf_receiver.blocklist import remove_pins
+        from otel_ebpf_receiver.probes.xdp.pins import remove_pins
 
         remove_pins(pin_dir)
 

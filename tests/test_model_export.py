@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
+from model_export import inspection
 from model_export import onnx_graph as og
 from model_export import train as tr
 from model_export import windows as w
@@ -137,7 +138,7 @@ def test_evaluation_report(table: w.WindowTable) -> None:
     assert ev.confusion.sum() == len(t) and "(none)" in ev.confusion_labels
     assert any("majority of no cluster" in msg for msg in ev.warnings)
     assert 0 < ev.purity < 1 and -1 <= ev.silhouette <= 1
-    text = tr.report(trained)
+    text = inspection.report(trained)
     assert "confusion matrix" in text and "purity" in text and "warning:" in text
 
 
@@ -311,7 +312,7 @@ def test_segment_weighting_tames_a_jittery_feature(tmp_path: Path) -> None:
     exported = tr.export(trained, tmp_path / "w.onnx")
     verdict = exported.model.predict({"exec.exec_rate_log1p": 6.0, "http.latency_p99_log1p_ms": 9.0})
     assert verdict.state == "exec_storm" and verdict.score < 2.0
-    assert "feature weights" in tr.report(trained)
+    assert "feature weights" in inspection.report(trained)
 
 
 def test_the_database_volume_wants_a_disk_backed_directory() -> None:

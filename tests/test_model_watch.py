@@ -12,8 +12,9 @@ import pytest
 
 from model_export import train as tr
 from model_export.synthetic import make_windows
-from otel_ebpf_receiver.model import ModelError, StateDebouncer, StateModel, Transition
-from otel_ebpf_receiver.model_watch import ModelWatcher
+from otel_ebpf_receiver.model import ModelError, StateModel
+from otel_ebpf_receiver.model.watch import ModelWatcher
+from otel_ebpf_receiver.state.debounce import StateDebouncer, Transition
 
 NAMES = ("syscalls.rate_log1p", "file_open.rate_log1p", "exec.exec_rate_log1p", "xdp.packets_rate_log1p")
 

@@ -9,9 +9,9 @@ import tempfile
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_ebpf_receiver.agent import Agent, load_probes
+from otel_ebpf_receiver.assembly import build_agent, load_probes
 from otel_ebpf_receiver.config import Config
-from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE, Telemetry
+from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE
 
 from .helpers import (data_points, exec_n_times, fail_open_n_times, metric_sum, open_file_n_times, syscall_loop,
                       unique_name)
@@ -22,11 +22,10 @@ pytestmark = [pytest.mark.bpf]
 @pytest.fixture(scope="module")
 def agent():
     lines: list[str] = []
-    probes = load_probes(["syscalls", "file_open", "exec"], {}, lines.append)
-    assert [p.name for p in probes] == ["syscalls", "file_open", "exec"], lines
     reader = InMemoryMetricReader()
-    telemetry = Telemetry("none", metric_readers=[reader])
-    agent = Agent(Config(), telemetry, probes)
+    agent = build_agent(Config(probes=["syscalls", "file_open", "exec"], exporter="none", live="off"),
+                        classify=False, metric_readers=[reader], say=lines.append)
+    assert [p.name for p in agent.probes] == ["syscalls", "file_open", "exec"], lines
     agent.reader = reader
     agent.step(1.0)  # baseline
     try:
@@ -115,7 +114,7 @@ def test_syscalls_probe_falls_back_to_the_classic_tracepoint():
 
 
 def test_missing_hook_disables_only_that_probe(monkeypatch):
-    from otel_ebpf_receiver import agent as agent_module
+    from otel_ebpf_receiver import assembly
     from otel_ebpf_receiver.probes.base import Hook
     from otel_ebpf_receiver.probes.exec import ExecProbe
 
@@ -123,7 +122,7 @@ def test_missing_hook_disables_only_that_probe(monkeypatch):
         name = "ghost"
         hooks = (Hook("nonexistent_category:no_such_event"),)
 
-    monkeypatch.setitem(agent_module.REGISTRY, "ghost", GhostProbe)
+    monkeypatch.setitem(assembly.REGISTRY, "ghost", GhostProbe)
     lines: list[str] = []
     probes = load_probes(["ghost", "exec"], {}, lines.append)
     try:

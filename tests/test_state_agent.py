@@ -14,11 +14,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from model_export import scenarios
-from otel_ebpf_receiver.agent import Agent, load_probes
+from otel_ebpf_receiver.assembly import build_agent
 from otel_ebpf_receiver.config import Config
 from otel_ebpf_receiver.model import load_model
-from otel_ebpf_receiver.state import BUNDLED_MODEL_DIR, build_classifier
-from otel_ebpf_receiver.telemetry import MODEL_ATTRIBUTE, STATE_ATTRIBUTE, Telemetry
+from otel_ebpf_receiver.model.watch import BUNDLED_MODEL_DIR
+from otel_ebpf_receiver.telemetry import MODEL_ATTRIBUTE, STATE_ATTRIBUTE
 
 from .helpers import data_points
 
@@ -33,12 +33,10 @@ class Harness:
         self.reader = InMemoryMetricReader()
         self.logs = InMemoryLogRecordExporter()
         self.spans = InMemorySpanExporter()
-        self.probes = load_probes(list(probes), {}, self.lines.append)
-        self.telemetry = Telemetry("none", metric_readers=[self.reader], log_exporter=self.logs,
-                                   span_exporter=self.spans)
-        config = Config(model_dir=model_dir)
-        self.classifier = build_classifier(config, [p.name for p in self.probes], self.telemetry, self.lines.append)
-        self.agent = Agent(config, self.telemetry, self.probes, classifier=self.classifier)
+        config = Config(model_dir=model_dir, probes=list(probes), exporter="none", live="off")
+        self.agent = build_agent(config, metric_readers=[self.reader], log_exporter=self.logs,
+                                 span_exporter=self.spans, say=self.lines.append)
+        self.probes, self.telemetry, self.classifier = self.agent.probes, self.agent.telemetry, self.agent.classifier
         self.last = time.monotonic()
 
     def window(self):

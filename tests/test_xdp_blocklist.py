@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from otel_ebpf_receiver import bpfsys
-from otel_ebpf_receiver.blocklist import Blocklist, BlocklistError
+from otel_ebpf_receiver.kernel import bpfsys
+from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist
+from otel_ebpf_receiver.probes.xdp.lists import BlocklistError
 from otel_ebpf_receiver.errors import ProbeError
 from otel_ebpf_receiver.probes.xdp import XdpProbe
 

@@ -8,8 +8,10 @@ import ipaddress
 
 import pytest
 
-from otel_ebpf_receiver import blocklist as bl
-from otel_ebpf_receiver.blocklist import BlocklistError, format_duration, parse_cidr, parse_duration
+from otel_ebpf_receiver.durations import DurationError, format_duration, parse_duration
+from otel_ebpf_receiver.probes.xdp import lists, pins, sidecar
+from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist
+from otel_ebpf_receiver.probes.xdp.lists import BlocklistError, parse_cidr
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -46,7 +48,7 @@ def test_parse_duration(text, seconds):
 
 @pytest.mark.parametrize("text", ["", "5x", "m10", "0s", "-3m", "1h 30m"])
 def test_bad_durations(text):
-    with pytest.raises(BlocklistError, match="bad duration"):
+    with pytest.raises(DurationError, match="bad duration"):
         parse_duration(text)
 
 
@@ -64,44 +66,44 @@ def test_format_duration(seconds, text):
 ])
 def test_keys_are_encoded_as_the_program_reads_them(kind, cidr, map_name, key_hex):
     net = ipaddress.ip_network(cidr)
-    assert bl._map_for(kind, net) == map_name
-    key = bl._encode(map_name, net)
+    assert lists.map_for(kind, net) == map_name
+    key = lists.encode(map_name, net)
     assert key.hex() == key_hex
-    assert bl._decode(map_name, key) == net
+    assert lists.decode(map_name, key) == net
 
 
 def test_sidecar_per_pin_dir():
-    assert str(bl.sidecar_path("/sys/fs/bpf/otel-ebpf-receiver", "/var/lib/x")) == "/var/lib/x/blocklist.json"
-    assert str(bl.sidecar_path("/sys/fs/bpf/test-1", "/var/lib/x")) == "/var/lib/x/blocklist-sys-fs-bpf-test-1.json"
+    assert str(sidecar.sidecar_path("/sys/fs/bpf/otel-ebpf-receiver", "/var/lib/x")) == "/var/lib/x/blocklist.json"
+    assert str(sidecar.sidecar_path("/sys/fs/bpf/test-1", "/var/lib/x")) == "/var/lib/x/blocklist-sys-fs-bpf-test-1.json"
 
 
 @pytest.mark.parametrize("pin_dir", ["relative", "/sys/fs/bpf/a b", '/sys/fs/bpf/"x', "/sys/fs/bpf/../etc"])
 def test_pin_dir_must_be_safe_in_a_c_string(pin_dir):
     with pytest.raises(BlocklistError):
-        bl.check_pin_dir(pin_dir)
+        pins.check_pin_dir(pin_dir)
 
 
 @pytest.mark.bpf
 def test_c_layouts_match_python(tmp_path):
     """bcc's view of every map's key and value must match the sizes Python packs and reads."""
-    from otel_ebpf_receiver.probes import xdp
+    from otel_ebpf_receiver.probes.xdp import probe as xdp
 
     pin = f"/sys/fs/bpf/oer-units-{id(tmp_path)}"
-    bl.remove_pins(pin)
+    pins.remove_pins(pin)
     try:
-        with bl.Blocklist(pin, str(tmp_path)):
+        with Blocklist(pin, str(tmp_path)):
             pass
         from bcc import BPF
 
         b = BPF(src_file=str(xdp.XdpProbe.source_path()), cflags=[f'-DPIN_DIR="{pin}"'])
         try:
-            for spec in bl.LIST_MAPS:
+            for spec in lists.LIST_MAPS:
                 t = b[spec.name]
-                assert (ct.sizeof(t.Key), ct.sizeof(t.Leaf)) == (spec.key.size, bl._VALUE.size), spec.name
+                assert (ct.sizeof(t.Key), ct.sizeof(t.Leaf)) == (spec.key.size, lists.VALUE.size), spec.name
             assert ct.sizeof(b["per_source"].Key) == 16
             assert ct.sizeof(b["per_source"].Leaf) == 2 * xdp._WINDOW.itemsize
             assert ct.sizeof(b["xdp_totals"].sLeaf) == xdp.TOTALS_U64 * 8  # per CPU
         finally:
             b.cleanup()
     finally:
-        bl.remove_pins(pin)
+        pins.remove_pins(pin)

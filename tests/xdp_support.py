@@ -11,7 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from otel_ebpf_receiver.blocklist import Blocklist, remove_pins
+from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist
+from otel_ebpf_receiver.probes.xdp.pins import remove_pins
 from otel_ebpf_receiver.netlab import Lab
 from otel_ebpf_receiver.probes.xdp import XdpProbe
 

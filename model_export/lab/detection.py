@@ -1,10 +1,10 @@
-"""The detection report: the agent under test in the scenario lab, scored window by window.
+"""Scoring the running agent in the scenario lab: the agent under test (:class:`AgentRig`), and one scenario run
+against it and scored window by window (:func:`score_scenario`, :class:`ScenarioResult`). The report over many
+scenarios is :mod:`model_export.lab.report`.
 
-    sudo .venv/bin/python -m model_export.lab report [--scenarios NAME[:SECONDS],...] [--markdown FILE] [--json FILE]
-
-The agent is assembled as ``otel-ebpf-receiver run`` assembles it (every probe, XDP on the lab victim's eth0, the
-bundled model that fits, early warning, mitigation in enforce mode with client0 allowlisted) and runs in its own
-thread in this process. Each scenario goes pre (benign background) -> load -> post (benign); every window's
+The agent is assembled as ``otel-ebpf-receiver run`` assembles it (:func:`otel_ebpf_receiver.assembly.build_agent`:
+every probe, XDP on the lab victim's eth0, the bundled model that fits, early warning, mitigation) and runs in its
+own thread in this process. Each scenario goes pre (benign background) -> load -> post (benign); every window's
 reported and raw state, every warning, mitigation action and blocklist hit is kept, then scored:
 
 * precision, recall and F1 per window: positive = the reported state is an attack state (floods, ramp) or the
@@ -16,7 +16,7 @@ reported and raw state, every warning, mitigation action and blocklist hit is ke
 * false alarms (the reported state leaving ``normal`` while the truth is benign) and early warnings per hour of
   benign time; addresses blocked that are allowlisted, or that are not the attacker.
 
-Between scenarios the lab removes what mitigation blocked and re-arms the early warning (its baselines kept), so
+Between scenarios the rig removes what mitigation blocked and re-arms the early warning (its baselines kept), so
 that each scenario is measured on its own.
 """
 
@@ -33,9 +33,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .lab import (BENIGN_KIND, FLOOD_KIND, HOST_KIND, RAMP_KIND, SCENARIOS, Drive, Scenario, Testbed, http_load,
-                  say_default)
+from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from otel_ebpf_receiver.agent import WindowResult
+from otel_ebpf_receiver.assembly import build_agent
+from otel_ebpf_receiver.config import Config
+from otel_ebpf_receiver.mitigation import MitigationSettings, Mitigator
+from otel_ebpf_receiver.probes.base import Probe
+from otel_ebpf_receiver.state.classifier import StateClassifier
+
+from .scenarios import BENIGN_KIND, Scenario
+from .testbed import Testbed, http_load, say_default
+from .traffic import Drive
+
+# What the XDP probe counts as dropped by the blocklist, per window: the rig's drops per second.
+DROPPED_PACKETS = "otel_ebpf_receiver.xdp.dropped_packets"
 
 # ---- scoring a running agent -------------------------------------------------------------------------------------
 
@@ -59,44 +73,28 @@ class AgentRig:
     def __init__(self, bed: Testbed, *, mode: str = "enforce", ttl: float = 60.0, allow: Sequence[str] = (),
                  probes: Sequence[str] = (), model: str | None = None, interval: float = 1.0,
                  say: Callable[[str], None] = say_default) -> None:
-        from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
-        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-        from otel_ebpf_receiver.agent import Agent, build_mitigator, check_privileges, load_probes
-        from otel_ebpf_receiver.config import Config
-        from otel_ebpf_receiver.state import build_classifier
-        from otel_ebpf_receiver.telemetry import Telemetry
-
-        check_privileges()
         self.bed = bed
         model_dir = Path(tempfile.mkdtemp(prefix="models-", dir=bed.tmp))  # empty: the bundled model serves
         if model:
             shutil.copy(model, model_dir / Path(model).name)
-        self.config = Config(interval=interval, exporter="none", model_dir=str(model_dir), live="off",
-                             probe_settings={"xdp": bed.xdp_settings},
+        self.config = Config(interval=interval, probes=list(probes), exporter="none", model_dir=str(model_dir),
+                             live="off", probe_settings={"xdp": bed.xdp_settings},
                              mitigation={"mode": mode, "ttl": float(ttl), "allow": tuple(allow)})
         self.metrics = InMemoryMetricReader()
         self.logs = InMemoryLogRecordExporter()
         self.spans = InMemorySpanExporter()
-        self.telemetry = Telemetry("none", metric_readers=[self.metrics], log_exporter=self.logs,
-                                   span_exporter=self.spans)
         self.lines: list[str] = []
 
         def note(line: str) -> None:
             self.lines.append(line)
             say(line)
 
-        self.probes = load_probes(list(probes), self.config.probe_settings, note, on_event=self.telemetry.emit_event)
-        try:
-            self.classifier = build_classifier(self.config, [p.name for p in self.probes], self.telemetry, note)
-            self.mitigator = build_mitigator(self.config, self.probes, self.telemetry, self.classifier, note)
-        except BaseException:
-            for probe in self.probes:
-                probe.close()
-            raise
-        self.agent = Agent(self.config, self.telemetry, self.probes, classifier=self.classifier,
-                           mitigator=self.mitigator)
+        self.agent = build_agent(self.config, say=note, live=False, metric_readers=[self.metrics],
+                                 log_exporter=self.logs, span_exporter=self.spans)
+        self.telemetry = self.agent.telemetry
+        self.probes: list[Probe] = self.agent.probes
+        self.classifier: StateClassifier = self.agent.classifier  # type: ignore[assignment]  # classify=True
+        self.mitigator: Mitigator | None = next((a for a in self.agent.actors if isinstance(a, Mitigator)), None)
         self.windows: list[WindowRecord] = []
         self.warnings: list[tuple[float, Any]] = []
         self.actions: list[tuple[float, str, dict[str, Any]]] = []
@@ -120,17 +118,22 @@ class AgentRig:
         return self.classifier.version
 
     @property
-    def xdp(self) -> Any:
-        return self.agent.xdp
+    def xdp(self) -> Probe | None:
+        """The XDP probe, if it attached."""
+        return next((p for p in self.probes if p.name == "xdp"), None)
 
-    def _on_window(self, window: Any, verdict: Any) -> None:
+    def _on_window(self, result: WindowResult) -> None:
+        window, verdict = result.window, result.verdict
         end = window.timestamp
         seconds = end - self._last_end if self._last_end is not None else self.config.interval
         self._last_end = end
-        rates = getattr(self.agent.xdp, "last_rates", {}) if self.agent.xdp is not None else {}
-        self.windows.append(WindowRecord(end, seconds, verdict.state, getattr(verdict, "raw_state", verdict.state),
-                                         float(verdict.score), float(rates.get("packets", 0.0)),
-                                         float(rates.get("dropped", 0.0)), dict(window.values)))
+        xdp = result.readings.get("xdp")
+        packets = dropped = 0.0
+        if xdp is not None and result.seconds > 0:
+            packets = xdp.rate or 0.0
+            dropped = sum(value for name, value, _ in xdp.counters if name == DROPPED_PACKETS) / result.seconds
+        self.windows.append(WindowRecord(end, seconds, verdict.state, verdict.raw_state, float(verdict.score),
+                                         float(packets), float(dropped), dict(window.values)))
 
     def _poll_hits(self) -> None:
         """Blocklist hits, every 50 ms: the first XDP drop to within a few tens of ms, not to within a window."""
@@ -282,8 +285,6 @@ class ScenarioResult:
 def score_scenario(rig: AgentRig, scenario: Scenario, seconds: float, *, pre: float = 15.0, post: float = 15.0,
                    say: Callable[[str], None] = say_default) -> ScenarioResult:
     """Run one scenario against the running agent: ``pre`` s benign, the load for ``seconds``, ``post`` s benign."""
-    from otel_ebpf_receiver.mitigation import MitigationSettings
-
     bed = rig.bed
     rig.rearm()
     first_window = len(rig.windows)
@@ -320,154 +321,3 @@ def score_scenario(rig: AgentRig, scenario: Scenario, seconds: float, *, pre: fl
             if any(net.version == a.version and net.overlaps(a) for a in allow.networks):
                 result.allowlisted_blocked.append(entry.cidr)
     return result
-
-
-# ---- the report ----------------------------------------------------------------------------------------------------
-
-TARGETS = {
-    "macro_f1": 0.95,             # over the flood and host-incident scenarios
-    "ramp_warning_level": 0.30,   # warning before the ramp reaches 30 % of its final rate
-    "first_drop_s": 3.0,          # first XDP drop after a single-source flood starts (enforce)
-}
-
-
-def _fmt(value: float | None, spec: str = ".2f", none: str = "—") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return none
-    return format(value, spec)
-
-
-def summarize(results: Sequence[ScenarioResult]) -> dict[str, Any]:
-    scored = [r for r in results if r.kind in (FLOOD_KIND, HOST_KIND)]
-    f1s = [r.prf()[2] for r in scored]
-    f1s = [f for f in f1s if not math.isnan(f)]
-    benign_s = sum(w.seconds for r in results for w in r.benign_windows())
-    hours = benign_s / 3600 if benign_s else math.nan
-    alarms = sum(r.false_alarms() for r in results)
-    warnings = sum(r.benign_warnings() for r in results)
-    heavy = [r for r in results if r.name in ("heavy_transfer", "paced_transfer")]
-    ramps = [r for r in results if r.kind == RAMP_KIND]
-    drops = [r.first_drop for r in results if r.kind == FLOOD_KIND and r.expect and r.name != "forged_source_flood"
-             and SCENARIOS[r.name].single_source]
-    return {
-        "macro_f1": sum(f1s) / len(f1s) if f1s else math.nan,
-        "macro_f1_raw": (lambda v: sum(v) / len(v) if v else math.nan)(
-            [f for f in (r.prf(raw=True)[2] for r in scored) if not math.isnan(f)]),
-        "benign_hours": hours,
-        "false_alarms": alarms,
-        "false_alarms_per_hour": alarms / hours if hours else math.nan,
-        "benign_warnings": warnings,
-        "warnings_per_hour": warnings / hours if hours else math.nan,
-        "heavy_transfer_flips": sum(r.false_alarms() + sum(1 for w in r.windows if w.state != "normal"
-                                                           and r.truth(w) is False) for r in heavy) if heavy else None,
-        "ramp_warning_level": ramps[0].level(ramps[0].first_warning) if ramps else None,
-        "ramp_flip_level": ramps[0].level(ramps[0].first_flip) if ramps else None,
-        "max_first_drop_s": max((d for d in drops if d is not None), default=None) if drops else None,
-        "floods_without_drop": sum(1 for d in drops if d is None),
-        "allowlisted_blocked": sorted({c for r in results for c in r.allowlisted_blocked}),
-        "benign_blocked": sorted({f"{a} ({r.name})" for r in results for a in r.benign_blocked}),
-    }
-
-
-def markdown(results: Sequence[ScenarioResult], summary: dict[str, Any], *, model: str, seconds_note: str) -> str:
-    lines = [
-        f"Detection report — model `{model}`, {seconds_note}",
-        "",
-        "| scenario | kind | windows (load/benign) | precision | recall | F1 | F1 raw | warning after | "
-        "state flip after | first XDP drop after | blocked | skipped (allowlisted) | HTTP ok during load | "
-        "false alarms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        tp, fp, fn, tn = r.confusion()
-        p, rec, f1 = r.prf()
-        raw_f1 = r.prf(raw=True)[2]
-        positives = tp + fn
-        warn, flip, drop = r.first_warning, r.first_flip, r.first_drop
-        if r.kind == RAMP_KIND:
-            warn_s = "—" if warn is None else f"{warn:.1f} s ({_fmt(r.level(warn), '.0%')} of final rate)"
-            flip_s = f"{_fmt(flip, '.1f')} s ({_fmt(r.level(flip), '.0%')})" if flip is not None else "—"
-        else:
-            warn_s = f"{warn:.1f} s" if warn is not None else "—"
-            flip_s = f"{flip:.1f} s" if flip is not None else "—"
-        drop_s = f"{drop:.2f} s" if drop is not None else "—"
-        ok, sent = r.http
-        http = f"{ok}/{sent}" if sent else "—"
-        if r.http_after_block[1]:
-            http += f" ({r.http_after_block[0]}/{r.http_after_block[1]} after block)"
-        scored = r.kind in (FLOOD_KIND, HOST_KIND)
-        lines.append(
-            f"| {r.name} | {r.kind} | {positives}/{fp + tn} | {_fmt(p) if scored else '—'} | "
-            f"{_fmt(rec) if scored else '—'} | {_fmt(f1) if scored else '—'} | "
-            f"{_fmt(raw_f1) if scored else '—'} | "
-            f"{warn_s} | {flip_s} | {drop_s} | {', '.join(sorted({a for _, a in r.blocks})) or '—'} | "
-            f"{len(r.skipped)} | {http} | {r.false_alarms()} |")
-    s = summary
-    check = lambda ok: "met" if ok else "**missed**"  # noqa: E731
-    lines += [
-        "",
-        f"* macro F1 (flood and host-incident scenarios, reported state, grace windows excluded): "
-        f"**{_fmt(s['macro_f1'], '.3f')}** — target ≥ {TARGETS['macro_f1']}: "
-        f"{check(s['macro_f1'] >= TARGETS['macro_f1'])}; model alone, every window: {_fmt(s['macro_f1_raw'], '.3f')}",
-        f"* benign time {_fmt(s['benign_hours'] * 60, '.1f')} min: {s['false_alarms']} false alarm(s) = "
-        f"**{_fmt(s['false_alarms_per_hour'], '.1f')}/h**; early warnings on benign time: {s['benign_warnings']} = "
-        f"{_fmt(s['warnings_per_hour'], '.1f')}/h",
-        f"* heavy-but-benign transfers: {s['heavy_transfer_flips']} non-normal window(s)/flip(s) — target 0: "
-        f"{check(s['heavy_transfer_flips'] == 0) if s['heavy_transfer_flips'] is not None else 'not run'}",
-        f"* slow ramp: warning at **{_fmt(s['ramp_warning_level'], '.0%')}** of the final rate — target < 30 %: "
-        + (check(s['ramp_warning_level'] < TARGETS['ramp_warning_level'])
-           if s['ramp_warning_level'] is not None else "not run / no warning")
-        + f"; state flip at {_fmt(s['ramp_flip_level'], '.0%')}",
-        f"* first XDP drop after a single-source flood starts: max **{_fmt(s['max_first_drop_s'], '.2f')} s** — "
-        f"target ≤ {TARGETS['first_drop_s']} s: "
-        + (check(s['max_first_drop_s'] is not None and s['max_first_drop_s'] <= TARGETS['first_drop_s']
-                 and not s['floods_without_drop']) if s['max_first_drop_s'] is not None else "not run")
-        + (f" ({s['floods_without_drop']} flood(s) never dropped)" if s['floods_without_drop'] else ""),
-        f"* allowlisted addresses blocked: **{len(s['allowlisted_blocked'])}** "
-        f"{', '.join(s['allowlisted_blocked'])} — target 0: {check(not s['allowlisted_blocked'])}",
-        f"* benign sources blocked (anything but the attacker, or during a benign scenario): "
-        f"**{len(s['benign_blocked'])}** {', '.join(s['benign_blocked'])}",
-        "",
-        "Windows are 1 s. A window is \"load\" when its midpoint lies inside the load; the first 2 s of a load and the "
-        "first 3 s after it are not scored for the reported state (the documented debounce: 2 windows to enter an "
-        "incident, 3 to leave it — the flip time shows that latency); \"F1 raw\" scores the model's per-window state "
-        "over every window. Positive = the reported state is an attack state (floods, ramp) or the scenario's own "
-        "state (host incidents). False alarm = the reported state left `normal` during benign time. "
-        "random_source_flood has no single source to block (per-source rule), forged_source_flood claims an "
-        "allowlisted address: neither should ever be dropped.",
-    ]
-    return "\n".join(lines)
-
-
-def report(plan: Sequence[tuple[str, float]], *, pre: float = 15.0, post: float = 15.0, model: str | None = None,
-           verbose: bool = False, say: Callable[[str], None] = say_default) -> tuple[list[ScenarioResult], str]:
-    with Testbed(say=say) as bed:
-        allow = (bed.benign[0].ipv4,)  # client0: what forged_source_flood claims to be
-        rig = AgentRig(bed, mode="enforce", ttl=120.0, allow=allow, model=model, say=say)
-        try:
-            rig.start()
-            say(f"agent: probes {', '.join(p.name for p in rig.probes)}; model {rig.model_version}; "
-                f"mitigation enforce, allowlist incl. {allow[0]}")
-            with http_load(bed, 40):  # model and early-warning baselines warm up on the benign background
-                settle = rig.wait_windows(30)
-            say(f"warm-up: {len(settle)} windows, state {settle[-1].state if settle else '?'}")
-            results = []
-            for name, seconds in plan:
-                scenario = SCENARIOS[name]
-                say(f"{name}: {pre:.0f} s benign, {seconds:.0f} s {scenario.summary}, {post:.0f} s benign")
-                result = score_scenario(rig, scenario, seconds, pre=pre, post=post, say=say)
-                results.append(result)
-                p, r, f1 = result.prf()
-                say(f"  F1 {_fmt(f1)} (P {_fmt(p)} R {_fmt(r)}); warning {_fmt(result.first_warning, '.1f')} s, "
-                    f"flip {_fmt(result.first_flip, '.1f')} s, drop {_fmt(result.first_drop, '.2f')} s; "
-                    f"false alarms {result.false_alarms()}")
-                if verbose:
-                    for w in result.windows:
-                        mark = {True: "LOAD", False: "    ", None: "grace"}[result.truth(w)]
-                        say(f"    {w.end - result.attack_start:7.1f} {mark:5s} {w.state:20s} {w.raw_state:20s} "
-                            f"score {w.score:6.2f} pkt/s {w.packets_per_s:9.0f} drop/s {w.dropped_per_s:9.0f}")
-            version = rig.model_version
-        finally:
-            rig.close()
-    note = f"pre {pre:.0f} s / post {post:.0f} s benign around each load, measured {time.strftime('%Y-%m-%d %H:%M')}"
-    return results, markdown(results, summarize(results), model=version, seconds_note=note)

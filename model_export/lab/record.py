@@ -1,7 +1,9 @@
-"""`record`: run the probes (no export) and write labelled feature windows, the rows `train` learns from.
+"""Recording: run the probes (no export, no model) and write labelled feature windows, the rows `train` learns from.
 
-The same probes, the same Agent.step and the same feature schema as `otel-ebpf-receiver run`, so what is
-recorded is exactly what the model will be shown in production.
+The agent comes from :func:`otel_ebpf_receiver.assembly.build_agent` like `otel-ebpf-receiver run`'s: the same
+probes, the same Agent.step and the same feature schema, so what is recorded is exactly what the model will be
+shown in production. :func:`record` is ``otel-ebpf-lab record-host`` (one label, this host as it is); the lab's
+scenario plans record through :class:`Recorder` too (:func:`model_export.lab.scenarios.record_plan`).
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
-from otel_ebpf_receiver.agent import Agent, check_privileges, load_probes
+from otel_ebpf_receiver.agent import WindowResult
+from otel_ebpf_receiver.assembly import build_agent
 from otel_ebpf_receiver.config import Config
 from otel_ebpf_receiver.features import feature_names
-from otel_ebpf_receiver.telemetry import Telemetry
 
-from .windows import WindowWriter
+from ..windows import WindowWriter
 
 
 class Recorder:
@@ -25,18 +27,22 @@ class Recorder:
 
     def __init__(self, probes: Sequence[str] = (), interval: float = 1.0, settings: dict | None = None,
                  say: Callable[[str], None] = print) -> None:
-        check_privileges()
-        self.probes = load_probes(list(probes), settings or {}, say)
-        self.names = feature_names([p.name for p in self.probes])
-        self.agent = Agent(Config(interval=interval), Telemetry("none"), self.probes)
+        config = Config(interval=interval, probes=list(probes), exporter="none", probe_settings=settings or {})
+        self.agent = build_agent(config, say=say, classify=False, live=False)
+        self.probes = self.agent.probes
+        try:
+            self.names = feature_names([p.name for p in self.probes])
+        except BaseException:
+            self.agent.close()
+            raise
         self.label: str | None = None
         self.windows: list[tuple[float, str, dict[str, float]]] = []
         self.agent.window_listeners.append(self._on_window)
         self._thread: threading.Thread | None = None
 
-    def _on_window(self, window: Any, verdict: Any) -> None:
+    def _on_window(self, result: WindowResult) -> None:
         if self.label is not None:
-            self.windows.append((window.timestamp, self.label, dict(window.values)))
+            self.windows.append((result.window.timestamp, self.label, dict(result.window.values)))
 
     def start(self) -> "Recorder":
         self._thread = threading.Thread(target=self.agent.run, name="recorder", daemon=True)

@@ -1,6 +1,6 @@
-"""Workloads the project drives itself to record labelled windows (for the default model and the lab).
+"""Host workloads the project drives itself to record labelled windows (for the bundled models and the lab).
 
-Each scenario is a context manager that starts a bounded workload and stops it on exit; every loop also stops
+Each is a context manager that starts a bounded load and stops it on exit; every loop also stops
 by itself after ``max_seconds`` so a crashed driver never leaves load behind. Traffic stays on loopback or
 between namespaces the lab created.
 """
@@ -330,7 +330,8 @@ def idle(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
     yield
 
 
-SCENARIOS: dict[str, Callable[..., contextlib.AbstractContextManager]] = {
+# By name, for `otel-ebpf-lab record-host --workload` and the lab's host scenarios.
+WORKLOADS: dict[str, Callable[..., contextlib.AbstractContextManager]] = {
     "idle": idle,
     "normal": normal,
     "dev_work": dev_work,
