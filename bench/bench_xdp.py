@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 from otel_ebpf_receiver.kernel import bpfsys  # noqa: E402
 from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist  # noqa: E402
 from otel_ebpf_receiver.probes.xdp.pins import remove_pins  # noqa: E402
-from otel_ebpf_receiver.netlab import Lab  # noqa: E402
+from model_export.lab.netns import Lab  # noqa: E402
 from otel_ebpf_receiver.probes.xdp import XdpProbe  # noqa: E402
 
 N_ADDRESSES = 10_000

@@ -15,14 +15,13 @@
 // user space ignores entries older than a stale limit when it counts requests in flight.
 #include <uapi/linux/ptrace.h>
 
+#include "common.bpf.h"
+
 #ifndef MAX_INFLIGHT
 #define MAX_INFLIGHT 10240
 #endif
 #ifndef MAX_DEVICES
 #define MAX_DEVICES 256
-#endif
-#ifndef LATENCY_SLOTS
-#define LATENCY_SLOTS 28  // log2 of microseconds; the last slot is the overflow (see log2hist.py)
 #endif
 // At issue, an entry stamped at insert is kept as this request's start unless older than this: then it is a
 // leftover of a request whose completion we could not match, and the issue starts a new one.
@@ -33,7 +32,8 @@
 #define DIR_READ 0
 #define DIR_WRITE 1
 
-enum stat_index { STAT_UPDATE_FAILED = 0, STAT_NEW_START = 1, STAT_START_DONE = 2, STAT_MAX = 3 };
+// stats: STAT_NEW_KEYS counts requests entered into `start`, STAT_START_DONE those the program removed again.
+enum block_io_stat { STAT_START_DONE = STAT_PROBE };
 
 struct start_key {
     u32 dev;
@@ -59,13 +59,6 @@ struct disk_stats {
 BPF_TABLE("lru_hash", struct start_key, struct start_val, start, MAX_INFLIGHT);
 BPF_PERCPU_HASH(disk_stats, struct stat_key, struct disk_stats, MAX_DEVICES * 2);
 BPF_PERCPU_ARRAY(zero_stats, struct disk_stats, 1);  // a zeroed value to insert from, off the 512-byte stack
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
-
-static __always_inline void bump_stat(u32 index) {
-    u64 *v = stats.lookup(&index);
-    if (v)
-        (*v)++;
-}
 
 // rwbs is blk_fill_rwbs(): an optional 'F' (pre-flush), then the operation (R, W, D, F, N...), then flags.
 static __always_inline int direction(char c0, char c1) {
@@ -97,7 +90,7 @@ static __always_inline int stamp(u32 dev, u64 sector, u32 bytes, char c0, char c
     }
     struct start_val fresh = {.ts = now, .bytes = bytes, .dir = dir};
     if (start.update(&key, &fresh) == 0)
-        bump_stat(STAT_NEW_START);
+        bump_stat(STAT_NEW_KEYS);
     else
         bump_stat(STAT_UPDATE_FAILED);
     return 0;
@@ -152,9 +145,9 @@ TRACEPOINT_PROBE(block, block_rq_complete) {
     s->ops++;
     s->bytes += bytes;
     s->time_ns += delta;
-    u32 slot = bpf_log2l(delta / 1000);
-    if (slot >= LATENCY_SLOTS)
-        slot = LATENCY_SLOTS - 1;
+    u32 slot = latency_slot(delta);
     s->slots[slot]++;
     return 0;
 }
+
+CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

@@ -4,6 +4,8 @@
 // thread without reading task_struct (whose layout we must not assume).
 #include <linux/sched.h>
 
+#include "common.bpf.h"
+
 #ifndef MAX_COMMS
 #define MAX_COMMS 4096
 #endif
@@ -13,8 +15,7 @@ enum counter_index {
     THREADS_CREATED = 1,
     PROCESS_EXITS = 2,
     EXECS = 3,
-    STAT_UPDATE_FAILED = 4,
-    COUNTER_MAX = 5,
+    COUNTER_MAX = 4,
 };
 
 struct comm_key {
@@ -40,7 +41,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec) {
     } else {
         u64 one = 1;
         if (exec_counts.update(&key, &one) != 0)
-            bump(STAT_UPDATE_FAILED);
+            bump_stat(STAT_UPDATE_FAILED);
     }
     return 0;
 }
@@ -62,3 +63,5 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
 #endif
     return 0;
 }
+
+CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

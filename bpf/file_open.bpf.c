@@ -5,6 +5,8 @@
 // user space counts what was evicted (new keys inserted minus entries present).
 #include <linux/sched.h>
 
+#include "common.bpf.h"
+
 #ifndef MAX_INFLIGHT
 #define MAX_INFLIGHT 10240
 #endif
@@ -17,8 +19,6 @@
 #ifndef PATH_BYTES
 #define PATH_BYTES 128
 #endif
-
-enum stat_index { STAT_UPDATE_FAILED = 0, STAT_NEW_PATH_KEYS = 1, STAT_MAX = 2 };
 
 struct comm_key {
     char comm[TASK_COMM_LEN];
@@ -35,13 +35,6 @@ BPF_HASH(inflight, u64, const char *, MAX_INFLIGHT);
 BPF_PERCPU_HASH(comm_counts, struct comm_key, struct open_counts, MAX_COMMS);
 BPF_TABLE("lru_hash", struct path_key, u64, path_counts, MAX_PATHS);
 BPF_PERCPU_ARRAY(path_scratch, struct path_key, 1);  // too large for the 512-byte BPF stack
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
-
-static __always_inline void bump_stat(u32 index) {
-    u64 *v = stats.lookup(&index);
-    if (v)
-        (*v)++;
-}
 
 static __always_inline int on_enter(const char *filename) {
     u64 id = bpf_get_current_pid_tgid();
@@ -89,7 +82,7 @@ static __always_inline int on_exit(long ret) {
     } else {
         u64 one = 1;
         if (path_counts.update(pk, &one) == 0)
-            bump_stat(STAT_NEW_PATH_KEYS);
+            bump_stat(STAT_NEW_KEYS);  // a path new to path_counts
         else
             bump_stat(STAT_UPDATE_FAILED);
     }
@@ -108,3 +101,5 @@ TRACEPOINT_PROBE(syscalls, sys_exit_open) { return on_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_openat2) { return on_enter(args->filename); }
 TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return on_exit(args->ret); }
 #endif
+
+CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

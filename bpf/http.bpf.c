@@ -16,22 +16,21 @@
 // same (tgid, fd): the server's time to first response byte, not including sending the body.
 #include <uapi/linux/ptrace.h>
 
+#include "common.bpf.h"
+
 #ifndef MAX_CONNS
 #define MAX_CONNS 16384
 #endif
 #ifndef MAX_KEYS
 #define MAX_KEYS 4096
 #endif
-#ifndef LATENCY_SLOTS
-#define LATENCY_SLOTS 28  // log2 of microseconds; the last slot is the overflow (see log2hist.py)
-#endif
 #define PREFIX 16
 #define MAX_THREADS_IN_IO 10240
 
 enum method { M_NONE = 0, M_GET, M_POST, M_PUT, M_DELETE, M_HEAD, M_PATCH, M_OPTIONS, M_CONNECT, M_TRACE };
 enum buffer_kind { BUF_PLAIN = 0, BUF_IOVEC = 1, BUF_MSGHDR = 2 };
-enum stat_index { STAT_UPDATE_FAILED = 0, STAT_NEW_KEYS = 1, STAT_CONNS_TRACKED = 2, STAT_CONNS_NOT_HTTP = 3,
-                  STAT_MAX = 4 };
+// stats: STAT_NEW_KEYS counts keys inserted into requests and responses.
+enum http_stat { STAT_CONNS_TRACKED = STAT_PROBE, STAT_CONNS_NOT_HTTP };
 
 // The syscall ABI (stable, unlike kernel-internal structs): struct iovec and the start of struct user_msghdr.
 struct iovec_abi {
@@ -87,19 +86,12 @@ BPF_TABLE("lru_hash", u64, u32, accepting, MAX_THREADS_IN_IO);
 BPF_TABLE("lru_percpu_hash", struct request_key, u64, requests, MAX_KEYS);
 BPF_TABLE("lru_percpu_hash", struct response_key, struct response_val, responses, MAX_KEYS);
 BPF_PERCPU_ARRAY(zero_response, struct response_val, 1);
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 #ifdef FILTER_COMMS
 struct comm_key {
     char comm[16];
 };
 BPF_HASH(comm_filter, struct comm_key, u8, 64);  // filled by user space before attaching
 #endif
-
-static __always_inline void bump_stat(u32 index) {
-    u64 *v = stats.lookup(&index);
-    if (v)
-        (*v)++;
-}
 
 // ---- accept / close: which (tgid, fd) are server connections --------------------------------------------------
 static __always_inline int accept_enter(int listen_fd) {
@@ -237,9 +229,7 @@ static __always_inline void count_response(struct conn_key *key, struct conn_val
     }
     r->count++;
     r->sum_ns += delta;
-    u32 slot = bpf_log2l(delta / 1000);
-    if (slot >= LATENCY_SLOTS)
-        slot = LATENCY_SLOTS - 1;
+    u32 slot = latency_slot(delta);
     r->slots[slot]++;
 }
 
@@ -330,3 +320,5 @@ TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return io_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return io_enter(args->fd, args->vec, BUF_IOVEC, 1); }
 TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return io_exit(args->ret); }
 #endif
+
+CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

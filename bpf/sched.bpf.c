@@ -7,14 +7,13 @@
 // CPU and run on another. Only tracepoint fields are read (pid, prev_state...), never struct task_struct.
 #include <uapi/linux/ptrace.h>
 
+#include "common.bpf.h"  // latency_slot()
+
 #ifndef MAX_QUEUED
 #define MAX_QUEUED 10240
 #endif
 #ifndef MAX_THREADS
 #define MAX_THREADS 10240
-#endif
-#ifndef LATENCY_SLOTS
-#define LATENCY_SLOTS 28  // log2 of microseconds; the last slot is the overflow (see log2hist.py)
 #endif
 // prev_state as the tracepoint reports it: the task state bits below TASK_REPORT_MAX, plus TASK_REPORT_MAX itself
 // when the switch was a preemption ("R+" in the trace output). TASK_REPORT_MAX is 0x100 on 4.14+ kernels; the
@@ -93,9 +92,7 @@ TRACEPOINT_PROBE(sched, sched_switch) {
     u64 now = bpf_ktime_get_ns();
     u64 delta = now > *queued ? now - *queued : 0;
     *queued = 0;
-    u32 slot = bpf_log2l(delta / 1000);
-    if (slot >= LATENCY_SLOTS)
-        slot = LATENCY_SLOTS - 1;
+    u32 slot = latency_slot(delta);
     s->slots[slot]++;
     s->latency_sum_ns += delta;
 #ifdef PER_THREAD
@@ -110,3 +107,5 @@ TRACEPOINT_PROBE(sched, sched_switch) {
 #endif
     return 0;
 }
+
+CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

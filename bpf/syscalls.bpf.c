@@ -7,6 +7,8 @@
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
+#include "common.bpf.h"
+
 #ifndef MAX_SYSCALLS
 #define MAX_SYSCALLS 1024
 #endif
@@ -24,8 +26,6 @@
 #endif
 #define PROCESS_SAMPLE_MASK ((1ULL << PROCESS_SAMPLE_SHIFT) - 1)
 
-enum stat_index { STAT_UPDATE_FAILED = 0, STAT_NEW_PROCESS_KEYS = 1, STAT_MAX = 2 };
-
 struct error_key {
     u32 nr;
     u32 err;
@@ -35,13 +35,6 @@ BPF_PERCPU_ARRAY(syscall_counts, u64, MAX_SYSCALLS);
 BPF_PERCPU_HASH(syscall_errors, struct error_key, u64, MAX_ERROR_KEYS);
 // Keyed by tgid; user space names the top processes from /proc, which keeps comm copies off the hot path.
 BPF_TABLE("lru_percpu_hash", u32, u64, process_counts, MAX_PROCESSES);
-BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
-
-static __always_inline void bump_stat(u32 index) {
-    u64 *v = stats.lookup(&index);
-    if (v)
-        (*v)++;
-}
 
 static __always_inline int count_exit(u32 nr, long ret) {
     u64 sequence = 0;
@@ -70,7 +63,7 @@ static __always_inline int count_exit(u32 nr, long ret) {
     } else {
         u64 weight = PROCESS_SAMPLE_MASK + 1;
         if (process_counts.update(&tgid, &weight) == 0)
-            bump_stat(STAT_NEW_PROCESS_KEYS);
+            bump_stat(STAT_NEW_KEYS);  // a process new to process_counts
         else
             bump_stat(STAT_UPDATE_FAILED);
     }
@@ -97,3 +90,5 @@ TRACEPOINT_PROBE(raw_syscalls, sys_exit) {
     return count_exit((u32)args->id, args->ret);
 }
 #endif
+
+CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

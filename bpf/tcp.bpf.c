@@ -4,6 +4,8 @@
 //
 // One per-CPU array of counters, indexed by (what, family); family 0 = IPv4, 1 = IPv6.
 
+#include "common.bpf.h"
+
 #define TCP_STATES 16           // tcp_states.h: 1 ESTABLISHED .. 12 NEW_SYN_RECV; room to grow
 #define IDX_STATE(fam, s) ((fam) * TCP_STATES + (s))
 #define IDX_OPENED_CLIENT 32    // + family: SYN_SENT -> ESTABLISHED (we connected)
@@ -82,3 +84,5 @@ int on_tcp_send_reset(void *ctx)
 #endif
     return 0;
 }
+
+CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

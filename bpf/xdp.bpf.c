@@ -1,4 +1,4 @@
-// XDP ingress accounting and source blocklist (probe "xdp", see otel_ebpf_receiver/probes/xdp.py).
+// XDP ingress accounting and source blocklist (probe "xdp", see otel_ebpf_receiver/probes/xdp/probe.py).
 //
 // Per packet, in this order (the drop path is the short one):
 //   1. parse Ethernet (up to two VLAN tags), IPv4 / IPv6 (+ up to 4 extension headers), TCP/UDP/ICMP;
@@ -19,8 +19,9 @@
 // (RFC 4291 2.5.5.2, the kernel drops it) and is simply accounted as that IPv4 source.
 //
 // Settings arrive as -D defines (map sizes, PIN_DIR, interface slots). The list maps are pinned under PIN_DIR
-// and created beforehand by otel_ebpf_receiver/blocklist.py with the layout below, so that bcc only ever adopts
-// them. Layouts are mirrored in Python (blocklist.py, probes/xdp.py): change both together.
+// and created beforehand by otel_ebpf_receiver/probes/xdp/blocklist.py with the layout below, so that bcc only
+// ever adopts them. Python reads totals and per-source windows through bcc's types; the list layouts it packs
+// without bcc (probes/xdp/lists.py) and the index constants are checked against this file at load.
 //
 // Time (expiry, last hit) is CLOCK_MONOTONIC as written by the agent into xdp_config each interval, see there.
 
@@ -31,6 +32,8 @@
 #include <linux/tcp.h>
 #include <linux/udp.h>
 #include <linux/in.h>
+
+#include "common.bpf.h"
 
 #ifndef PER_SOURCE_ENTRIES
 #define PER_SOURCE_ENTRIES 65536
@@ -374,3 +377,5 @@ pass:
 #endif
     return XDP_PASS;
 }
+
+CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

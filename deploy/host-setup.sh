@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # Prepares a Debian 12 host for otel-ebpf-receiver. Idempotent: every step checks before it acts,
-# so a second run only prints what is already in place.
-#   deploy/host-setup.sh            packages, kernel headers, tracefs/debugfs/bpffs
+# so a second run only prints what it had to do (nothing, usually).
+#   deploy/host-setup.sh            the agent: bcc, bpftool, iproute2, python3-venv, kernel headers, mounts
+#   deploy/host-setup.sh --lab      also the test-suite's and the scenario lab's tools (load generators, nginx,
+#                                   Prometheus); their system services are left disabled (the tests start their own)
 #   deploy/host-setup.sh --mounts   only the mounts (used by the systemd unit on each start)
 set -euo pipefail
 
 say() { echo "host-setup: $*"; }
 
 [ "$(id -u)" -eq 0 ] || { echo "host-setup: must run as root (loading eBPF programs needs CAP_BPF/CAP_SYS_ADMIN); try: sudo make run" >&2; exit 1; }
+
+mode=${1:-agent}
+case "$mode" in
+    agent|--lab|--mounts) ;;
+    *) echo "host-setup: unknown option $mode; use --lab (test and lab tools too) or --mounts (mounts only)" >&2; exit 2 ;;
+esac
 
 mount_if_missing() {  # fstype mountpoint
     if ! mountpoint -q "$2"; then
@@ -20,13 +28,22 @@ mount_if_missing() {  # fstype mountpoint
 mount_if_missing tracefs /sys/kernel/tracing
 mount_if_missing debugfs /sys/kernel/debug
 mount_if_missing bpf /sys/fs/bpf
-[ "${1:-}" = "--mounts" ] && exit 0
+[ "$mode" = "--mounts" ] && exit 0
 
-# Packages the agent and its test-suite use. bcc comes from Debian, not PyPI.
-PACKAGES=(python3-bpfcc libbpfcc bpfcc-tools bpftool python3-venv python3-dev iproute2
-          hping3 xdp-tools netsniff-ng iperf3 stress-ng fio prometheus curl nginx-light)
+# What the agent needs. bcc comes from Debian, not PyPI; the agent runs `ip` (XDP mode, protected addresses);
+# bpftool is how an operator inspects the pinned blocklist maps.
+AGENT_PACKAGES=(python3-bpfcc libbpfcc bpftool iproute2 python3-venv)
+# What only the test-suite, the benchmarks and the scenario lab use: load generators, bcc's tools (syscount is the
+# benchmark's baseline), xdp-filter, a web server and Prometheus (the tests run their own instances on free ports).
+LAB_PACKAGES=(bpfcc-tools python3-dev hping3 xdp-tools netsniff-ng iperf3 stress-ng fio prometheus curl nginx-light)
+# System services those packages ship and Debian enables on install. Nobody asked for them to run at boot.
+LAB_SERVICES=(prometheus nginx)
+
+packages=("${AGENT_PACKAGES[@]}")
+[ "$mode" = "--lab" ] && packages+=("${LAB_PACKAGES[@]}")
+
 missing=()
-for p in "${PACKAGES[@]}"; do
+for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -37,6 +54,17 @@ if [ ${#missing[@]} -gt 0 ]; then
     policy=/usr/sbin/policy-rc.d
     [ -e "$policy" ] || { printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; trap 'rm -f "$policy"' EXIT; }
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# policy-rc.d keeps the services from starting, not from being enabled at boot: disable them (and stop any
+# that a package upgrade started). Works without a running systemd too (systemctl then only edits the links).
+if [ "$mode" = "--lab" ] && command -v systemctl >/dev/null; then
+    for unit in "${LAB_SERVICES[@]}"; do
+        if [ "$(systemctl is-enabled "$unit.service" 2>/dev/null)" = "enabled" ]; then
+            systemctl disable --now "$unit.service" >/dev/null 2>&1 || systemctl disable "$unit.service" >/dev/null 2>&1
+            say "disabled $unit.service (installed for the tests, which start their own; enable it yourself if you want it)"
+        fi
+    done
 fi
 
 # bcc compiles programs against kernel headers. Kernels without a headers package (cloud and VM kernels)
@@ -53,5 +81,5 @@ if [ ! -e "$KDIR/build/include/linux/kconfig.h" ] && [ ! -e "$KDIR/source/includ
     mkdir -p "$KDIR"
     ln -sfn "$arch_dir" "$KDIR/build"
     ln -sfn "$common_dir" "$KDIR/source"
-    say "linked $arch_dir as $KDIR/build (kernel $(uname -r) ships no headers)"
+    say "kernel $(uname -r) ships no headers: linked $KDIR/build -> $arch_dir and $KDIR/source -> $common_dir (undo: rm $KDIR/build $KDIR/source)"
 fi

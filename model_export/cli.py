@@ -26,7 +26,8 @@ examples:
   # no host to record on? try the toolchain on synthetic windows
   otel-ebpf-model synthetic -o /tmp/demo.csv && otel-ebpf-model train /tmp/demo.csv -o /tmp/m --onnx /tmp/m.onnx
 
-The CSV format (written by `otel-ebpf-model record`): timestamp,label,<feature>,... one row per window.
+The CSV format (written by `otel-ebpf-lab record` and `record-host`): timestamp,label,<feature>,... one row
+per window.
 """
 
 EPILOG_TRAIN = """\
@@ -202,55 +203,11 @@ def cmd_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
-EPILOG_RECORD = """\
-examples:
-  sudo otel-ebpf-model record --label normal --duration 10m -o rec/normal.csv
-  sudo otel-ebpf-model record --label io_degraded --duration 2m -o rec/io.csv --probes syscalls,block_io
-  sudo otel-ebpf-model record --label exec_storm --duration 60s -o rec/exec.csv --scenario exec_storm
-
-Runs the same probes and feature schema as the agent (no export) and appends one row per window. Label what
-the host is doing while it records; --scenario drives one of the project's own bounded workloads meanwhile.
-"""
-
-
-def cmd_record(args: argparse.Namespace) -> int:
-    import contextlib
-
-    from otel_ebpf_receiver.config import parse_duration
-
-    from .record import record
-    from .scenarios import SCENARIOS
-    from .windows import check_label
-
-    label = check_label(args.label)
-    duration = parse_duration(args.duration, "--duration")
-    interval = parse_duration(args.interval, "--interval")
-    probes = [p for p in (args.probes or "").split(",") if p]
-    scenario = SCENARIOS[args.scenario](max_seconds=duration + 30) if args.scenario else contextlib.nullcontext()
-    with scenario:
-        rows = record(label, duration, args.output, probes, interval, progress=not args.quiet,
-                      say=lambda line: print(f"otel-ebpf-model: {line}", file=sys.stderr))
-    print(f"recorded {rows} windows labelled {label!r} into {args.output}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="otel-ebpf-model", description=__doc__, epilog=EPILOG_MAIN,
                                      formatter_class=fmt)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("record", help="record labelled feature windows from this host's probes",
-                       epilog=EPILOG_RECORD, formatter_class=fmt)
-    p.add_argument("--label", "-l", required=True, help="what the host is doing (becomes a state name)")
-    p.add_argument("--duration", "-d", required=True, help="how long, e.g. 90s, 10m")
-    p.add_argument("-o", "--output", required=True, metavar="FILE.csv", help="CSV to append windows to")
-    p.add_argument("--probes", help="comma-separated probes (default: every probe this kernel can run)")
-    p.add_argument("--interval", default="1s", help="window length (default 1s, as the agent)")
-    from .scenarios import SCENARIOS
-    p.add_argument("--scenario", choices=sorted(SCENARIOS), help="drive this bounded workload while recording")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_record)
 
     p = sub.add_parser("train", help="cluster labelled windows and name the clusters", epilog=EPILOG_TRAIN,
                        formatter_class=fmt)

@@ -111,7 +111,8 @@ def make_pipeline(config: TrainConfig, k: int) -> Any:
 
 def segments(table: WindowTable, gap: float = SEGMENT_GAP_S) -> np.ndarray:
     """Segment id per window: a run of windows in time order with one label and no gap longer than ``gap`` s —
-    one steady workload (the lab leaves an unrecorded drain between scenarios, `record` writes one run)."""
+    one steady workload (the lab leaves an unrecorded drain between scenarios; `otel-ebpf-lab record-host` writes
+    one run)."""
     order = np.argsort(table.timestamps, kind="stable")
     ids = np.zeros(len(table), dtype=np.int64)
     current = 0

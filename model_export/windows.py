@@ -1,4 +1,4 @@
-"""Recorded feature windows as CSV: what `record` writes and `train` reads.
+"""Recorded feature windows as CSV: what `otel-ebpf-lab record` (and `record-host`) writes and `train` reads.
 
     timestamp,label,syscalls.rate_log1p,syscalls.error_ratio,...
     1764090857.25,normal,8.41,0.012,...
@@ -98,8 +98,8 @@ def _as_row(row: Any, label: str | None) -> tuple[float, str, Mapping[str, float
 
 
 class WindowWriter:
-    """Append windows one at a time (what `record` does every interval). Each row is flushed, so a recorder
-    that is killed loses at most the window in progress. Use as a context manager."""
+    """Append windows one at a time (what the lab's Recorder does every interval). Each row is flushed, so a
+    recorder that is killed loses at most the window in progress. Use as a context manager."""
 
     def __init__(self, path: str | os.PathLike[str], names: Sequence[str], *, append: bool = True) -> None:
         self.path = Path(path)

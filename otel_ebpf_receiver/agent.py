@@ -112,13 +112,13 @@ class Agent:
         self.last: WindowResult | None = None
         self.window_listeners: list[Callable[[WindowResult], None]] = []
         metrics = [m for p in self.probes for m in p.metrics] + [m for s in self.sources for m in s.metrics]
-        self.sink = MetricSink(telemetry.meter, metrics + list(SELF_METRICS))
+        self.sink = MetricSink(telemetry.meter, metrics + list(SELF_METRICS), telemetry.cardinality_limit)
         self._gauge_names = [m.name for m in metrics if m.kind == GAUGE]
         self._health = ProbeHealth()
         attached = [(1.0, {"probe.name": p.name, "probe.mode": p.mode}) for p in self.probes]
         skipped = [(0.0, {"probe.name": n, "probe.mode": "disabled"}) for n in skipped_probes]
         self._attached_gauge = {"otel_ebpf_receiver.probe.attached": attached + skipped}
-        self._failures_seen = 0
+        self._export_health_seen: dict[tuple[str, str], int] = {}
 
     @property
     def last_window(self) -> FeatureWindow | None:
@@ -147,14 +147,28 @@ class Agent:
             next_tick += interval
             if next_tick < now:  # we fell behind (suspend, overload): skip missed ticks instead of bursting
                 next_tick = now + interval
+        self.read_last_window(time.monotonic() - last)
+
+    def read_last_window(self, seconds: float) -> None:
+        """At stop: what the probes counted since the last window, exported with the last verdict (a partial
+        window is too short to classify). Without it, up to one interval of events would never be exported."""
+        try:
+            readings = self.collect(seconds)
+            self.export(readings, self.verdict, seconds)
+        except Exception as exc:  # the stop must go on: detach and flush
+            log.warning("reading the last window failed (%s)", exc)
 
     def close(self) -> None:
-        """End the open incident, flush telemetry, then detach every program (the last window's data go out
-        first)."""
+        """Detach every program, end the open incident, then flush telemetry with a short deadline
+        (telemetry.FLUSH_DEADLINE_SECONDS) whatever the Collector does: nothing stays attached while the agent
+        waits on a Collector that is away. `run` has read the last window before."""
+        for probe in self.probes:
+            try:
+                probe.close()
+            except Exception as exc:  # one probe failing to detach must not keep the others attached
+                log.warning("probe %s: detaching failed (%s)", probe.name, exc)
         self.classifier.close()
         self.telemetry.shutdown()
-        for probe in self.probes:
-            probe.close()
 
     # -- one window -----------------------------------------------------------------------------------------
     def step(self, seconds: float) -> Verdict:
@@ -197,34 +211,54 @@ class Agent:
 
     def export(self, readings: dict[str, Reading], verdict: Verdict, seconds: float) -> None:
         """Record the probes' readings and the other sources' (read now: they include what classify and act
-        produced) with this window's state attached."""
-        state = self.state_attributes(verdict)
+        produced) with this window's state attached.
+
+        Every point carries ``system.state``; only the sources' points (classifier, mitigation: what the model
+        decided) also carry ``system.state.model``. On a probe's points it would duplicate every series at each
+        model swap, for a value the state metrics already carry."""
+        state = {STATE_ATTRIBUTE: verdict.state}
+        decided = self.state_attributes(verdict)
         gauges: dict[str, list[tuple[float, dict]]] = dict(self._attached_gauge)
         gauges.update((name, []) for name in self._gauge_names)  # a gauge with no values this window reports nothing
-        all_readings = list(readings.items()) + [(s.name, s.read(seconds)) for s in self.sources]
-        for name, reading in all_readings:
+        gauge_state: dict[str, dict[str, str]] = {}
+        all_readings = [(r, state) for r in readings.values()] + [(s.read(seconds), decided) for s in self.sources]
+        for reading, attributes in all_readings:
             for metric, value, attrs in reading.counters:
-                self.sink.add(metric, value, attrs, state)
+                self.sink.add(metric, value, attrs, attributes)
             for metric, value, attrs in reading.gauges:
                 gauges[metric].append((value, attrs))
+                gauge_state[metric] = attributes
             for metric, buckets, total, attrs in reading.histograms:
-                self.sink.record_histogram(metric, buckets, attrs, state, total=total)
+                self.sink.record_histogram(metric, buckets, attrs, attributes, total=total)
         for name, reading in readings.items():
             self._add_health("otel_ebpf_receiver.map.update_failures", name,
                              self._health.increase("update_failures", name, reading.map_update_failures), state)
             self._add_health("otel_ebpf_receiver.map.evictions", name,
                              self._health.increase("evictions", name, reading.map_evictions), state)
-        reporting = self.telemetry.reporting
-        if reporting is not None and reporting.failures != self._failures_seen:
-            self.sink.add("otel_ebpf_receiver.export.failures", reporting.failures - self._failures_seen,
-                          {"exporter": self.config.exporter}, state)
-            self._failures_seen = reporting.failures
-        self.sink.set_gauges(gauges, state)
+        self._export_delivery_health(state)
+        by_attributes: dict[tuple, dict[str, list]] = {}
+        for name, points in gauges.items():
+            key = tuple(sorted(gauge_state.get(name, state).items()))
+            by_attributes.setdefault(key, {})[name] = points
+        for key, values in by_attributes.items():
+            self.sink.set_gauges(values, dict(key))
+
+    def _export_delivery_health(self, state: dict[str, str]) -> None:
+        """Failed exports (per signal) and log records / spans that were dropped (per signal and reason) since the
+        last window, from the telemetry's cumulative counts."""
+        for (what, signal), total in self.telemetry.export_health().items():
+            increase = total - self._export_health_seen.get((what, signal), 0)
+            self._export_health_seen[(what, signal)] = total
+            if increase and what == "failures":
+                self.sink.add("otel_ebpf_receiver.export.failures", increase, {"signal": signal}, state)
+            elif increase:
+                self.sink.add("otel_ebpf_receiver.export.dropped", increase, {"signal": signal, "reason": what}, state)
 
     @staticmethod
     def state_attributes(verdict: Verdict) -> dict[str, str]:
+        """What the sources' points carry: the state and the model that decided it."""
         return {STATE_ATTRIBUTE: verdict.state, MODEL_ATTRIBUTE: verdict.model_version}
 
     def _add_health(self, metric: str, probe: str, value: int, state: dict[str, str] | None = None) -> None:
         if value:
-            self.sink.add(metric, value, {"probe.name": probe}, state or self.state_attributes(self.verdict))
+            self.sink.add(metric, value, {"probe.name": probe}, state or {STATE_ATTRIBUTE: self.verdict.state})

@@ -5,7 +5,6 @@ the scenario lab and the tests all call :func:`build_agent`."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -115,7 +114,7 @@ def build_agent(config: Config, *, say: Say | None = None, probes: Sequence[Prob
     if privileged:
         check_privileges()
     telemetry = Telemetry(config.exporter, metric_readers=metric_readers, log_exporter=log_exporter,
-                          span_exporter=span_exporter)
+                          span_exporter=span_exporter, cardinality_limit=config.max_series_per_metric)
     loaded: list[Probe] = []
     classifier: Any = None
     try:
@@ -152,20 +151,31 @@ def build_agent(config: Config, *, say: Say | None = None, probes: Sequence[Prob
     return agent
 
 
-def run(config: Config, *, metric_readers: Sequence[Any] = (), say: Say | None = None) -> None:
-    """`otel-ebpf-receiver run`: build the agent, loop until SIGINT/SIGTERM, then stop cleanly."""
+def run(config: Config, *, metric_readers: Sequence[Any] = (), say: Say | None = None,
+        duration: float | None = None) -> None:
+    """`otel-ebpf-receiver run`: build the agent, loop until SIGINT/SIGTERM (or for ``duration`` seconds), then
+    stop: read the last window, detach every program, flush with a short deadline."""
+    from .otel_env import export_interval_ms
+
     agent = build_agent(config, say=say, metric_readers=metric_readers)
     agent.install_signal_handlers()
+    timer = None
+    if duration is not None:
+        import threading
+
+        timer = threading.Timer(duration, agent.stop_event.set)
+        timer.daemon = True
+        timer.start()
     attached = ", ".join(f"{p.name} ({p.mode})" for p in agent.probes)
-    reporting = agent.telemetry.reporting
-    log.info("attached %s; exporting via %s every %s ms; state model %s", attached,
-             reporting.target if reporting else "nothing (exporter=none)",
-             os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", "10000"), agent.classifier.version)
+    log.info("attached %s; exporting metrics to %s every %s ms; state model %s", attached, agent.telemetry.targets,
+             export_interval_ms(), agent.classifier.version)
     try:
         agent.run()
     finally:
+        if timer is not None:
+            timer.cancel()
         agent.close()
-        log.info("stopped: telemetry flushed, %d probe(s) detached", len(agent.probes))
+        log.info("stopped: %d probe(s) detached, telemetry flushed", len(agent.probes))
 
 
 __all__ = ["build_agent", "build_mitigator", "check_privileges", "load_probes", "run"]

@@ -32,23 +32,36 @@ ENV_LOG_LEVEL = ENV_PREFIX + "LOG_LEVEL"
 """debug, info, warning or error."""
 ENV_MITIGATION = ENV_PREFIX + "MITIGATION"
 """Mitigation mode: off, dry-run or enforce (same as --mitigation)."""
+ENV_MAX_SERIES = ENV_PREFIX + "MAX_SERIES_PER_METRIC"
+"""Cardinality cap: series kept per metric; further attribute sets go into one otel.metric.overflow=true series."""
 
 EXPORTERS = ("otlp", "console", "none")
 LIVE_MODES = ("auto", "on", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# A window reads every probe's maps, scores the model and records every series: at 1 s this costs a few ms of CPU
+# (README, "Cost"); below 100 ms it would be a large share of a core, and rates over so few events are noise.
+MIN_INTERVAL_SECONDS = 0.1
+# The spec's and the SDK's default cardinality limit. A cap below 10 would fold even the handful of states of
+# one metric into overflow.
+DEFAULT_MAX_SERIES_PER_METRIC = 2000
+MIN_MAX_SERIES_PER_METRIC = 10
+
+
 @dataclass
 class Config:
     interval: float = 1.0
     probes: list[str] = field(default_factory=list)  # empty = every probe available on this kernel
-    exporter: str = "otlp"
+    exporter: str | None = None  # None = per signal from OTEL_{METRICS,LOGS,TRACES}_EXPORTER (default otlp)
     model_dir: str | None = None  # None = the bundled default model
     live: str = "auto"
     log_level: str = "info"
     probe_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     mitigation: dict[str, Any] = field(default_factory=dict)  # see mitigation/settings.py
+    max_series_per_metric: int = DEFAULT_MAX_SERIES_PER_METRIC
     source: str = "defaults"
 
-    KEYS = ("interval", "probes", "exporter", "model_dir", "live", "log_level", "probe_settings", "mitigation")
+    KEYS = ("interval", "probes", "exporter", "model_dir", "live", "log_level", "probe_settings", "mitigation",
+            "max_series_per_metric")
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -56,6 +69,15 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
 
     if key == "interval":
         cfg.interval = parse_duration(value, f"interval (from {where})")
+        if cfg.interval < MIN_INTERVAL_SECONDS:
+            raise ConfigError(f"interval {value!r} (from {where}) is shorter than 100ms: a window's reads and model "
+                              "score would take a large share of a CPU; use e.g. 1s (default) or 500ms")
+    elif key == "max_series_per_metric":
+        number = int(value) if isinstance(value, str) and value.strip().isdigit() else value
+        if isinstance(number, bool) or not isinstance(number, int) or number < MIN_MAX_SERIES_PER_METRIC:
+            raise ConfigError(f"max_series_per_metric {value!r} (from {where}) must be a whole number of at least "
+                              f"{MIN_MAX_SERIES_PER_METRIC}; default {DEFAULT_MAX_SERIES_PER_METRIC}")
+        cfg.max_series_per_metric = number
     elif key == "probes":
         names = value if isinstance(value, list) else [p for p in str(value).replace(" ", "").split(",") if p]
         if names == ["all"]:
@@ -112,6 +134,8 @@ def _mitigation(value: Any, where: str) -> dict[str, Any]:
             raise ConfigError(f"mitigation: unknown setting {key!r} (from {where}); known: "
                               f"{', '.join(MitigationSettings.KEYS)}")
         if key == "mode":
+            if item is False:  # YAML 1.1 reads a bare `off` as false: `mitigation: {mode: off}` means off
+                item = "off"
             if item not in MODES:
                 raise ConfigError(f"mitigation.mode {item!r} (from {where}) must be one of: {', '.join(MODES)}")
         elif key in ("ttl", "max_ttl"):
@@ -121,6 +145,10 @@ def _mitigation(value: Any, where: str) -> dict[str, Any]:
                 item = [item]
             if not isinstance(item, list) or not all(isinstance(x, str) for x in item):
                 raise ConfigError(f"mitigation.{key} (from {where}) must be a list of strings")
+            if key == "attack_states" and "unknown" in item:
+                raise ConfigError(f"mitigation.attack_states (from {where}) cannot include 'unknown': an unknown "
+                                  "window is novelty the model has not seen, not an attack; name attack states, "
+                                  "e.g. network_flood")
             if key == "allow":
                 for cidr in item:
                     try:
@@ -179,7 +207,7 @@ def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | No
         cfg.source = str(path)
     env_keys = {ENV_INTERVAL: "interval", ENV_PROBES: "probes", ENV_EXPORTER: "exporter",
                 ENV_MODEL_DIR: "model_dir", ENV_LIVE: "live", ENV_LOG_LEVEL: "log_level",
-                ENV_MITIGATION: "mitigation"}
+                ENV_MITIGATION: "mitigation", ENV_MAX_SERIES: "max_series_per_metric"}
     for var, key in env_keys.items():
         if env.get(var):
             _apply(cfg, key, env[var], var)

@@ -1,9 +1,10 @@
-"""OpenTelemetry plumbing: resource, OTLP exporters (gRPC or HTTP), and the sink that turns probe readings into
-instruments with ``system.state`` on every data point.
+"""OpenTelemetry plumbing: resource, exporters (OTLP over gRPC or HTTP, console), and the sink that turns probe
+readings into instruments with ``system.state`` on every data point.
 
-Everything about *where* data goes is the standard OTEL_* variables, read by the SDK's exporters themselves:
-OTEL_EXPORTER_OTLP_[METRICS_|LOGS_|TRACES_]{ENDPOINT,HEADERS,TIMEOUT,PROTOCOL,INSECURE,CERTIFICATE},
-OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME, OTEL_METRIC_EXPORT_INTERVAL.
+*Where* data go is the standard OTEL_* variables (otel_env.py checks them; the SDK's exporters read them):
+OTEL_EXPORTER_OTLP_[METRICS_|LOGS_|TRACES_]{ENDPOINT,HEADERS,TIMEOUT,PROTOCOL,INSECURE,CERTIFICATE,COMPRESSION},
+OTEL_{METRICS,LOGS,TRACES}_EXPORTER, OTEL_SDK_DISABLED, OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME,
+OTEL_METRIC_EXPORT_INTERVAL. *What* gets lost on the way is counted in delivery.py.
 """
 
 from __future__ import annotations
@@ -13,18 +14,21 @@ import os
 import platform
 import socket
 import threading
+import time
 from bisect import bisect_left
 from typing import Any, Iterable, Mapping, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import Histogram, MeterProvider
-from opentelemetry.sdk.metrics.export import (ConsoleMetricExporter, MetricExporter, MetricExportResult,
-                                              MetricsData, PeriodicExportingMetricReader)
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableGauge
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
-from . import __version__
+from . import __version__, otel_env
+from .delivery import (Delivery, ReportingExporter, accounted_log_exporter, accounted_span_exporter,
+                       admitting_log_processor, admitting_span_processor, run_with_deadline)
 from .kernel import log2hist
+from .otel_env import DEFAULT_EXPORT_INTERVAL_MS, otlp_endpoint, otlp_protocol  # noqa: F401 (doctor uses them)
 from .probes.base import COUNTER, GAUGE, HISTOGRAM, Metric
 
 log = logging.getLogger("otel_ebpf_receiver")
@@ -32,7 +36,11 @@ log = logging.getLogger("otel_ebpf_receiver")
 SCOPE = "otel_ebpf_receiver"
 STATE_ATTRIBUTE = "system.state"
 MODEL_ATTRIBUTE = "system.state.model"
-DEFAULT_EXPORT_INTERVAL_MS = 10_000  # when OTEL_METRIC_EXPORT_INTERVAL is unset (the SDK's own default is 60 s)
+OVERFLOW_ATTRIBUTES = {"otel.metric.overflow": True}  # the spec's (and the SDK's) overflow series
+DEFAULT_CARDINALITY_LIMIT = 2000  # series per metric; the spec's and the SDK's default
+FLUSH_DEADLINE_SECONDS = 3.0      # the final flush at stop, whatever the Collector does
+BATCH_QUEUE_DEFAULT = 2048        # OTEL_BLRP_MAX_QUEUE_SIZE / OTEL_BSP_MAX_QUEUE_SIZE when unset (the SDK's)
+BATCH_SIZE_DEFAULT = 512          # OTEL_BLRP_MAX_EXPORT_BATCH_SIZE / OTEL_BSP_MAX_EXPORT_BATCH_SIZE when unset
 
 SELF_METRICS = (
     Metric("otel_ebpf_receiver.probe.attached", GAUGE, "{probe}", "1 when the probe is attached, 0 when it was skipped.",
@@ -43,30 +51,13 @@ SELF_METRICS = (
            "Entries evicted from bounded LRU maps, per probe.", ("probe.name",)),
     Metric("otel_ebpf_receiver.probe.read_errors", COUNTER, "{error}", "Probe map reads that raised an error.",
            ("probe.name",)),
-    Metric("otel_ebpf_receiver.export.failures", COUNTER, "{export}", "Metric exports that failed.",
-           ("exporter",)),
+    Metric("otel_ebpf_receiver.export.failures", COUNTER, "{export}",
+           "Exports that failed, per signal (metrics, logs, spans).", ("signal",)),
+    Metric("otel_ebpf_receiver.export.dropped", COUNTER, "{record}",
+           "Log records and spans that never reached the Collector, per signal and reason (queue_full, "
+           "export_failed, shutdown). Metrics are cumulative and lose nothing to a failed export.",
+           ("signal", "reason")),
 )
-
-
-def otlp_protocol(signal: str) -> str:
-    return (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL")
-            or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "grpc").strip().lower()
-
-
-def otlp_endpoint(signal: str) -> str:
-    protocol = otlp_protocol(signal)
-    default = "http://localhost:4317" if protocol == "grpc" else "http://localhost:4318"
-    return (os.environ.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
-            or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or default)
-
-
-def _check_protocol(signal: str) -> str:
-    from .errors import ConfigError
-
-    protocol = otlp_protocol(signal)
-    if protocol not in ("grpc", "http/protobuf"):
-        raise ConfigError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported: use grpc or http/protobuf")
-    return protocol
 
 
 def build_resource() -> Resource:
@@ -91,49 +82,9 @@ def build_resource() -> Resource:
     return Resource.create({}).merge(Resource(attributes)).merge(OTELResourceDetector().detect())
 
 
-class ReportingExporter(MetricExporter):
-    """Wraps the real exporter: says once that export fails (one line, no traceback) and once that it recovered,
-    and counts failures. The SDK keeps cumulative sums in memory, so nothing counted during an outage is lost."""
-
-    def __init__(self, inner: MetricExporter, target: str) -> None:
-        super().__init__(preferred_temporality=inner._preferred_temporality,
-                         preferred_aggregation=inner._preferred_aggregation)
-        self.inner = inner
-        self.target = target
-        self.failures = 0
-        self.failing = False
-        self._lock = threading.Lock()
-
-    def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-        try:
-            result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-        except Exception as exc:  # an exporter bug must not kill the reader thread
-            log.debug("exporter raised", exc_info=True)
-            result, reason = MetricExportResult.FAILURE, type(exc).__name__
-        else:
-            reason = "not reachable or refused"
-        with self._lock:
-            if result is MetricExportResult.SUCCESS:
-                if self.failing:
-                    log.warning("metric export to %s recovered; cumulative counters carry on where they were", self.target)
-                self.failing = False
-            else:
-                self.failures += 1
-                if not self.failing:
-                    log.warning("metric export to %s failed (%s); the agent keeps running and retries every export "
-                                "interval — counters keep accumulating", self.target, reason)
-                self.failing = True
-        return result
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self.inner.force_flush(timeout_millis=timeout_millis)
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
-
-
 def _quiet_sdk_loggers() -> None:
-    # The OTLP exporters log a warning (with the gRPC status) on every retry; ReportingExporter says it once.
+    # The OTLP exporters and batch processors log a warning (with the gRPC status) on every retry or dropped
+    # record; ReportingExporter and Delivery say it once and count it.
     for name in ("opentelemetry.exporter.otlp.proto.grpc.exporter", "opentelemetry.exporter.otlp.proto.grpc",
                  "opentelemetry.exporter.otlp.proto.http", "opentelemetry.sdk.metrics._internal.export",
                  "opentelemetry.sdk._shared_internal", "opentelemetry.sdk.trace.export",
@@ -141,10 +92,20 @@ def _quiet_sdk_loggers() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def exporter_kinds(exporter: str | None, signal: str) -> tuple[str, ...]:
+    """Which exporters a signal gets: none when OTEL_SDK_DISABLED=true; else the agent's own setting (--exporter,
+    OTEL_EBPF_RECEIVER_EXPORTER, the config file) for every signal when it is given; else OTEL_<SIGNAL>_EXPORTER."""
+    if otel_env.sdk_disabled():
+        return ()
+    if exporter is not None:
+        return () if exporter == "none" else (exporter,)
+    return otel_env.signal_exporters(signal)
+
+
 def metric_exporter(kind: str) -> tuple[MetricExporter, str]:
     if kind == "console":
         return ConsoleMetricExporter(), "console"
-    protocol = _check_protocol("metrics")
+    protocol = otlp_protocol("metrics")
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
     else:
@@ -152,54 +113,118 @@ def metric_exporter(kind: str) -> tuple[MetricExporter, str]:
     return OTLPMetricExporter(), f"{otlp_endpoint('metrics')} ({protocol})"
 
 
+def _batch_sizes(prefix: str) -> tuple[int, int]:
+    """(queue bound, batch size) from OTEL_BLRP_* / OTEL_BSP_* (checked by otel_env), the SDK's defaults else."""
+    queue = int(os.environ.get(f"{prefix}_MAX_QUEUE_SIZE", "").strip() or BATCH_QUEUE_DEFAULT)
+    batch = int(os.environ.get(f"{prefix}_MAX_EXPORT_BATCH_SIZE", "").strip() or BATCH_SIZE_DEFAULT)
+    return queue, min(batch, queue)
+
+
+def cardinality_views(limit: int) -> list[View]:
+    """Views for our meter: every instrument keeps at most ``limit`` series; further attribute sets go into one
+    ``otel.metric.overflow=true`` series (the SDK's mechanism). Histograms also get the bulk aggregation."""
+    return [View(instrument_type=Histogram, meter_name=SCOPE, aggregation=Log2BucketHistogramAggregation(),
+                 aggregation_cardinality_limit=limit),
+            View(instrument_type=Counter, meter_name=SCOPE, aggregation_cardinality_limit=limit),
+            View(instrument_type=ObservableGauge, meter_name=SCOPE, aggregation_cardinality_limit=limit)]
+
+
 class Telemetry:
-    """Providers for metrics, logs (state-change events) and traces (incidents), built from one resource."""
+    """Providers for metrics, logs (state-change, block and audit events) and traces (incidents), one resource.
 
-    def __init__(self, exporter: str = "otlp", metric_readers: Sequence[Any] = (), resource: Resource | None = None,
-                 log_exporter: Any = None, span_exporter: Any = None) -> None:
+    ``exporter`` (otlp, console, none) applies to every signal; None leaves the choice to OTEL_<SIGNAL>_EXPORTER.
+    ``cardinality_limit`` caps the series of each of our metrics."""
+
+    def __init__(self, exporter: str | None = "otlp", metric_readers: Sequence[Any] = (),
+                 resource: Resource | None = None, log_exporter: Any = None, span_exporter: Any = None,
+                 cardinality_limit: int = DEFAULT_CARDINALITY_LIMIT) -> None:
         _quiet_sdk_loggers()
+        otel_env.check()
         self.resource = resource or build_resource()
+        self.cardinality_limit = cardinality_limit
         readers = list(metric_readers)
-        self.reporting: ReportingExporter | None = None
-        if exporter != "none":
-            inner, target = metric_exporter(exporter)
-            self.reporting = ReportingExporter(inner, target)
-            interval = int(os.environ.get("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_EXPORT_INTERVAL_MS))
-            readers.append(PeriodicExportingMetricReader(self.reporting, export_interval_millis=interval))
-        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers, views=histogram_views())
+        self.reporting: list[ReportingExporter] = []
+        for kind in exporter_kinds(exporter, "metrics"):
+            inner, target = metric_exporter(kind)
+            self.reporting.append(ReportingExporter(inner, target))
+            readers.append(PeriodicExportingMetricReader(self.reporting[-1],
+                                                         export_interval_millis=otel_env.export_interval_ms()))
+        # No atexit shutdown: the agent stops them itself, with a deadline (see shutdown); an atexit handler
+        # would wait again, for as long as the exporters' own timeouts, on a Collector that is not there.
+        self.meter_provider = MeterProvider(resource=self.resource, metric_readers=readers,
+                                            views=cardinality_views(cardinality_limit), shutdown_on_exit=False)
         self.meter = self.meter_provider.get_meter(SCOPE, __version__)
-        self.logger_provider, self.logger = self._logs(exporter, log_exporter)
-        self.tracer_provider, self.tracer = self._traces(exporter, span_exporter)
+        self.deliveries: list[Delivery] = []
+        self.logger_provider, self.logger = self._logs(exporter_kinds(exporter, "logs"), log_exporter)
+        self.tracer_provider, self.tracer = self._traces(exporter_kinds(exporter, "traces"), span_exporter)
 
-    def _logs(self, exporter: str, log_exporter: Any):
+    def _logs(self, kinds: Sequence[str], log_exporter: Any):
         from opentelemetry.sdk._logs import LoggerProvider
-        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, SimpleLogRecordProcessor
+        from opentelemetry.sdk._logs.export import (BatchLogRecordProcessor, ConsoleLogRecordExporter,
+                                                    SimpleLogRecordProcessor)
 
-        provider = LoggerProvider(resource=self.resource)
+        provider = LoggerProvider(resource=self.resource, shutdown_on_exit=False)
         if log_exporter is not None:
             provider.add_log_record_processor(SimpleLogRecordProcessor(log_exporter))
-        elif exporter == "otlp":
-            if _check_protocol("logs") == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+        for kind in kinds:
+            if kind == "console":
+                inner, target = ConsoleLogRecordExporter(), "console"
             else:
-                from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-            provider.add_log_record_processor(BatchLogRecordProcessor(OTLPLogExporter()))
+                protocol = otlp_protocol("logs")
+                if protocol == "grpc":
+                    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+                else:
+                    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+                inner, target = OTLPLogExporter(), f"{otlp_endpoint('logs')} ({protocol})"
+            queue, batch = _batch_sizes("OTEL_BLRP")
+            delivery = Delivery("logs", target, queue)
+            self.deliveries.append(delivery)
+            # The SDK's queue is one batch longer than ours, so it never drops on its own (see delivery.py).
+            processor = BatchLogRecordProcessor(accounted_log_exporter(inner, delivery), max_queue_size=queue + batch,
+                                                max_export_batch_size=batch)
+            provider.add_log_record_processor(admitting_log_processor(processor, delivery))
         return provider, provider.get_logger(SCOPE, __version__)
 
-    def _traces(self, exporter: str, span_exporter: Any):
+    def _traces(self, kinds: Sequence[str], span_exporter: Any):
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
 
-        provider = TracerProvider(resource=self.resource)
+        provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
         if span_exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(span_exporter))
-        elif exporter == "otlp":
-            if _check_protocol("traces") == "grpc":
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        for kind in kinds:
+            if kind == "console":
+                inner, target = ConsoleSpanExporter(), "console"
             else:
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+                protocol = otlp_protocol("traces")
+                if protocol == "grpc":
+                    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+                else:
+                    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+                inner, target = OTLPSpanExporter(), f"{otlp_endpoint('traces')} ({protocol})"
+            queue, batch = _batch_sizes("OTEL_BSP")
+            delivery = Delivery("spans", target, queue)
+            self.deliveries.append(delivery)
+            processor = BatchSpanProcessor(accounted_span_exporter(inner, delivery), max_queue_size=queue + batch,
+                                           max_export_batch_size=batch)
+            provider.add_span_processor(admitting_span_processor(processor, delivery))
         return provider, provider.get_tracer(SCOPE, __version__)
+
+    @property
+    def targets(self) -> str:
+        """Where metrics go, for the start-up line."""
+        return ", ".join(r.target for r in self.reporting) or "nothing"
+
+    def export_health(self) -> dict[tuple[str, str], int]:
+        """Cumulative failures and drops: {("failures", signal): n, (reason, signal): n}, for the self-metrics."""
+        health: dict[tuple[str, str], int] = {}
+        health[("failures", "metrics")] = sum(r.failures for r in self.reporting)
+        for delivery in self.deliveries:
+            key = ("failures", delivery.signal)
+            health[key] = health.get(key, 0) + delivery.failures
+            for reason, count in delivery.dropped.items():
+                health[(reason, delivery.signal)] = health.get((reason, delivery.signal), 0) + count
+        return health
 
     def emit_event(self, name: str, attributes: Mapping[str, Any], body: str | None = None,
                    severity: str = "INFO") -> None:
@@ -208,14 +233,41 @@ class Telemetry:
         self.logger.emit(event_name=name, attributes=dict(attributes), body=body or name,
                          severity_text=severity, severity_number=getattr(SeverityNumber, severity))
 
-    def shutdown(self) -> None:
-        """Final flush, then stop. Bounded by the exporters' own timeouts (OTEL_EXPORTER_OTLP_TIMEOUT)."""
-        for provider in (self.meter_provider, self.logger_provider, self.tracer_provider):
-            try:
-                provider.force_flush()
-                provider.shutdown()
-            except Exception:  # a dead collector must not turn a clean stop into a traceback
-                log.debug("shutdown of %s failed", provider, exc_info=True)
+    def shutdown(self, deadline_seconds: float = FLUSH_DEADLINE_SECONDS) -> dict[str, int]:
+        """Final flush, then stop, within ``deadline_seconds`` in total whatever the Collector does (the exporters'
+        own timeouts, OTEL_EXPORTER_OTLP_TIMEOUT, are 10 s per attempt by default). Returns the log records and
+        spans that will not be delivered, per signal (also said in one line)."""
+        ends_at = time.monotonic() + deadline_seconds
+
+        def remaining_ms() -> int:
+            return max(0, int((ends_at - time.monotonic()) * 1000))
+
+        def flush_and_stop() -> None:
+            # Logs and spans first: they are lost if not sent; metrics are cumulative and only lose the increase
+            # since their last export.
+            for provider in (self.logger_provider, self.tracer_provider, self.meter_provider):
+                try:
+                    provider.force_flush(remaining_ms())
+                    if provider is self.meter_provider:
+                        provider.shutdown(timeout_millis=remaining_ms())
+                    else:
+                        provider.shutdown()
+                except Exception:  # a dead collector must not turn a clean stop into a traceback
+                    log.debug("shutdown of %s failed", provider, exc_info=True)
+
+        finished = run_with_deadline(flush_and_stop, deadline_seconds, "otel-flush")
+        lost: dict[str, int] = {}
+        for delivery in self.deliveries:
+            left = delivery.abandon()
+            if left or delivery.dropped_total:
+                lost[delivery.signal] = lost.get(delivery.signal, 0) + delivery.dropped_total
+        if not finished:
+            log.warning("the final flush did not finish within %.0f s (Collector unreachable?); stopping anyway",
+                        deadline_seconds)
+        if lost:
+            log.warning("not delivered during this run: %s", ", ".join(
+                f"{count} {'log records' if signal == 'logs' else 'spans'}" for signal, count in sorted(lost.items())))
+        return lost
 
 
 # -- histograms of kernel log2 buckets -----------------------------------------------------------------------------
@@ -307,8 +359,9 @@ class MetricSink:
     (a synchronous gauge would repeat its last value forever).
     """
 
-    def __init__(self, meter: Any, metrics: Iterable[Metric]) -> None:
+    def __init__(self, meter: Any, metrics: Iterable[Metric], cardinality_limit: int = DEFAULT_CARDINALITY_LIMIT) -> None:
         self.meter = meter
+        self.cardinality_limit = cardinality_limit
         self._counters: dict[str, Any] = {}
         self._histograms: dict[str, Any] = {}
         self._latest: dict[str, list[tuple[float, dict[str, Any]]]] = {}
@@ -344,10 +397,15 @@ class MetricSink:
             self._counters[name].add(value, {**attributes, **state})
 
     def set_gauges(self, values: Mapping[str, list[tuple[float, Mapping[str, Any]]]], state: Mapping[str, Any]) -> None:
-        """Replace the latest values of the given gauges (each list is this window's complete set)."""
+        """Replace the latest values of the given gauges (each list is this window's complete set). A gauge keeps
+        at most ``cardinality_limit`` points a window; the rest become one ``otel.metric.overflow=true`` point
+        with the last of their values (what the SDK does for its own overflow series)."""
         with self._lock:
             for name, points in values.items():
-                self._latest[name] = [(v, {**attrs, **state}) for v, attrs in points]
+                latest = [(v, {**attrs, **state}) for v, attrs in points[:self.cardinality_limit]]
+                if len(points) > self.cardinality_limit:
+                    latest.append((points[-1][0], dict(OVERFLOW_ATTRIBUTES)))
+                self._latest[name] = latest
 
     def record_histogram(self, name: str, buckets: Mapping[float, int], attributes: Mapping[str, Any],
                          state: Mapping[str, Any], total: float | None = None) -> None:

@@ -244,9 +244,11 @@ class Collector:
         return wait_until(found, timeout, f"a matching {signal} record in {self.file_dir}/{signal}.jsonl")
 
 
-def collector_env(workdir: Path) -> tuple[dict[str, str], dict[str, int]]:
-    """The OTELCOL_* variables local.yaml reads: free ports, and directories under `workdir`."""
-    ports = {name: free_port() for name in ("otlp_grpc", "otlp_http", "prometheus", "health", "telemetry")}
+def collector_env(workdir: Path, ports: Mapping[str, int] | None = None) -> tuple[dict[str, str], dict[str, int]]:
+    """The OTELCOL_* variables local.yaml reads: free ports (or those given in `ports`), and directories under
+    `workdir`."""
+    ports = {name: (ports or {}).get(name) or free_port()
+             for name in ("otlp_grpc", "otlp_http", "prometheus", "health", "telemetry")}
     env = {
         "OTELCOL_OTLP_GRPC_ENDPOINT": f"{LOOPBACK}:{ports['otlp_grpc']}",
         "OTELCOL_OTLP_HTTP_ENDPOINT": f"{LOOPBACK}:{ports['otlp_http']}",
@@ -265,13 +267,15 @@ def collector_env(workdir: Path) -> tuple[dict[str, str], dict[str, int]]:
 
 @contextlib.contextmanager
 def start_collector(workdir: Path, config: Path = COLLECTOR_CONFIG_DIR / "local.yaml",
-                    env: Mapping[str, str] | None = None, timeout: float = 30) -> Iterator[Collector]:
+                    env: Mapping[str, str] | None = None, timeout: float = 30,
+                    ports: Mapping[str, int] | None = None) -> Iterator[Collector]:
     """Run otelcol-ebpf with `config` (local.yaml by default) on free ports; yields once /health answers 200.
-    `env` overrides any OTELCOL_* variable (e.g. OTELCOL_TRACES_ENDPOINT to point at a real backend)."""
+    `env` overrides any OTELCOL_* variable (e.g. OTELCOL_TRACES_ENDPOINT to point at a real backend); `ports`
+    fixes some ports (otlp_grpc, otlp_http, prometheus, health, telemetry: see collector_env)."""
     if not OTELCOL_BIN.exists():
         raise BackendError(f"{OTELCOL_BIN} is missing: run `make -f collector-config/collector.mk collector`")
     workdir.mkdir(parents=True, exist_ok=True)
-    full_env, ports = collector_env(workdir)
+    full_env, ports = collector_env(workdir, ports)
     full_env.update(env or {})
     process = spawn("otelcol-ebpf", [str(OTELCOL_BIN), f"--config={config}"], workdir / "otelcol.log", full_env)
     collector = Collector(process, config, ports["otlp_grpc"], ports["otlp_http"], ports["prometheus"],
@@ -410,8 +414,8 @@ def render_prometheus_config(scrape: Mapping[str, list[str]],
 @contextlib.contextmanager
 def start_prometheus(workdir: Path, scrape: Mapping[str, list[str]] | None = None, config: dict | None = None,
                      remote_write_receiver: bool = False, timeout: float = 60,
-                     scrape_interval: str | None = None) -> Iterator[Prometheus]:
-    """Debian's Prometheus with its TSDB in `workdir`, on a free port; yields once /-/ready answers 200.
+                     scrape_interval: str | None = None, port: int | None = None) -> Iterator[Prometheus]:
+    """Debian's Prometheus with its TSDB in `workdir`, on a free port (or `port`); yields once /-/ready answers 200.
     Either `scrape` (jobs of the repository's prometheus.yml -> targets, see render_prometheus_config; optionally
     with another global `scrape_interval`, e.g. "1s") or a whole `config` dict."""
     if config is None:
@@ -419,7 +423,7 @@ def start_prometheus(workdir: Path, scrape: Mapping[str, list[str]] | None = Non
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    port = free_port()
+    port = port or free_port()
     argv = [str(PROMETHEUS_BIN), f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
             f"--web.listen-address={LOOPBACK}:{port}", "--log.level=warn"]
     if remote_write_receiver:
@@ -482,11 +486,13 @@ def jaeger_tags(tags: list[dict] | None) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def start_jaeger(workdir: Path, config: Path = COLLECTOR_CONFIG_DIR / "jaeger.yaml",
-                 timeout: float = 30) -> Iterator[Jaeger]:
-    """Jaeger v2 (build/jaeger/jaeger) with collector-config/jaeger.yaml: in-memory store, free ports."""
+                 timeout: float = 30, ports: Mapping[str, int] | None = None) -> Iterator[Jaeger]:
+    """Jaeger v2 (build/jaeger/jaeger) with collector-config/jaeger.yaml: in-memory store, free ports (or those
+    given in `ports`: otlp, query_http, query_grpc, health, telemetry)."""
     if not JAEGER_BIN.exists():
         raise BackendError(f"{JAEGER_BIN} is missing: run `make -f collector-config/collector.mk jaeger`")
-    ports = {name: free_port() for name in ("otlp", "query_http", "query_grpc", "health", "telemetry")}
+    ports = {name: (ports or {}).get(name) or free_port()
+             for name in ("otlp", "query_http", "query_grpc", "health", "telemetry")}
     env = {
         "JAEGER_OTLP_GRPC_ENDPOINT": f"{LOOPBACK}:{ports['otlp']}",
         "JAEGER_QUERY_HTTP_ENDPOINT": f"{LOOPBACK}:{ports['query_http']}",

@@ -65,7 +65,7 @@ def jaeger_bin() -> Path:
 @pytest.fixture
 def bed():
     """A scenario-lab test bed (namespaces, the victim's API, a private pin dir), gone after the test."""
-    from model_export.lab import Testbed
+    from model_export.lab.testbed import Testbed
 
     with Testbed(say=lambda line: None) as bed:
         yield bed

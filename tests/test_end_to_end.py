@@ -3,7 +3,7 @@ built otelcol-ebpf (collector-config/local.yaml), scraped every second by Debian
 on to Jaeger v2 — all on free loopback ports, nothing mocked. What is asserted is what a user would look at:
 Prometheus' query API, the Collector's JSON files, Jaeger's query API, and the agent's stderr.
 
-* An exec storm (model_export.scenarios.exec_storm) flips `system.state` from normal to exec_storm and back: both
+* An exec storm (model_export.lab.workloads.exec_storm) flips `system.state` from normal to exec_storm and back: both
   states are labels in Prometheus, the change is a `system.state.change` log event, the episode one
   `system.state.incident` span with `system.state.transition` events (in the file exporter and in Jaeger).
   The storm runs once for the module (fixture `incident`); each test checks one place the incident shows up.
@@ -34,7 +34,7 @@ from typing import Iterator
 
 import pytest
 
-from model_export import scenarios
+from model_export.lab import workloads
 
 from . import backends
 from .backends import LOOPBACK, REPO, jaeger_tags
@@ -201,7 +201,7 @@ def incident(otelcol, jaeger_bin, tmp_path_factory) -> Iterator[Incident]:
         run.settled = agent.wait_for_state("normal", SETTLE_WINDOWS * WINDOW + SLACK)
         if run.settled:
             started = time.monotonic()
-            with scenarios.exec_storm(max_seconds=FLIP_WINDOWS * WINDOW + STORM_SECONDS + SLACK):
+            with workloads.exec_storm(max_seconds=FLIP_WINDOWS * WINDOW + STORM_SECONDS + SLACK):
                 run.flipped = agent.wait_for_state("exec_storm", FLIP_WINDOWS * WINDOW + SLACK)
                 flip_at = time.monotonic()
                 # At least STORM_SECONDS of storm, and a few windows in exec_storm after a late flip.

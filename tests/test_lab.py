@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 
-from model_export.detection import AgentRig
-from model_export.lab import forged_source_flood, heavy_transfer, http_load, syn_flood
+from model_export.lab.detection import AgentRig
+from model_export.lab.testbed import http_load
+from model_export.lab.traffic import forged_source_flood, heavy_transfer, syn_flood
 
 from .helpers import metric_sum, wait_for
 

@@ -18,9 +18,10 @@ from typing import Callable, Iterator
 
 import pytest
 
-from model_export import scenarios
-from model_export.detection import AgentRig
-from model_export.lab import Testbed, api_degraded, http_load
+from model_export.lab import workloads
+from model_export.lab.detection import AgentRig
+from model_export.lab.testbed import Testbed, http_load
+from model_export.lab.traffic import api_degraded
 from otel_ebpf_receiver.probes import DEFAULT_PROBES
 
 from .helpers import wait_for
@@ -76,7 +77,7 @@ def check_condition(r: AgentRig, state: str, drive: Callable[[], contextlib.Abst
 
 @pytest.mark.parametrize("model", MODELS)
 def test_a_slowed_database_volume_is_io_degraded(bed, model):
-    with agent(bed, model) as r, http_load(bed, LOAD_S), scenarios.database_reads(LOAD_S) as volume:
+    with agent(bed, model) as r, http_load(bed, LOAD_S), workloads.database_reads(LOAD_S) as volume:
         settle(r)  # the healthy database is part of normal
         check_condition(r, "io_degraded", volume.slowed)
 
@@ -85,7 +86,7 @@ def test_a_slowed_database_volume_is_io_degraded(bed, model):
 def test_cpu_saturation_is_cpu_saturated(bed, model):
     with agent(bed, model) as r, http_load(bed, LOAD_S):
         settle(r)
-        check_condition(r, "cpu_saturated", lambda: scenarios.cpu_saturated(CONDITION_S + 5))
+        check_condition(r, "cpu_saturated", lambda: workloads.cpu_saturated(CONDITION_S + 5))
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -317,7 +317,7 @@ def test_segment_weighting_tames_a_jittery_feature(tmp_path: Path) -> None:
 
 def test_the_database_volume_wants_a_disk_backed_directory() -> None:
     """io_degraded throttles the disk under the volume's backing file: a tmpfs has none, and says so in one line."""
-    from model_export.scenarios import _whole_disk
+    from model_export.lab.workloads import _whole_disk
 
     with pytest.raises(RuntimeError, match="disk-backed filesystem"):
         _whole_disk(os.stat("/dev/shm").st_dev)

@@ -13,7 +13,7 @@ from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from model_export import scenarios
+from model_export.lab import workloads as scenarios
 from otel_ebpf_receiver.assembly import build_agent
 from otel_ebpf_receiver.config import Config
 from otel_ebpf_receiver.model import load_model
@@ -118,7 +118,7 @@ def _retrained_model(tmp_path: Path, version: str) -> Path:
     out.parent.mkdir(exist_ok=True)
     csv = tmp_path / "staging" / "windows.csv"
     # Train a small model on windows recorded here and now, on the same features as the bundled one.
-    from model_export.record import Recorder
+    from model_export.lab.record import Recorder
 
     rec = Recorder(("syscalls", "file_open", "exec")).start()
     try:

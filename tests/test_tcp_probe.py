@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from otel_ebpf_receiver.netlab import Lab
+from model_export.lab.netns import Lab
 from otel_ebpf_receiver.probes.base import COUNTER
 from otel_ebpf_receiver.probes.tcp import TcpProbe
 

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from otel_ebpf_receiver.netlab import ping
+from model_export.lab.netns import ping
 from otel_ebpf_receiver.probes.base import COUNTER, GAUGE, HISTOGRAM
 from otel_ebpf_receiver.probes.xdp import XdpProbe
 
@@ -142,7 +142,7 @@ def test_a_foreign_xdp_program_is_never_replaced(settings, lab):
     from bcc import BPF
 
     from otel_ebpf_receiver.errors import ProbeError
-    from otel_ebpf_receiver.netlab import in_netns
+    from otel_ebpf_receiver.kernel.netns import in_netns
 
     other = BPF(text="int someone_else(struct xdp_md *ctx) { return XDP_PASS; }")
     with in_netns(lab.victim.netns):

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from otel_ebpf_receiver.netlab import raw_frames
+from model_export.lab.netns import raw_frames
 from otel_ebpf_receiver.probes.xdp import XdpProbe
 
 from .xdp_support import UdpSink, blocklist, counter_where, gauge, lab, pin_dir, send_udp, settings  # noqa: F401

@@ -85,7 +85,10 @@ def test_pin_dir_must_be_safe_in_a_c_string(pin_dir):
 
 @pytest.mark.bpf
 def test_c_layouts_match_python(tmp_path):
-    """bcc's view of every map's key and value must match the sizes Python packs and reads."""
+    """bcc's view of every map's key and value must match the sizes Python packs and reads — now the contract the
+    probe checks at load (probes/contract.py), run here against a freshly compiled program."""
+    from otel_ebpf_receiver.probes import contract
+    from otel_ebpf_receiver.probes.base import program_text
     from otel_ebpf_receiver.probes.xdp import probe as xdp
 
     pin = f"/sys/fs/bpf/oer-units-{id(tmp_path)}"
@@ -95,14 +98,25 @@ def test_c_layouts_match_python(tmp_path):
             pass
         from bcc import BPF
 
-        b = BPF(src_file=str(xdp.XdpProbe.source_path()), cflags=[f'-DPIN_DIR="{pin}"'])
+        cflags = [f"-I{xdp.XdpProbe.source_path().parent}", f'-DPIN_DIR="{pin}"',
+                  f"-DCHECK_PYTHON_CONSTANTS={contract.constant_checks(xdp.C_CONSTANTS)}"]
+        b = BPF(text=program_text(xdp.XdpProbe.source_path()), cflags=cflags)
         try:
             for spec in lists.LIST_MAPS:
                 t = b[spec.name]
                 assert (ct.sizeof(t.Key), ct.sizeof(t.Leaf)) == (spec.key.size, lists.VALUE.size), spec.name
+                contract.check_struct_offsets(f"map {spec.name} key", t.Key, lists.field_offsets(spec.key),
+                                              spec.key.size)
+                contract.check_struct_offsets(f"map {spec.name} value", t.Leaf, lists.field_offsets(lists.VALUE),
+                                              lists.VALUE.size)
+            for name, map_contract in xdp.MAPS.items():
+                contract.check_map(name, b[name], map_contract)
             assert ct.sizeof(b["per_source"].Key) == 16
-            assert ct.sizeof(b["per_source"].Leaf) == 2 * xdp._WINDOW.itemsize
-            assert ct.sizeof(b["xdp_totals"].sLeaf) == xdp.TOTALS_U64 * 8  # per CPU
+            window = contract.dtype(b["per_source"].Leaf).fields["win"][0]
+            assert window.shape == (2,) and ct.sizeof(b["per_source"].Leaf) == 2 * window.base.itemsize
+            totals = contract.dtype(contract.value_type(b["xdp_totals"]))  # per CPU
+            assert ct.sizeof(b["xdp_totals"].sLeaf) == totals.itemsize
+            assert totals.fields["packets"][0].shape == (xdp.PROTO_SLOTS,)
         finally:
             b.cleanup()
     finally:

@@ -13,7 +13,7 @@ import pytest
 
 from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist
 from otel_ebpf_receiver.probes.xdp.pins import remove_pins
-from otel_ebpf_receiver.netlab import Lab
+from model_export.lab.netns import Lab
 from otel_ebpf_receiver.probes.xdp import XdpProbe
 
 _pins = itertools.count()

@@ -1,9 +1,9 @@
 """`make model`: rebuild the bundled state models on this host, from scenarios the project drives itself.
 
-    .venv/bin/python -m model_export.default_model [--scale 1.0] [--windows FILE.csv] [--out-dir DIR]
+    sudo otel-ebpf-lab rebuild [--scale 1.0] [--windows FILE.csv] [--out-dir DIR]
 
-1. Records the scenario lab's training plan (model_export.lab.TRAINING_PLAN: idle, mixed web/file/build work,
-   developer work, heavy iperf3 transfers, a database reading its volume — all labelled ``normal`` — then exec and
+1. Records the scenario lab's training plan (model_export.lab.scenarios.TRAINING_PLAN: idle, mixed web/file/build
+   work, developer work, heavy iperf3 transfers, a database reading its volume — all labelled ``normal`` — then exec and
    file-open storms, CPU saturation, a disk I/O storm, the database's storage slowed, the lab API failing, SYN, UDP
    and random-source floods) with every probe this host can run, XDP on the lab victim's eth0, into
    build/model/windows.csv (``--windows`` reuses a recording instead). About 14 minutes.
@@ -19,7 +19,8 @@
    with ``--probes syscalls,file_open,exec``. Without it no bundled model would fit such a host.
    io_degraded and api_degraded are left out of every model without block_io or http features (SEEN_BY).
 
-The agent serves whichever bundled model uses the most features its probes produce (state.best_bundled_model).
+The agent serves whichever bundled model uses the most features its probes produce
+(otel_ebpf_receiver.model.watch.best_bundled_model).
 A label that ends up the majority of no cluster (a state these features cannot see, e.g. CPU saturation for the
 core probes) is dropped and the model trained again without it: it would only blur the states it can see.
 
@@ -50,13 +51,14 @@ from pathlib import Path
 
 import numpy as np
 
-from otel_ebpf_receiver.state import BUNDLED_MODEL_DIR
+from otel_ebpf_receiver.model.watch import BUNDLED_MODEL_DIR
 
-from . import train as tr
-from .lab import FLOOD_KIND, SCENARIOS, TRAINING_PLAN, record
-from .windows import WindowTable, read_windows
+from .. import inspection
+from .. import train as tr
+from ..windows import WindowTable, read_windows
+from .scenarios import FLOOD_KIND, SCENARIOS, TRAINING_PLAN, record_plan
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUILD = REPO / "build" / "model"
 NETWORK_PREFIX = "xdp."
 CORE_PROBES = ("syscalls", "file_open", "exec")
@@ -100,10 +102,10 @@ def build(table: WindowTable, out: Path, workdir: Path, config: tr.TrainConfig) 
         trained = tr.fit(table, config)
     workdir.mkdir(parents=True, exist_ok=True)
     tr.save(trained, workdir)
-    text = tr.report(trained)
+    text = inspection.report(trained)
     (workdir / tr.REPORT_FILE).write_text(text + "\n")
     try:
-        tr.plot(trained, workdir / tr.PLOT_FILE)
+        inspection.plot(trained, workdir / tr.PLOT_FILE)
     except ImportError:
         pass
     print(text, flush=True)
@@ -114,13 +116,16 @@ def build(table: WindowTable, out: Path, workdir: Path, config: tr.TrainConfig) 
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``otel-ebpf-lab rebuild``."""
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every scenario's recording time")
     parser.add_argument("--windows", metavar="FILE.csv", help="train on this recording instead of recording anew")
     parser.add_argument("--out-dir", default=str(BUNDLED_MODEL_DIR), help="where the .onnx files go")
     parser.add_argument("--unknown-above", type=float, default=2.5)
-    args = parser.parse_args(argv)
+
+
+def rebuild(args: argparse.Namespace) -> int:
+    """Record the training plan (unless ``--windows``), then train and export each bundled model."""
     BUILD.mkdir(parents=True, exist_ok=True)
     say = lambda line: print(f"make model: {line}", file=sys.stderr, flush=True)  # noqa: E731
 
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = [(name, seconds * args.scale) for name, seconds in TRAINING_PLAN]
         say(f"recording {len(plan)} scenarios, {sum(s for _, s in plan):.0f} s of windows")
         started = time.monotonic()
-        rows = record(plan, str(windows), say=say)
+        rows = record_plan(plan, str(windows), say=say)
         say(f"{rows} windows in {windows} ({time.monotonic() - started:.0f} s)")
 
     table = read_windows(windows)
@@ -151,7 +156,3 @@ def main(argv: list[str] | None = None) -> int:
         if status:
             return status
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

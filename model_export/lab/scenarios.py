@@ -163,8 +163,8 @@ def record_plan(plan: Sequence[tuple[str, float]], output: str, *, mitigated_hal
         return recorder.save(output)
 
 
-def record_scenario(recorder: Recorder, bed: Testbed, scenario: Scenario, seconds: float, *, mitigated_half: bool = True,
-                    settle_windows: int = 3) -> None:
+def record_scenario(recorder: Recorder, bed: Testbed, scenario: Scenario, seconds: float, *,
+                    mitigated_half: bool = True, settle_windows: int = 3) -> None:
     """Windows of one scenario under its label. A single-source flood is blocked (at XDP, by a lab-side handle on
     the lists) for its second half: the model must know "flood, being dropped" as the same state. A benign
     scenario is recorded from its first window to two windows after it stopped: starting and ending (a transfer's

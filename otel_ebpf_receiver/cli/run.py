@@ -5,19 +5,27 @@ from __future__ import annotations
 import argparse
 
 from .. import assembly, config
+from ..durations import parse_duration
+from . import check
 from .common import say, setup_logging
 
-RUN_EPILOG = """examples:
+RUN_EPILOG = """examples (as root, or prefix sudo):
   otel-ebpf-receiver run                                  every probe this kernel supports, OTLP/gRPC to localhost:4317
   otel-ebpf-receiver run --probes syscalls,exec --interval 500ms
+  otel-ebpf-receiver run --duration 30s                   run for 30 seconds, then stop as on Ctrl-C
   otel-ebpf-receiver run --exporter console --live off    print metrics instead of sending them
-  OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf otel-ebpf-receiver run
-  otel-ebpf-receiver run --config /etc/otel-ebpf-receiver/config.yaml
+  otel-ebpf-receiver run --config /etc/otel-ebpf-receiver/config.yaml --check   validate, say what would run, exit
   otel-ebpf-receiver run --interfaces eth0 --mitigation dry-run   XDP on eth0; say what would be blocked
+  sudo env OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4318 OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf \\
+      otel-ebpf-receiver run                              variables after `sudo env` survive; sudo drops the others
 
 configuration precedence: flags > OTEL_EBPF_RECEIVER_* variables > config file > defaults.
 where data go: the standard OTEL_EXPORTER_OTLP_* variables; OTEL_METRIC_EXPORT_INTERVAL (ms, default 10000);
-OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME add to or override the resource.
+OTEL_{METRICS,LOGS,TRACES}_EXPORTER (otlp, console, none, or e.g. otlp,console) when --exporter is not given;
+OTEL_SDK_DISABLED=true exports nothing. Stopping (Ctrl-C, SIGTERM, --duration) reads the last window, detaches
+every program, then flushes for at most 3 s.
+OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME add to or override the resource. sudo resets the environment:
+pass variables with `sudo env VAR=value ...` or `sudo --preserve-env=VAR,...`, not `VAR=value sudo ...`.
 """
 
 
@@ -32,12 +40,15 @@ def cmd_run(args: argparse.Namespace) -> int:
              "model_dir": args.model_dir, "live": args.live, "log_level": args.log_level,
              "mitigation": args.mitigation}
     cfg = config.load(flags)
+    duration = parse_duration(args.duration, "--duration") if args.duration is not None else None
     if args.interfaces:  # shorthand for probe_settings.xdp.interfaces
         interfaces = [i for i in args.interfaces.split(",") if i]
         config.check_probe_settings("xdp", {"interfaces": interfaces}, "--interfaces")
         cfg.probe_settings.setdefault("xdp", {})["interfaces"] = interfaces
+    if args.check:
+        return check.cmd_check(cfg)
     setup_logging(cfg.log_level)
-    assembly.run(cfg, say=say)
+    assembly.run(cfg, say=say, duration=duration)
     return 0
 
 
@@ -47,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--config", "-c", help="YAML configuration file")
     run.add_argument("--interval", "-i", help="window length, e.g. 1s (default), 500ms")
     run.add_argument("--probes", "-p", help="comma-separated probes (default: all available), e.g. syscalls,exec")
-    run.add_argument("--exporter", "-e", choices=["otlp", "console", "none"], help="where metrics go (default otlp)")
+    run.add_argument("--exporter", "-e", choices=["otlp", "console", "none"], help="where metrics, events and incidents go (default: "
+                     "OTEL_{METRICS,LOGS,TRACES}_EXPORTER per signal, else otlp)")
     run.add_argument("--model-dir", help="directory watched for .onnx state models (default /var/lib/otel-ebpf-receiver/models; "
                           "the bundled model serves until it holds a valid one)")
     run.add_argument("--live", choices=["auto", "on", "off"], help="terminal live view (default auto: on in a tty)")
@@ -55,5 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--interfaces", metavar="IFACE[,IFACE]", help="watch these interfaces with XDP, e.g. eth0")
     run.add_argument("--mitigation", choices=["off", "dry-run", "enforce"],
                      help="block offending sources at XDP while under attack (default off)")
+    run.add_argument("--check", action="store_true",
+                     help="validate the configuration, say in one line what would run, and exit (0 = it would start)")
+    run.add_argument("--duration", "-d", help="stop after this long, e.g. 30s, 10m (default: until Ctrl-C)")
     run.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)  # print the C programs and exit
     run.set_defaults(handler=cmd_run)

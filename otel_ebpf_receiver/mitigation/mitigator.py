@@ -100,12 +100,13 @@ class Mitigator:
 
     # Each window ------------------------------------------------------------------------------------------
     def act(self, verdict: Verdict) -> None:
-        """The agent's call, once per window, with the debounced state."""
-        self.step(verdict.state, self.top_sources())
+        """The agent's call, once per window, with the debounced state. Only a state the serving model declares
+        an attack state counts (``Verdict.declared_attack``: the attack-state rule in model/contract.py)."""
+        self.step(verdict.state, self.top_sources(), declared=verdict.declared_attack)
 
-    def step(self, state: str, sources: Sequence[Any]) -> list[Action]:
+    def step(self, state: str, sources: Sequence[Any], *, declared: bool = True) -> list[Action]:
         now = self.clock()
-        if self.settings.mode == "off" or not self.under_attack(state):
+        if self.settings.mode == "off" or not (declared and self.under_attack(state)):
             # No map walk on quiet windows: our own record of what we added, minus what expired.
             live = sum(1 for expiry in self.expiries.values() if expiry > now)
             self._pending.gauges.append(("otel_ebpf_receiver.mitigation.auto_blocks", live, {}))

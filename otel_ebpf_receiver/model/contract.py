@@ -23,12 +23,24 @@ for kmeans and birch, Mahalanobis under the component's covariance for gmm (meta
 "Features that moved most" (:attr:`Verdict.top_features`) are the three largest ``|deviation|`` entries: how
 many training standard deviations each feature is away from the centre of the assigned cluster.
 
+What may drive mitigation (the attack-state rule): a window's state triggers blocking only when the operator lists it
+in ``mitigation.attack_states`` AND the serving model declares it an attack state. A model declares its attack
+states in the optional metadata ``attack_states`` (JSON list, each one of its cluster states, never ``unknown``);
+a bundled model (shipped in the package, built by the lab from labelled attack scenarios) declares every cluster
+state it has. So a model file dropped in the model directory that merely names a cluster ``syn_flood`` classifies,
+but never blocks anything until its metadata says so explicitly.
+
+The model directory is an input like any other; :func:`load_model <.runtime.load_model>` bounds what a file can do
+with the limits below (sizes, operators, time and memory of a test run in a child process).
+
 No import of the probe registry happens here at import time: the runtime is given explicit feature-name lists.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from typing import Any
 
 DEFAULT_MAX_BYTES = 16 * 1024 * 1024
 """Model files above this size are refused before they are read (ours are a few KiB)."""
@@ -44,7 +56,7 @@ OUTPUT_NAMES = (OUTPUT_LABEL, OUTPUT_DISTANCES, OUTPUT_DEVIATION)
 
 # metadata_props keys. Every one is required.
 METADATA_FORMAT = "format"                  # MODEL_FORMAT
-METADATA_VERSION = "model_version"          # free text, e.g. "kmeans-20261125T171417Z-3f2a9c01"
+METADATA_VERSION = "model_version"          # printable ASCII, e.g. "kmeans-20261125T171417Z-3f2a9c01"
 METADATA_ALGORITHM = "algorithm"            # kmeans | gmm | birch
 METADATA_FEATURES = "feature_names"         # JSON list, the input columns in order
 METADATA_STATES = "cluster_states"          # JSON list, state name of cluster i at index i
@@ -57,20 +69,89 @@ REQUIRED_METADATA = (
     METADATA_FORMAT, METADATA_VERSION, METADATA_ALGORITHM, METADATA_FEATURES, METADATA_STATES,
     METADATA_DISTANCE, METADATA_THRESHOLDS, METADATA_PERCENTILE, METADATA_UNKNOWN_ABOVE, METADATA_TRAINING,
 )
+# Optional: JSON list of the cluster states that may drive mitigation (the attack-state rule above).
+METADATA_ATTACK_STATES = "attack_states"
 
 TOP_FEATURES = 3
 
+# -- what a file may contain (names go raw into attributes, logs and `otel-ebpf-model info`) ------------------
+STATE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+FEATURE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,127}")
+WORD = re.compile(r"[a-z][a-z0-9_]{0,31}")            # algorithm, distance
+MAX_VERSION_CHARS = 128
+MAX_METADATA_CHARS = 1024 * 1024   # one metadata value; ours are < 4 KiB (training facts)
+MAX_JSON_DEPTH = 16                # ours nest 3 deep; deeper JSON is refused before anything walks it
+MAX_FEATURES = 1024
+MAX_CLUSTERS = 4096
+
+# -- what a graph may contain -----------------------------------------------------------------------------------
+# Exactly the operators model_export/onnx_graph.py emits (kmeans, gmm, birch; skl2onnx's Scaler). None of them
+# loops, branches or takes its output shape from a tensor's values, so the cost of one run is fixed by the input
+# shape — which is always (1, n_features) in the agent — and is measured once, at load, in a child process.
+ALLOWED_OPERATORS = frozenset({
+    ("", "Add"), ("", "ArgMax"), ("", "ArgMin"), ("", "Gather"), ("", "Identity"), ("", "MatMul"), ("", "Mul"),
+    ("", "ReduceMin"), ("", "ReduceSumSquare"), ("", "Sqrt"), ("", "Sub"), ("", "Transpose"), ("", "Unsqueeze"),
+    ("ai.onnx.ml", "Scaler"),
+})
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
+MAX_NODES = 1024                   # ours have 10-20
+MAX_TENSOR_ELEMENTS = 4 * 1024 * 1024  # one initializer; more float32 than a DEFAULT_MAX_BYTES file can hold
+
+# -- what loading may cost --------------------------------------------------------------------------------------
+# The first session and test runs of a new graph happen in a child process (model/sandbox.py) under these limits,
+# so a pathological graph is refused without touching the agent. The agent's window loop waits for the child:
+# 5 s is 10x a cold child's start (python + onnxruntime, ~0.5 s) plus our graphs' few milliseconds.
+SANDBOX_SECONDS = 5.0
+SANDBOX_MEMORY_BYTES = 512 * 1024 * 1024  # address space the graph may add on top of the child's own imports
+# One inference must stay far below a window (1 s): ours take ~50 µs, so 250 ms only ever refuses a broken graph.
+MAX_RUN_SECONDS = 0.25
+
 
 class ModelError(Exception):
-    """A model file that cannot be served. ``str()`` is one line: the file, what is wrong, what to do."""
+    """A model file that cannot be served. ``str()`` is one line of printable text: the file, what is wrong, what
+    to do (file names and messages can come from a hostile file: control characters are shown as ``?``)."""
 
     def __init__(self, path: str | os.PathLike[str], problem: str, hint: str) -> None:
-        self.path = str(path)
-        self.problem = _one_line(problem)
-        self.hint = _one_line(hint)
+        self.path = printable(str(path), 200)
+        self.problem = printable(problem)
+        self.hint = printable(hint)
         super().__init__(f"model {self.path}: {self.problem} — {self.hint}")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def printable(text: str, limit: int = 300) -> str:
+    """One line, at most ``limit`` characters, no control characters (newlines, ANSI escapes)."""
     flat = " ".join(str(text).split())
+    flat = "".join(c if c.isprintable() else "?" for c in flat)
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def output_problem(label: Any, distances: Any, deviation: Any, rows: int, n_clusters: int, n_features: int, *,
+                   allow_nan: bool = False) -> str | None:
+    """Why the outputs of one run break the contract (shapes, label range, NaN, negative distance), or None.
+
+    Infinite distances are allowed: "infinitely far from every centre" is a valid answer (the score makes the
+    window ``unknown``). NaN is allowed only with ``allow_nan`` (the input itself held NaN: a probe's fault, not
+    the model's). Cheap enough for every window: attribute reads and one vectorised test per output."""
+    import numpy as np
+
+    if not all(isinstance(o, np.ndarray) for o in (label, distances, deviation)):
+        return "outputs are not tensors"
+    if label.shape != (rows,) or label.dtype.kind not in "iu":
+        return f"label has shape {label.shape} and type {label.dtype}, expected ({rows},) int64"
+    if distances.shape != (rows, n_clusters) or distances.dtype.kind != "f":
+        return f"distances have shape {distances.shape}, expected ({rows}, {n_clusters}) float"
+    if deviation.shape != (rows, n_features) or deviation.dtype.kind != "f":
+        return f"deviation has shape {deviation.shape}, expected ({rows}, {n_features}) float"
+    if rows:
+        low, high = int(label.min()), int(label.max())
+        if low < 0 or high >= n_clusters:
+            return f"label {low if low < 0 else high} is outside 0..{n_clusters - 1}"
+    if allow_nan:
+        if (distances < 0).any():
+            return "distances hold negative values"
+        return None
+    if not (distances >= 0).all():  # also false for NaN
+        return "distances hold NaN or negative values"
+    if np.isnan(deviation).any():
+        return "deviation holds NaN"
+    return None

@@ -1,25 +1,36 @@
-"""The state model at run time: load and validate an ONNX file (the contract is in ``contract.py``), score one
-feature window.
+"""The state model at run time: load and validate an ONNX file (the contract is in ``contract.py``, the static
+checks in ``checks.py``, the bounded first run in ``sandbox.py``), score one feature window.
+
+A model file is an input like any other. :func:`load_model` opens it without following a symlink or blocking on
+a FIFO, requires a regular file owned by root (or the agent's user) and writable by nobody else, and refuses with
+one :class:`ModelError` line anything it cannot serve safely. :meth:`StateModel.predict_vector` never raises: a
+window whose outputs break the contract is reported as ``unknown`` with :attr:`Verdict.fault` set.
 
 No import of the probe registry happens here at import time: the runtime is given explicit feature-name lists.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .contract import (DEFAULT_MAX_BYTES, INPUT_NAME, METADATA_ALGORITHM, METADATA_DISTANCE, METADATA_FEATURES,
-                       METADATA_FORMAT, METADATA_PERCENTILE, METADATA_STATES, METADATA_THRESHOLDS, METADATA_TRAINING,
-                       METADATA_UNKNOWN_ABOVE, METADATA_VERSION, MODEL_FORMAT, OUTPUT_NAMES, REQUIRED_METADATA,
-                       TOP_FEATURES, UNKNOWN_STATE, ModelError)
+from .checks import (attack_states, check_graph, check_metadata, check_structure, external_tensors, parse_json)
+from .contract import (DEFAULT_MAX_BYTES, METADATA_ALGORITHM, METADATA_DISTANCE, METADATA_FEATURES,
+                       METADATA_PERCENTILE, METADATA_STATES, METADATA_THRESHOLDS, METADATA_TRAINING,
+                       METADATA_UNKNOWN_ABOVE, METADATA_VERSION, OUTPUT_NAMES, TOP_FEATURES, UNKNOWN_STATE,
+                       ModelError, output_problem, printable)
+from .sandbox import prove_bounded, session_options
+
+_NOT_NEGATIVE = (0.0).__le__   # False for NaN too
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +47,8 @@ class Verdict:
     top_features: list[tuple[str, float]]  # (feature, deviation in training std units), largest |deviation| first
     nearest_state: str              # the cluster's state even when the model's answer is "unknown"
     raw_state: str                  # the model's answer this window: nearest_state, or "unknown" above the threshold
+    fault: str = ""                 # why this window's model output broke the contract (state is then unknown)
+    declared_attack: bool = False   # the serving model declares ``state`` an attack state: mitigation may act
 
     @classmethod
     def unknown(cls, model_version: str = "none") -> "Verdict":
@@ -43,25 +56,21 @@ class Verdict:
         return cls(-1, UNKNOWN_STATE, 0.0, 0.0, model_version, [], UNKNOWN_STATE, UNKNOWN_STATE)
 
 
-def session_options() -> Any:
-    """One thread, no spinning, sequential: scoring one small vector per second must not take a core."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # errors only; our own validation says what is wrong
-    return opts
+def probe_vectors(n_features: int) -> list[tuple[str, np.ndarray]]:
+    """Windows every model must answer within its contract at load: zeros (an idle host), ones, large and negative
+    values (a feature far outside training), and seeded values in the range of log1p rates and ratios."""
+    rng = np.random.default_rng(14)
+    shaped = lambda v: np.full((1, n_features), v, dtype=np.float32)  # noqa: E731
+    probes = [("zero", shaped(0.0)), ("ones", shaped(1.0)), ("large", shaped(1e3)), ("negative", shaped(-1e3))]
+    probes += [(f"random #{i}", rng.uniform(0, 20, (1, n_features)).astype(np.float32)) for i in range(4)]
+    return probes
 
 
 class StateModel:
     """A validated model with its onnxruntime session. Build it with :func:`load_model`."""
 
-    def __init__(self, path: Path, session: Any, metadata: Mapping[str, str], *, digest: str, size: int) -> None:
+    def __init__(self, path: Path, session: Any, metadata: Mapping[str, str], *, digest: str, size: int,
+                 bundled: bool = False) -> None:
         self.path = path
         self.digest = digest                          # sha256 of the file, for logs
         self.size = size
@@ -69,16 +78,26 @@ class StateModel:
         self.version = metadata[METADATA_VERSION]
         self.algorithm = metadata[METADATA_ALGORITHM]
         self.distance_kind = metadata[METADATA_DISTANCE]
-        self.feature_names: tuple[str, ...] = tuple(json.loads(metadata[METADATA_FEATURES]))
-        self.cluster_states: tuple[str, ...] = tuple(json.loads(metadata[METADATA_STATES]))
-        self.thresholds = np.asarray(json.loads(metadata[METADATA_THRESHOLDS]), dtype=np.float64)
+        self.feature_names: tuple[str, ...] = tuple(parse_json(metadata[METADATA_FEATURES]))
+        self.cluster_states: tuple[str, ...] = tuple(parse_json(metadata[METADATA_STATES]))
+        self.thresholds = np.asarray(parse_json(metadata[METADATA_THRESHOLDS]), dtype=np.float64)
         self.percentile = float(metadata[METADATA_PERCENTILE])
         self.unknown_above = float(metadata[METADATA_UNKNOWN_ABOVE])
-        self.training: dict[str, Any] = json.loads(metadata[METADATA_TRAINING])
+        self.training: dict[str, Any] = parse_json(metadata[METADATA_TRAINING])
+        declared = attack_states(metadata)
+        if declared is None:  # the attack-state rule (contract.py): only a bundled model declares by default
+            declared = frozenset(self.cluster_states) - {UNKNOWN_STATE} if bundled else frozenset()
+        self.attack_states: frozenset[str] = declared
+        self.bundled = bundled
+        self.faults = 0                               # windows whose output broke the contract
         self._session = session
         self._input = session.get_inputs()[0].name
         self._thresholds = self.thresholds.tolist()    # Python floats: cheaper to index per window
         self._outputs = list(OUTPUT_NAMES)
+        self._n_clusters = len(self.cluster_states)
+        self._n_features = len(self.feature_names)
+        self._distances_shape = (1, self._n_clusters)
+        self._deviation_shape = (1, self._n_features)
 
     @property
     def states(self) -> list[str]:
@@ -91,25 +110,63 @@ class StateModel:
         return np.array([[get(name, 0.0) for name in self.feature_names]], dtype=np.float32)
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw outputs (label, distances, deviation) for a float32 batch of shape (N, n_features)."""
+        """Raw outputs (label, distances, deviation) for a float32 batch of shape (N, n_features), unchecked."""
         label, distances, deviation = self._session.run(self._outputs, {self._input: x})
         return label, distances, deviation
 
     def predict(self, values: Mapping[str, float]) -> Verdict:
-        return self.predict_vector(self.vector(values))
+        try:
+            x = self.vector(values)
+        except (TypeError, ValueError) as exc:  # a feature value that is not a number: the caller's bug
+            return self._fault(f"window is not numeric ({exc})")
+        return self.predict_vector(x)
 
     def predict_vector(self, x: np.ndarray) -> Verdict:
-        label, distances, deviation = self._session.run(self._outputs, {self._input: x})
-        cluster = int(label[0])
-        distance = float(distances[0, cluster])
+        """The verdict for one window (row 0 of ``x``). Never raises: outputs that break the contract (shape,
+        label range, NaN; checked every window, a few microseconds) give ``unknown`` with ``fault`` set."""
+        try:
+            label, distances, deviation = self._session.run(self._outputs, {self._input: x})
+        except Exception as exc:
+            return self._fault(f"inference failed ({type(exc).__name__}: {exc})")
+        # The contract, checked in plain Python on the row we use (cheaper than numpy reductions on 1-row arrays);
+        # anything unusual goes to output_problem for the exact reason.
+        cluster = -1
+        if (type(label) is np.ndarray and label.shape == (1,) and label.dtype.kind in "iu"
+                and type(distances) is np.ndarray and distances.shape == self._distances_shape
+                and distances.dtype.kind == "f"
+                and type(deviation) is np.ndarray and deviation.shape == self._deviation_shape
+                and deviation.dtype.kind == "f"):
+            cluster = int(label[0])
+            row = distances[0].tolist()
+            dev = deviation[0].tolist()  # a handful of floats: plain Python beats numpy's per-call overhead
+            if not (0 <= cluster < self._n_clusters and all(map(_NOT_NEGATIVE, row))
+                    and not any(map(math.isnan, dev))):
+                cluster = -1
+        if cluster < 0:
+            rows = len(x)
+            problem = output_problem(label, distances, deviation, rows, self._n_clusters, self._n_features)
+            if problem is not None and not np.isfinite(x).all():
+                # a NaN feature (a probe bug) makes NaN outputs: the window is unknown, the model is not at fault
+                problem = output_problem(label, distances, deviation, rows, self._n_clusters, self._n_features,
+                                         allow_nan=True)
+            if problem is not None or rows < 1:
+                return self._fault(problem or "empty batch")
+            cluster = int(label[0])
+            row = distances[0].tolist()
+            dev = deviation[0].tolist()
+        distance = row[cluster]
         score = distance / self._thresholds[cluster]
         nearest = self.cluster_states[cluster]
         # written as "<= else unknown" so that a NaN score (a NaN feature: a probe bug) is unknown too
         state = nearest if score <= self.unknown_above else UNKNOWN_STATE
-        dev = deviation[0].tolist()  # a handful of floats: plain Python beats numpy's per-call overhead here
         order = sorted(range(len(dev)), key=lambda i: -abs(dev[i]))[:TOP_FEATURES]
         top = [(self.feature_names[i], dev[i]) for i in order]
         return Verdict(cluster, state, score, distance, self.version, top, nearest, state)
+
+    def _fault(self, problem: str) -> Verdict:
+        self.faults += 1
+        return Verdict(-1, UNKNOWN_STATE, 0.0, 0.0, self.version, [], UNKNOWN_STATE, UNKNOWN_STATE,
+                       fault=printable(problem, 200))
 
     def describe(self) -> dict[str, Any]:
         """Everything `otel-ebpf-model info` and the agent's startup log show."""
@@ -123,6 +180,7 @@ class StateModel:
             "threshold_percentile": self.percentile,
             "unknown_above": self.unknown_above,
             "feature_names": list(self.feature_names),
+            "attack_states": sorted(self.attack_states),
             "clusters": [
                 {"cluster": i, "state": s, "distance_threshold": float(t)}
                 for i, (s, t) in enumerate(zip(self.cluster_states, self.thresholds))
@@ -142,20 +200,26 @@ def load_model(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     feature_owner: Callable[[str], str | None] | None = None,
+    bundled: bool = False,
 ) -> StateModel:
     """Validate ``path`` and open it, or raise :class:`ModelError` (one line: file, problem, what to do).
 
-    Checks, in order: size cap; ONNX protobuf parses (never following external-data references); no tensor
-    stored as external data; ``onnx.checker``; the metadata contract; the graph's input and outputs; every
-    model feature BY NAME in ``available_features`` (None skips this check, e.g. for `info`); an onnxruntime
-    session; one test inference on a zero vector.
+    Checks, in order: the file (not a symlink, a regular file, owner root or this process's user, not writable by
+    group or others, size cap); ONNX protobuf parses (never following external-data references); no tensor stored
+    as external data anywhere; only our exporter's operators and tensor kinds (``checks.check_structure``);
+    ``onnx.checker``; the metadata contract; the graph's input and outputs; every model feature BY NAME in
+    ``available_features`` (None skips this check, e.g. for `info`); a first session and run in a child process
+    with time and memory limits (``sandbox``); the agent's session; test inference on the probe vectors
+    (:func:`probe_vectors`), every output checked against the contract.
     ``feature_owner(name) -> probe`` names the probe to enable for a missing feature (default: the registry,
     looked up lazily and only when a feature is missing).
+    ``bundled`` is for the models shipped in the package: trusted like the code beside them (no owner check, no
+    child process), and every cluster state counts as declared for mitigation (the attack-state rule).
     """
     import onnx
 
     path = Path(path)
-    data = _read_capped(path, max_bytes)
+    data = _read_secure(path, max_bytes, check_owner=not bundled)
     try:
         # From bytes, so nothing on disk is followed: external-data locations are checked below, never opened.
         model = onnx.load_model_from_string(data)
@@ -163,10 +227,11 @@ def load_model(
         raise ModelError(path, f"cannot parse as ONNX, truncated or not a model ({type(exc).__name__}: {exc})",
                          "if it is still being copied wait, else export one with "
                          "`otel-ebpf-model export DIR -o MODEL.onnx`") from None
-    external = _external_tensors(model.graph)
+    external = external_tensors(model)
     if external:
         raise ModelError(path, f"tensor {external[0]!r} is stored as external data",
                          "export a self-contained model (all weights inside the .onnx file)")
+    check_structure(path, model)
     try:
         onnx.checker.check_model(model)
     except Exception as exc:
@@ -174,139 +239,71 @@ def load_model(
                          "the file is damaged or was not written by otel-ebpf-model; re-export it") from None
 
     meta = {p.key: p.value for p in model.metadata_props}
-    _check_metadata(path, meta)
+    check_metadata(path, meta)
     names = json.loads(meta[METADATA_FEATURES])
     n_clusters = len(json.loads(meta[METADATA_STATES]))
-    _check_graph(path, model, len(names))
+    check_graph(path, model, len(names), n_clusters)
     if available_features is not None:
         _check_features(path, names, available_features, feature_owner)
 
+    if not bundled:
+        prove_bounded(path, data, model, len(names))
     session = _open_session(path, data)
     digest = hashlib.sha256(data).hexdigest()
-    state_model = StateModel(path, session, meta, digest=digest, size=len(data))
+    state_model = StateModel(path, session, meta, digest=digest, size=len(data), bundled=bundled)
     _test_inference(path, state_model, len(names), n_clusters)
     return state_model
 
 
-def _read_capped(path: Path, max_bytes: int) -> bytes:
+def _read_secure(path: Path, max_bytes: int, *, check_owner: bool) -> bytes:
+    """The file's bytes, read through one descriptor: O_NOFOLLOW (a symlink is refused, not followed), O_NONBLOCK
+    (a FIFO swapped in after the directory scan cannot block the agent), then fstat of that very descriptor."""
+    if not path.name.isprintable():
+        raise ModelError(path, "its name holds control characters", "rename it to plain printable characters")
     try:
-        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ModelError(path, "is a symbolic link, and model files are never followed through links",
+                             "copy the file into the model directory (write it, then mv it into place)") from None
+        raise ModelError(path, f"cannot read ({exc.strerror or exc})", "check the path and permissions") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ModelError(path, "not a regular file", "point at a .onnx file")
+        if check_owner:
+            _check_owner(path, st)
+        if st.st_size == 0:
+            raise ModelError(path, "file is empty", "wait for the copy to finish or re-export the model")
+        if st.st_size > max_bytes:
+            raise ModelError(path, f"{st.st_size} bytes is over the {max_bytes}-byte limit",
+                             "this is not a state model (ours are a few KiB); check the file")
+        chunks: list[bytes] = []
+        held = 0
+        while held <= max_bytes:  # the file may grow while we read: never hold more than the cap
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - held))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            held += len(chunk)
     except OSError as exc:
         raise ModelError(path, f"cannot read ({exc.strerror or exc})", "check the path and permissions") from None
-    if not path.is_file():
-        raise ModelError(path, "not a regular file", "point at a .onnx file")
-    if size == 0:
-        raise ModelError(path, "file is empty", "wait for the copy to finish or re-export the model")
-    if size > max_bytes:
-        raise ModelError(path, f"file is {size} bytes, above the {max_bytes}-byte limit",
-                         "this is not one of our models (they are a few KiB); raise the limit only if you mean it")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(max_bytes + 1)
-    except OSError as exc:
-        raise ModelError(path, f"cannot read ({exc.strerror or exc})", "check the path and permissions") from None
-    if len(data) > max_bytes:  # grew between stat and read
-        raise ModelError(path, f"file grew above the {max_bytes}-byte limit while being read",
-                         "wait for the copy to finish")
-    return data
+    finally:
+        os.close(fd)
+    if held > max_bytes:
+        raise ModelError(path, f"grew over the {max_bytes}-byte limit while being read", "check the file")
+    return b"".join(chunks)
 
 
-def _external_tensors(graph: Any) -> list[str]:
-    """Names of tensors (initializers, constants, attributes, in subgraphs too) whose data lives outside the file."""
-    from onnx import AttributeProto, TensorProto
-
-    found: list[str] = []
-
-    def tensor(t: Any) -> None:
-        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
-            found.append(t.name or "<unnamed>")
-
-    def walk(g: Any) -> None:
-        for t in g.initializer:
-            tensor(t)
-        for st in g.sparse_initializer:
-            tensor(st.values)
-            tensor(st.indices)
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == AttributeProto.TENSOR:
-                    tensor(attr.t)
-                elif attr.type == AttributeProto.TENSORS:
-                    for t in attr.tensors:
-                        tensor(t)
-                elif attr.type == AttributeProto.SPARSE_TENSOR:
-                    tensor(attr.sparse_tensor.values)
-                elif attr.type == AttributeProto.GRAPH:
-                    walk(attr.g)
-                elif attr.type == AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        walk(sub)
-
-    walk(graph)
-    return found
-
-
-def _check_metadata(path: Path, meta: Mapping[str, str]) -> None:
-    reexport = "re-export it with `otel-ebpf-model export`"
-    missing = [k for k in REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise ModelError(path, f"metadata_props lacks {', '.join(missing)}",
-                         f"this is not an otel-ebpf-model state model; {reexport}")
-    if meta[METADATA_FORMAT] != MODEL_FORMAT:
-        raise ModelError(path, f"model format {meta[METADATA_FORMAT]!r}, this agent reads {MODEL_FORMAT!r}",
-                         f"{reexport} from this version")
-
-    def parsed(key: str, kind: type) -> Any:
-        try:
-            value = json.loads(meta[key])
-        except ValueError:
-            raise ModelError(path, f"metadata {key} is not valid JSON", reexport) from None
-        if not isinstance(value, kind):
-            raise ModelError(path, f"metadata {key} is not a JSON {kind.__name__}", reexport)
-        return value
-
-    names = parsed(METADATA_FEATURES, list)
-    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise ModelError(path, "metadata feature_names must be distinct non-empty names", reexport)
-    states = parsed(METADATA_STATES, list)
-    if not states or not all(isinstance(s, str) and s for s in states):
-        raise ModelError(path, "metadata cluster_states must be non-empty state names", reexport)
-    thresholds = parsed(METADATA_THRESHOLDS, list)
-    if len(thresholds) != len(states):
-        raise ModelError(path, f"{len(thresholds)} distance thresholds for {len(states)} clusters", reexport)
-    if not all(isinstance(t, (int, float)) and math.isfinite(t) and t > 0 for t in thresholds):
-        raise ModelError(path, "metadata distance_thresholds must be finite numbers > 0", reexport)
-    parsed(METADATA_TRAINING, dict)
-    for key in (METADATA_UNKNOWN_ABOVE, METADATA_PERCENTILE):
-        try:
-            value = float(meta[key])
-        except ValueError:
-            raise ModelError(path, f"metadata {key}={meta[key]!r} is not a number", reexport) from None
-        if not (math.isfinite(value) and value > 0):
-            raise ModelError(path, f"metadata {key}={meta[key]!r} must be a positive number", reexport)
-    if not meta[METADATA_VERSION].strip():
-        raise ModelError(path, "metadata model_version is empty", reexport)
-
-
-def _check_graph(path: Path, model: Any, n_features: int) -> None:
-    from onnx import TensorProto
-
-    hint = "the graph does not follow the state-model contract; re-export it with `otel-ebpf-model export`"
-    inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
-        raise ModelError(path, f"inputs are {[i.name for i in inputs]}, expected one named {INPUT_NAME!r}", hint)
-    tensor_type = inputs[0].type.tensor_type
-    if tensor_type.elem_type != TensorProto.FLOAT:
-        raise ModelError(path, f"input {INPUT_NAME!r} is not float32", hint)
-    dims = tensor_type.shape.dim
-    if len(dims) != 2 or (dims[1].HasField("dim_value") and dims[1].dim_value != n_features):
-        width = dims[1].dim_value if len(dims) == 2 else "?"
-        raise ModelError(path, f"input is {len(dims)}-D with width {width}, metadata names {n_features} features",
-                         hint)
-    outputs = {o.name for o in model.graph.output}
-    missing = [o for o in OUTPUT_NAMES if o not in outputs]
-    if missing:
-        raise ModelError(path, f"graph has no output {', '.join(missing)}", hint)
+def _check_owner(path: Path, st: os.stat_result) -> None:
+    """Whoever can write the model decides what the agent reports (and, with declared attack states, blocks)."""
+    owners = {0, os.geteuid()}
+    if st.st_uid not in owners:
+        raise ModelError(path, f"is owned by uid {st.st_uid}, not root or this agent's user (uid {os.geteuid()})",
+                         f"chown root {path.name} if you trust it")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ModelError(path, f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})",
+                         f"chmod go-w {path.name}")
 
 
 def _default_owner(name: str) -> str | None:
@@ -346,15 +343,14 @@ def _open_session(path: Path, data: bytes) -> Any:
 
 def _test_inference(path: Path, model: StateModel, n_features: int, n_clusters: int) -> None:
     hint = "the model does not compute what its metadata says; re-export it with `otel-ebpf-model export`"
-    try:
-        label, distances, deviation = model.run(np.zeros((1, n_features), dtype=np.float32))
-    except Exception as exc:
-        raise ModelError(path, f"test inference on a zero vector failed ({exc})", hint) from None
-    if label.shape != (1,) or not (0 <= int(label[0]) < n_clusters):
-        raise ModelError(path, f"test inference gave label {label.tolist()} for {n_clusters} clusters", hint)
-    if distances.shape != (1, n_clusters) or not np.all(np.isfinite(distances)):
-        raise ModelError(path, f"test inference gave distances of shape {distances.shape}, "
-                               f"expected (1, {n_clusters}) finite", hint)
-    if deviation.shape != (1, n_features) or not np.all(np.isfinite(deviation)):
-        raise ModelError(path, f"test inference gave deviation of shape {deviation.shape}, "
-                               f"expected (1, {n_features}) finite", hint)
+    for name, x in probe_vectors(n_features):
+        try:
+            label, distances, deviation = model.run(x)
+        except Exception as exc:
+            raise ModelError(path, f"test inference on the {name} vector failed ({exc})", hint) from None
+        problem = output_problem(label, distances, deviation, 1, n_clusters, n_features)
+        if problem is not None:
+            raise ModelError(path, f"test inference on the {name} vector: {problem}", hint)
+
+
+__all__ = ["StateModel", "Verdict", "load_model", "probe_vectors", "session_options"]

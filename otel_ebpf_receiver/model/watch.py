@@ -6,13 +6,29 @@ Convention: the model served is the most recently deployed valid ``*.onnx`` file
 and ``touch old.onnx`` rolls back to it. Dotfiles and other suffixes (``model.onnx.tmp``) are ignored, so a
 writer that writes ``.new.onnx`` or ``new.onnx.tmp`` and renames it into place is atomic.
 
-Each :meth:`ModelWatcher.poll` stats every ``*.onnx`` file: (inode, size, mtime, ctime). A file is a candidate
-once that signature is unchanged across two consecutive polls (a copy still in progress keeps changing, so a
-half-written file is never validated) and the signature has not been tried before. Candidates are validated
-newest first with :func:`load_model`; the first valid one replaces the serving model (``on_swap(old, new)``);
-each invalid one is reported once per signature (``on_reject(path, error)``) and the old model keeps serving.
-So a valid file is serving within two polls of appearing complete. A file rewritten in place changes its
-signature and is tried again; a served file that is deleted keeps serving from memory until something newer.
+The directory is an input like any other, so it is trusted only as far as its permissions say:
+
+* the directory must be owned by root (or the agent's user) and not writable by group or others; otherwise
+  nothing in it is loaded and that is reported once (``chmod go-w DIR``);
+* every file must be a regular file owned by root (or the agent's user) and not writable by group or others;
+* symbolic links are NOT followed (they used to be, so that repointing ``current.onnx`` deployed a model): a
+  link is rejected once with a one-line reason. Deploy by copying or renaming the file into the directory;
+  ``touch`` rolls back. Not following links means nobody who can plant a link makes the agent read another file;
+* files are opened with O_NOFOLLOW|O_NONBLOCK and checked with fstat on that descriptor, so a FIFO or a link
+  swapped in between the scan and the open is refused instead of blocking the agent or being followed.
+
+Each :meth:`ModelWatcher.poll` lstats every ``*.onnx`` entry: (inode, size, mtime, ctime). An entry is a
+candidate once that signature is unchanged across two consecutive polls (a copy still in progress keeps
+changing, so a half-written file is never validated) and the signature has not been tried before. Candidates are
+validated newest first with :func:`load_model`; the first valid one replaces the serving model
+(``on_swap(old, new)``); each invalid one is reported once per signature (``on_reject(path, error)``) and the old
+model keeps serving. So a valid file is serving within two polls of appearing complete. A file rewritten in place
+changes its signature and is tried again; a served file that is deleted keeps serving from memory until
+something newer. Validating a new graph runs it once in a child process (``sandbox.py``): the poll that does it
+waits up to ``SANDBOX_SECONDS`` for a pathological graph, once per signature.
+
+Whatever a file holds, :meth:`poll` and :meth:`load_initial` never raise: an unexpected error while validating
+is a rejection like any other (the agent must not exit, or crash-loop under systemd, because of a file).
 
 A writer that pauses for longer than one interval in the middle of a copy can get one spurious rejection
 (its signature is retried as soon as it changes again); write-then-rename avoids even that.
@@ -25,7 +41,7 @@ import stat
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .contract import DEFAULT_MAX_BYTES, ModelError
+from .contract import DEFAULT_MAX_BYTES, ModelError, printable
 from .runtime import StateModel, load_model
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "bundled"   # what `make model` writes; shipped in the package
@@ -55,6 +71,7 @@ class ModelWatcher:
         self._seen: dict[Path, tuple[Signature, bool]] = {}   # path -> (signature, unchanged since last poll)
         self._tried: dict[Path, Signature] = {}                # path -> signature last validated (either way)
         self._reload_requested = False
+        self._directory_refused: tuple[int, int] | None = None   # (uid, mode) already reported
 
     @property
     def model(self) -> StateModel | None:
@@ -86,23 +103,42 @@ class ModelWatcher:
     def _scan(self) -> dict[Path, Signature]:
         found: dict[Path, Signature] = {}
         try:
-            entries = list(os.scandir(self.model_dir))
+            entries = list(os.scandir(self.model_dir)) if self._directory_trusted() else []
         except OSError:
             entries = []  # a missing directory is "no models yet", not an error: it can be created later
         for entry in entries:
             if entry.name.startswith(".") or not entry.name.endswith(".onnx"):
                 continue
             try:
-                st = os.stat(entry.path)  # follows symlinks: repointing current.onnx changes the inode
+                st = entry.stat(follow_symlinks=False)  # a link, FIFO or directory is a candidate to refuse once
             except OSError:
                 continue
-            if stat.S_ISREG(st.st_mode):
-                found[Path(entry.path)] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            found[Path(entry.path)] = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         previous = self._seen
         self._seen = {p: (sig, previous.get(p, (None, False))[0] == sig) for p, sig in found.items()}
         for gone in [p for p in self._tried if p not in found]:
             del self._tried[gone]
         return found
+
+    def _directory_trusted(self) -> bool:
+        """Owner root or us, not writable by group or others; a refusal is reported once per directory state."""
+        st = os.stat(self.model_dir)  # OSError (missing) is handled by the caller
+        problem = None
+        if st.st_uid not in (0, os.geteuid()):
+            problem = (f"directory is owned by uid {st.st_uid}, not root or this agent's user",
+                       f"chown root {printable(str(self.model_dir))}")
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem = (f"directory is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}), so "
+                       "anyone could plant a model", f"chmod go-w {printable(str(self.model_dir))}")
+        state = (st.st_uid, st.st_mode)
+        if problem is not None and self._directory_refused != state:
+            self._directory_refused = state
+            if self.on_reject is not None:
+                self.on_reject(self.model_dir, ModelError(self.model_dir, problem[0], problem[1] + "; nothing in it "
+                                                          "is loaded until then"))
+        if problem is None:
+            self._directory_refused = None
+        return problem is None
 
     def _load_newest(self, found: dict[Path, Signature], *, force: bool) -> StateModel | None:
         if force:
@@ -118,6 +154,11 @@ class ModelWatcher:
             except ModelError as err:
                 if self.on_reject is not None:
                     self.on_reject(path, err)
+                continue
+            except Exception as exc:  # a validation bug must cost one file, never the agent
+                if self.on_reject is not None:
+                    self.on_reject(path, ModelError(path, f"unexpected {type(exc).__name__} while validating "
+                                                          f"({exc})", "the file is refused; please report this"))
                 continue
             for older in candidates[i + 1:]:
                 self._tried[older] = found[older]  # superseded: never swap back to them without a change
@@ -136,7 +177,7 @@ def best_bundled_model(available: list[str], say: Callable[[str], None]) -> Stat
     errors = []
     for path in sorted(BUNDLED_MODEL_DIR.glob("*.onnx")):
         try:
-            loaded.append(load_model(path, available))
+            loaded.append(load_model(path, available, bundled=True))
         except ModelError as exc:
             errors.append(str(exc))
     if not loaded:

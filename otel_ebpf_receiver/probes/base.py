@@ -14,9 +14,12 @@ import os
 import sys
 import tempfile
 import platform
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Hashable, Iterable, Mapping
+
+from .contract import LayoutError, MapContract, check_map, constant_checks, constant_mismatch
 
 TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -178,6 +181,10 @@ class Probe:
     features: ClassVar[tuple[Feature, ...]] = ()
     # Settings a user may give under probe_settings.<name>, with their defaults (the type is checked).
     defaults: ClassVar[dict[str, Any]] = {}
+    # The C <-> Python contract (contract.py), checked at load: per map, the key and value fields Python reads;
+    # the C constants (enum values, array indexes) Python relies on, with Python's values.
+    maps: ClassVar[Mapping[str, MapContract]] = {}
+    c_constants: ClassVar[Mapping[str, int]] = {}
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = {**self.defaults, **dict(settings or {})}
@@ -220,20 +227,48 @@ class Probe:
         """-D settings passed to the C program (map sizes, feature switches)."""
         return []
 
+    def all_cflags(self) -> list[str]:
+        """What the loader passes to bcc: the include path of bpf/common.bpf.h, the constants check, cflags()."""
+        return [f"-I{BPF_SOURCE_DIR}", f"-DCHECK_PYTHON_CONSTANTS={constant_checks(self.c_constants)}",
+                *self.cflags()]
+
     def load(self) -> None:
-        """Compile and attach. bcc attaches TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE functions by itself."""
+        """Compile, check the contract, attach. bcc attaches TRACEPOINT_PROBE / RAW_TRACEPOINT_PROBE functions by
+        itself, as it compiles: a probe that breaks its contract is detached again before anything is read."""
         from bcc import BPF  # imported late: `probes` and `doctor` must work where bcc is broken
 
         from ..errors import ProbeError
 
+        where = f"bpf/{self.name}.bpf.c"
+        if self.c_constants and "CHECK_PYTHON_CONSTANTS" not in self.source_path().read_text():
+            raise ProbeError(f"probe {self.name} disabled: {where} does not end with CHECK_PYTHON_CONSTANTS, so "
+                             f"the constants Python reads cannot be checked")
         with captured_stderr() as compiler_output:
             try:
-                self.bpf = BPF(src_file=str(self.source_path()), cflags=self.cflags())
+                self.bpf = BPF(text=program_text(self.source_path()), cflags=self.all_cflags())
             except Exception as exc:
+                compiler_output.seek(0)  # fd 2 wrote through the shared offset: read from the start
                 detail = first_error_line(compiler_output.read()) or str(exc)
-                raise ProbeError(f"probe {self.name} disabled: could not load bpf/{self.name}.bpf.c: {detail}") from None
+                mismatch = constant_mismatch(detail)
+                if mismatch:
+                    raise ProbeError(f"probe {self.name} disabled: {where} and Python disagree: {mismatch}") from None
+                raise ProbeError(f"probe {self.name} disabled: could not load {where}: {detail}") from None
+        try:
+            self.check_maps()
+        except LayoutError as exc:
+            self.close()
+            raise ProbeError(f"probe {self.name} disabled: {where} and Python disagree: {exc}") from None
         if not self.mode:
             self.mode = "tracepoint"
+
+    def contract_maps(self) -> Mapping[str, MapContract]:
+        """The maps of ``maps`` this program has with these settings (some are compiled in by a setting)."""
+        return self.maps
+
+    def check_maps(self) -> None:
+        """Each map Python reads against bcc's types and the kernel's sizes (raises contract.LayoutError)."""
+        for map_name, contract in self.contract_maps().items():
+            check_map(map_name, self.bpf[map_name], contract)
 
     def close(self) -> None:
         """Detach every program and close the maps."""
@@ -244,6 +279,30 @@ class Probe:
     # -- each window ---------------------------------------------------------------------------------------
     def read(self, seconds: float) -> Reading:
         raise NotImplementedError
+
+
+_SHARED_INCLUDE = re.compile(r'^#include "(?P<name>[\w.-]+\.bpf\.h)"[^\n]*$', re.M)
+
+
+def program_text(path: Path) -> str:
+    """A program as bcc must see it: with bpf/*.bpf.h spliced in where it is included.
+
+    bcc rewrites map calls (``stats.lookup(&i)``) into BPF helper calls only in the main file: in an included file
+    it leaves them alone and the program fails to load, inside a macro it refuses them. The shared helpers
+    (bpf/common.bpf.h) do call maps, so the loader includes them itself, textually and once, keeping file names
+    and line numbers for the compiler's messages."""
+    seen: set[str] = set()
+
+    def splice(match: re.Match) -> str:
+        name = match["name"]
+        if name in seen:
+            return ""
+        seen.add(name)
+        line = text.count("\n", 0, match.start()) + 2
+        return f'#line 1 "bpf/{name}"\n{(BPF_SOURCE_DIR / name).read_text()}\n#line {line} "bpf/{path.name}"'
+
+    text = path.read_text()
+    return f'#line 1 "bpf/{path.name}"\n' + _SHARED_INCLUDE.sub(splice, text)
 
 
 @contextlib.contextmanager

@@ -17,20 +17,25 @@ from ..kernel import log2hist
 from ..kernel.maps import MapSnapshot, percpu_array_u64
 from .base import (COUNTER, GAUGE, HISTOGRAM, Feature, Hook, Metric, Probe, Reading, TopItem, hook_exists,
                    log1p_rate)
+from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_PROBE, STAT_UPDATE_FAILED, U32, U64, MapContract, dtype, value_type
 
 SLOTS = log2hist.LATENCY_SLOTS
-FIELDS = 3 + SLOTS  # struct disk_stats: ops, bytes, time_ns, slots[SLOTS]
-DIRECTIONS = ("read", "write")
-STAT_UPDATE_FAILED, STAT_NEW_START, STAT_START_DONE = range(3)
+DIRECTIONS = ("read", "write")  # DIR_READ, DIR_WRITE
+STAT_START_DONE = STAT_PROBE  # requests removed from `start` by the program (completed or merged)
 INSERT_HOOK = Hook("block:block_rq_insert")
 MERGE_HOOK = Hook("block:block_rq_merge")
+
+
+def split_dev(dev: int) -> tuple[int, int]:
+    """Kernel dev_t as tracepoints carry it (major << 20 | minor) -> (major, minor)."""
+    return dev >> 20, dev & 0xFFFFF
 
 
 def device_name(dev: int, cache: dict[int, str]) -> str:
     """Kernel dev_t (major << 20 | minor, as tracepoints carry it) -> DEVNAME from sysfs, else "major:minor"."""
     name = cache.get(dev)
     if name is None:
-        major, minor = dev >> 20, dev & 0xFFFFF
+        major, minor = split_dev(dev)
         name = f"{major}:{minor}"
         try:
             with open(f"/sys/dev/block/{major}:{minor}/uevent") as fh:
@@ -78,6 +83,12 @@ class BlockIoProbe(Probe):
     # include_queue_time: time requests from block_rq_insert (diskstats semantics) instead of block_rq_issue.
     # stale_inflight_seconds: an in-flight entry older than this is a request we lost track of, not queue depth.
     defaults = {"include_queue_time": True, "max_inflight": 10240, "max_devices": 256, "stale_inflight_seconds": 30}
+    maps = {"disk_stats": MapContract(key={"dev": U32, "dir": U32},
+                                      value={"ops": U64, "bytes": U64, "time_ns": U64, "slots": f"({SLOTS},)<u8"}),
+            "start": MapContract(key={"dev": U32}, value={"ts": U64}),
+            "stats": MapContract(value=U64)}
+    c_constants = {**COMMON_STATS, "STAT_START_DONE": STAT_START_DONE, "DIR_READ": DIRECTIONS.index("read"),
+                   "DIR_WRITE": DIRECTIONS.index("write"), "LATENCY_SLOTS": SLOTS}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -101,6 +112,10 @@ class BlockIoProbe(Probe):
         self.mode = "tracepoint (" + ("insert->complete" if self._queue_time() else "issue->complete") + ")"
         self._stats_snapshot = MapSnapshot(self.bpf["disk_stats"])
         self._start_snapshot = MapSnapshot(self.bpf["start"])
+        table = self.bpf["disk_stats"]
+        self._stats_dtype = (dtype(table.Key), dtype(value_type(table)))
+        self._ncpu = ct.sizeof(table.Leaf) // ct.sizeof(value_type(table))
+        self._start_dtype = (dtype(self.bpf["start"].Key), dtype(self.bpf["start"].Leaf))
 
     def _cumulative(self) -> dict[tuple[int, int], np.ndarray]:
         """(dev, direction) -> [ops, bytes, time_ns, slots...] summed over CPUs."""
@@ -108,11 +123,12 @@ class BlockIoProbe(Probe):
         n = snap.read()
         if not n:
             return {}
-        ncpu = ct.sizeof(snap.table.Leaf) // (FIELDS * 8)
-        values = np.frombuffer(snap.values, dtype=np.uint64, count=n * ncpu * FIELDS).reshape(n, ncpu, FIELDS)
-        totals = values.sum(axis=1)
-        keys = np.frombuffer(snap.keys, dtype=np.uint32, count=2 * n).reshape(n, 2)
-        return {(int(k[0]), int(k[1])): totals[i] for i, k in enumerate(keys)}
+        key_dt, value_dt = self._stats_dtype
+        values = np.frombuffer(snap.values, dtype=value_dt, count=n * self._ncpu).reshape(n, self._ncpu)
+        totals = np.column_stack([values[name].sum(axis=1) for name in ("ops", "bytes", "time_ns")]
+                                 + [values["slots"].sum(axis=1)])
+        keys = np.frombuffer(snap.keys, dtype=key_dt, count=n)
+        return {(int(dev), int(direction)): totals[i] for i, (dev, direction) in enumerate(zip(keys["dev"], keys["dir"]))}
 
     def _inflight(self) -> tuple[dict[int, int], int]:
         """Requests in flight per dev (entries younger than the stale limit), and how many entries there are."""
@@ -120,8 +136,9 @@ class BlockIoProbe(Probe):
         n = snap.read()
         if not n:
             return {}, 0
-        devs = np.frombuffer(snap.keys, dtype=np.uint32, count=4 * n).reshape(n, 4)[:, 0]
-        started = np.frombuffer(snap.values, dtype=np.uint64, count=2 * n).reshape(n, 2)[:, 0]
+        key_dt, value_dt = self._start_dtype
+        devs = np.frombuffer(snap.keys, dtype=key_dt, count=n)["dev"]
+        started = np.frombuffer(snap.values, dtype=value_dt, count=n)["ts"]
         fresh = started.astype(np.int64) > time.monotonic_ns() - int(self.settings["stale_inflight_seconds"] * 1e9)
         unique, counts = np.unique(devs[fresh], return_counts=True)
         return {int(d): int(c) for d, c in zip(unique, counts)}, n
@@ -164,7 +181,7 @@ class BlockIoProbe(Probe):
         stats = percpu_array_u64(self.bpf["stats"])
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
         # Entries inserted, minus those completed or merged away, minus those still there: the LRU evicted the rest.
-        reading.map_evictions = max(0, int(stats[STAT_NEW_START]) - int(stats[STAT_START_DONE]) - entries)
+        reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - int(stats[STAT_START_DONE]) - entries)
 
         counts = window_slots.tolist()
         if seconds > 0:

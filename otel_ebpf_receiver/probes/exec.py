@@ -8,8 +8,10 @@ import os
 from ..kernel.maps import MapSnapshot, percpu_array_u64
 from .base import (COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, decode_comm, log1p_rate,
                    tracepoint_has_field)
+from .contract import COMMON_STATS, STAT_UPDATE_FAILED, U64, MapContract
 
-PROCESSES_CREATED, THREADS_CREATED, PROCESS_EXITS, EXECS, STAT_UPDATE_FAILED = range(5)
+# enum counter_index in bpf/exec.bpf.c (checked at load).
+PROCESSES_CREATED, THREADS_CREATED, PROCESS_EXITS, EXECS, COUNTER_MAX = range(5)
 EXIT_HOOK = Hook("sched:sched_process_exit")
 
 
@@ -30,6 +32,11 @@ class ExecProbe(Probe):
         Feature("exec.fork_rate_log1p", "log1p(processes created per second per CPU)"),
         Feature("exec.thread_rate_log1p", "log1p(threads created per second per CPU)"),
     )
+
+    maps = {"counters": MapContract(value=U64), "exec_counts": MapContract(key={"comm": None}, value=U64),
+            "stats": MapContract(value=U64)}
+    c_constants = {"PROCESSES_CREATED": PROCESSES_CREATED, "THREADS_CREATED": THREADS_CREATED,
+                   "PROCESS_EXITS": PROCESS_EXITS, "EXECS": EXECS, "COUNTER_MAX": COUNTER_MAX, **COMMON_STATS}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -63,7 +70,7 @@ class ExecProbe(Probe):
             if delta:
                 reading.counters.append(("otel_ebpf_receiver.exec", delta, {"process.command": comm}))
 
-        reading.map_update_failures = int(counters[STAT_UPDATE_FAILED])
+        reading.map_update_failures = int(percpu_array_u64(self.bpf["stats"])[STAT_UPDATE_FAILED])
         reading.rate = execs / seconds
         reading.features = {
             "exec.exec_rate_log1p": log1p_rate(execs / self._ncpu, seconds),

@@ -9,6 +9,7 @@ import os
 from ..kernel.maps import KeyedDeltas, MapSnapshot, percpu_array_u64, top_indices
 from .base import (COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, decode_comm,
                    hook_exists, log1p_rate, ratio)
+from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U64, MapContract
 
 OPTIONAL_HOOKS = {"HAVE_SYS_ENTER_OPEN": "open", "HAVE_SYS_ENTER_OPENAT2": "openat2"}
 
@@ -32,6 +33,10 @@ class FileOpenProbe(Probe):
     )
 
     defaults = {"top_paths": 5, "max_paths": 8192}
+    maps = {"comm_counts": MapContract(key={"comm": None}, value={"opens": U64, "failed": U64}),
+            "path_counts": MapContract(key={"path": None}, value=U64),
+            "stats": MapContract(value=U64)}
+    c_constants = COMMON_STATS
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -86,8 +91,8 @@ class FileOpenProbe(Probe):
             reading.gauges.append(("otel_ebpf_receiver.file_opens.top_path.rate", rate, {"file.path": path}))
 
         stats = percpu_array_u64(self.bpf["stats"])
-        reading.map_update_failures = int(stats[0])
-        reading.map_evictions = max(0, int(stats[1]) - n)
+        reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
+        reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n)
         reading.rate = total_opens / seconds
         reading.features = {
             "file_open.rate_log1p": log1p_rate(total_opens / self._ncpu, seconds),

@@ -25,17 +25,27 @@ from ..kernel import log2hist
 from ..kernel.maps import MapSnapshot, percpu_array_u64
 from .base import (COUNTER, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, hook_exists, log1p_rate,
                    ratio)
+from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U32, U64, MapContract, dtype, value_type
 
+# enum method in bpf/http.bpf.c, by index (M_NONE is "_OTHER", the semantic convention's name for the rest).
 METHODS = ("_OTHER", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE")
 SLOTS = log2hist.LATENCY_SLOTS
-RESPONSE_FIELDS = 2 + SLOTS  # struct response_val: count, sum_ns, slots[SLOTS]
-STAT_UPDATE_FAILED, STAT_NEW_KEYS, STAT_CONNS_TRACKED, STAT_CONNS_NOT_HTTP = range(4)
 # Syscalls hooked when the kernel has them (-D define -> syscall); read/write/accept4/close are required.
 OPTIONAL_SYSCALLS = {"HAVE_ACCEPT": "accept", "HAVE_RECVFROM": "recvfrom", "HAVE_SENDTO": "sendto",
                      "HAVE_RECVMSG": "recvmsg", "HAVE_SENDMSG": "sendmsg", "HAVE_READV": "readv",
                      "HAVE_WRITEV": "writev"}
 PORT_CACHE_SECONDS = 60.0
 NEW_LOOKUPS_PER_WINDOW = 16  # /proc scans per interval at most: the cache fills over a few windows under churn
+
+
+def method_name(method: int) -> str:
+    """enum method -> http.request.method (an index this side does not know is _OTHER)."""
+    return METHODS[method if method < len(METHODS) else 0]
+
+
+def status_class(status: int) -> str:
+    """Status code -> http.response.status_class, as the kernel side matches them (100-599)."""
+    return f"{status // 100}xx"
 
 
 def _syscall_pair(name: str) -> tuple[Hook, Hook]:
@@ -102,6 +112,12 @@ class HttpProbe(Probe):
     # comms: comma-separated process names whose accepted connections are watched ("" = every process). Applied
     # in the kernel at accept time, so it also removes the per-connection cost of everything else.
     defaults = {"comms": "", "max_connections": 16384, "max_keys": 4096}
+    maps = {"requests": MapContract(key={"tgid": U32, "listen_fd": U32, "method": U32}, value=U64),
+            "responses": MapContract(key={"tgid": U32, "listen_fd": U32, "method": "<u2", "status": "<u2"},
+                                     value={"count": U64, "sum_ns": U64, "slots": f"({SLOTS},)<u8"}),
+            "stats": MapContract(value=U64)}
+    c_constants = {**COMMON_STATS, "M_NONE": 0, **{f"M_{m}": i for i, m in enumerate(METHODS) if i},
+                   "LATENCY_SLOTS": SLOTS}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -133,6 +149,9 @@ class HttpProbe(Probe):
         self.mode = "tracepoint (" + ", ".join(h for h in hooked if not h.startswith("accept")) + ")"
         self._request_snapshot = MapSnapshot(self.bpf["requests"])
         self._response_snapshot = MapSnapshot(self.bpf["responses"])
+        self._request_key = dtype(self.bpf["requests"].Key)
+        responses = self.bpf["responses"]
+        self._response_dtype = (dtype(responses.Key), dtype(value_type(responses)))
 
     # -- naming a (process, listening socket) ---------------------------------------------------------------------
     def _owner(self, tgid: int, listen_fd: int, budget: list[int]) -> tuple[str, int | None]:
@@ -167,11 +186,12 @@ class HttpProbe(Probe):
 
         snap = self._request_snapshot
         n = snap.read()
-        keys = np.frombuffer(snap.keys, dtype=np.uint32, count=3 * n).reshape(n, 3)
+        keys = np.frombuffer(snap.keys, dtype=self._request_key, count=n)
         counts = snap.u64_values(n, ncpu=len(snap.values[0]) if n else 1)
         present = []
         requests: dict[tuple[str, int | None, int], int] = {}
-        for (tgid, lfd, method), cumulative in zip(keys.tolist(), counts.tolist()):
+        for tgid, lfd, method, cumulative in zip(keys["tgid"].tolist(), keys["listen_fd"].tolist(),
+                                                 keys["method"].tolist(), counts.tolist()):
             present.append((tgid, lfd, method))
             delta = self._requests.delta((tgid, lfd, method), int(cumulative))
             if delta:
@@ -182,18 +202,18 @@ class HttpProbe(Probe):
         self._requests.forget_missing(present)
         for (comm, port, method), delta in requests.items():
             reading.counters.append(("otel_ebpf_receiver.http.requests", delta,
-                                     self._attrs(comm, port, **{"http.request.method": METHODS[method]})))
+                                     self._attrs(comm, port, **{"http.request.method": method_name(method)})))
 
         responses, histograms, window_slots, entries = self._read_responses(budget)
         per_class = [0] * 6
         for (comm, port, status), delta in responses.items():
             per_class[min(status // 100, 5)] += delta
             reading.counters.append(("otel_ebpf_receiver.http.responses", delta, self._attrs(
-                comm, port, **{"http.response.status_code": status, "http.response.status_class": f"{status // 100}xx"})))
+                comm, port, **{"http.response.status_code": status, "http.response.status_class": status_class(status)})))
         for (comm, port, method, klass), (slots, sum_ns) in histograms.items():
             reading.histograms.append(("otel_ebpf_receiver.http.request.duration",
                                        log2hist.buckets_from_slots(slots, "s"), sum_ns / 1e9, self._attrs(
-                                           comm, port, **{"http.request.method": METHODS[method],
+                                           comm, port, **{"http.request.method": method_name(method),
                                                           "http.response.status_class": f"{klass}xx"})))
 
         stats = percpu_array_u64(self.bpf["stats"])
@@ -221,16 +241,17 @@ class HttpProbe(Probe):
         if not n:
             self._last_responses.clear()
             return {}, {}, np.zeros(SLOTS, dtype=np.int64), 0
-        ncpu = ct.sizeof(snap.table.Leaf) // (RESPONSE_FIELDS * 8)
-        values = np.frombuffer(snap.values, dtype=np.uint64, count=n * ncpu * RESPONSE_FIELDS)
-        totals = values.reshape(n, ncpu, RESPONSE_FIELDS).sum(axis=1)
-        raw_keys = np.frombuffer(snap.keys, dtype=np.uint32, count=3 * n).reshape(n, 3)
+        key_dt, value_dt = self._response_dtype
+        ncpu = ct.sizeof(snap.table.Leaf) // value_dt.itemsize
+        values = np.frombuffer(snap.values, dtype=value_dt, count=n * ncpu).reshape(n, ncpu)
+        totals = np.column_stack([values["count"].sum(axis=1), values["sum_ns"].sum(axis=1), values["slots"].sum(axis=1)])
+        raw_keys = np.frombuffer(snap.keys, dtype=key_dt, count=n)
         responses: dict[tuple[str, int | None, int], int] = {}
         histograms: dict[tuple[str, int | None, int, int], tuple[np.ndarray, int]] = {}
         window_slots = np.zeros(SLOTS, dtype=np.int64)
         current: dict[tuple[int, ...], np.ndarray] = {}
-        for i, (tgid, lfd, packed) in enumerate(raw_keys.tolist()):
-            method, status = packed & 0xFFFF, packed >> 16  # u16 method, u16 status, little-endian
+        for i, (tgid, lfd, method, status) in enumerate(zip(raw_keys["tgid"].tolist(), raw_keys["listen_fd"].tolist(),
+                                                            raw_keys["method"].tolist(), raw_keys["status"].tolist())):
             key = (tgid, lfd, method, status)
             cumulative = totals[i]
             current[key] = cumulative

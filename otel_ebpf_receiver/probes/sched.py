@@ -15,10 +15,12 @@ from ..kernel import log2hist
 from ..kernel.maps import MapSnapshot
 from .base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
                    ratio, tracefs_root)
+from .contract import U32, U64, MapContract, dtype, value_type
 
 SLOTS = log2hist.LATENCY_SLOTS
-SWITCHES, INVOLUNTARY, LATENCY_SUM_NS, UPDATE_FAILED, COUNTERS = range(5)
-FIELDS = COUNTERS + SLOTS  # struct sched_stats: the counters above, then slots[SLOTS]
+# The counters of struct sched_stats (bpf/sched.bpf.c) Python reads, by name; the histogram is its `slots`.
+COUNTER_FIELDS = ("switches", "involuntary", "latency_sum_ns", "update_failed")
+SWITCHES, INVOLUNTARY, LATENCY_SUM_NS, UPDATE_FAILED = range(len(COUNTER_FIELDS))  # positions in COUNTER_FIELDS
 SWITCH_HOOK = Hook("sched:sched_switch")
 DEFAULT_STATE_MASK = 0xFF  # TASK_REPORT_MAX - 1 since Linux 4.14
 OWNER_CACHE_SECONDS = 10.0  # a thread's name can change (exec, prctl): looked up again after this
@@ -94,6 +96,9 @@ class SchedProbe(Probe):
     )
     # top_threads: how many of the threads that waited most are reported (0 compiles per-thread accounting out).
     defaults = {"max_queued_threads": 10240, "top_threads": 5, "max_threads": 10240}
+    maps = {"cpu_stats": MapContract(value={**{name: U64 for name in COUNTER_FIELDS}, "slots": f"({SLOTS},)<u8"}),
+            "thread_wait": MapContract(key=U32, value={"wait_ns": U64})}  # compiled in when top_threads > 0
+    c_constants = {"LATENCY_SLOTS": SLOTS}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -125,10 +130,15 @@ class SchedProbe(Probe):
             flags += ["-DPER_THREAD", f"-DMAX_THREADS={self.settings['max_threads']}"]
         return flags
 
+    def contract_maps(self):
+        return self.maps if self.top_n else {k: v for k, v in self.maps.items() if k != "thread_wait"}
+
     def load(self) -> None:
         super().load()
         self._stats_snapshot = MapSnapshot(self.bpf["cpu_stats"])
+        self._stats_dtype = dtype(value_type(self.bpf["cpu_stats"]))
         self._wait_snapshot = MapSnapshot(self.bpf["thread_wait"]) if self.top_n else None
+        self._wait_dtype = dtype(value_type(self.bpf["thread_wait"])) if self.top_n else None
 
     def _top_threads(self, seconds: float, reading: Reading) -> None:
         """Rank threads by run-queue wait this interval (vectorised: a busy host has thousands of threads)."""
@@ -136,7 +146,7 @@ class SchedProbe(Probe):
         n = snap.read()
         tids = np.frombuffer(snap.keys, dtype=np.uint32, count=n).copy()
         ncpu = len(snap.values[0]) if n else 1
-        wait = np.frombuffer(snap.values, dtype=np.uint64, count=n * ncpu * 2).reshape(n, ncpu, 2)[:, :, 0].sum(axis=1)
+        wait = np.frombuffer(snap.values, dtype=self._wait_dtype, count=n * ncpu).reshape(n, ncpu)["wait_ns"].sum(axis=1)
         order = np.argsort(tids)
         tids, wait = tids[order], wait[order]
         last_tids, last_wait = self._last_wait
@@ -163,10 +173,10 @@ class SchedProbe(Probe):
         reading = Reading()
         snap = self._stats_snapshot
         n = snap.read()
-        ncpu = ct.sizeof(snap.table.Leaf) // (FIELDS * 8)
-        totals = np.frombuffer(snap.values, dtype=np.uint64, count=n * ncpu * FIELDS).reshape(n, ncpu, FIELDS)
-        stats = totals.sum(axis=(0, 1)) if n else np.zeros(FIELDS, dtype=np.uint64)
-        counters = stats[:COUNTERS]
+        ncpu = ct.sizeof(snap.table.Leaf) // self._stats_dtype.itemsize
+        values = np.frombuffer(snap.values, dtype=self._stats_dtype, count=n * ncpu)
+        counters = np.array([values[name].sum() for name in COUNTER_FIELDS], dtype=np.uint64)
+        slots = values["slots"].sum(axis=0) if n else np.zeros(SLOTS, dtype=np.uint64)
         switches = self._deltas.delta("switches", int(counters[SWITCHES]))
         involuntary = self._deltas.delta("involuntary", int(counters[INVOLUNTARY]))
         latency_ns = self._deltas.delta("latency_ns", int(counters[LATENCY_SUM_NS]))
@@ -176,7 +186,7 @@ class SchedProbe(Probe):
             reading.counters.append(("otel_ebpf_receiver.sched.context_switches", involuntary,
                                      {"sched.switch.type": "involuntary"}))
 
-        cumulative = stats[COUNTERS:].astype(np.int64)
+        cumulative = slots.astype(np.int64)
         previous = self._last_slots if self._last_slots is not None else np.zeros_like(cumulative)
         self._last_slots = cumulative
         window = (cumulative - previous).clip(min=0)

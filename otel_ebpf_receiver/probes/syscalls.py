@@ -12,6 +12,7 @@ import numpy as np
 from ..kernel.maps import KeyedDeltas, MapSnapshot, percpu_array_u64, possible_cpus, top_indices
 from .base import (COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
                    ratio)
+from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U32, U64, MapContract
 
 MAX_SYSCALLS = 512  # x86_64 has ~460; every slot is read each window
 
@@ -20,6 +21,16 @@ def _syscall_names() -> dict[int, str]:
     from bcc.syscall import syscalls  # number -> bytes name, for this arch
 
     return {nr: name.decode() for nr, name in syscalls.items()}
+
+
+def syscall_name(nr: int, names: dict[int, str]) -> str:
+    """Syscall number -> syscall.name from this arch's table, or syscall_<nr> for a number it does not know."""
+    return names.get(nr, f"syscall_{nr}")
+
+
+def error_type(err: int) -> str:
+    """errno value -> error.type: its symbolic name (ENOENT), or the number when this platform has no name for it."""
+    return errno.errorcode.get(err, str(err))
 
 
 def process_name(pid: int) -> str:
@@ -53,6 +64,11 @@ class SyscallsProbe(Probe):
     # force_tracepoint: use the classic tracepoint even where the cheaper raw tracepoint works.
     # process_sample_shift: per-process counts are sampled every 2^shift calls (0 = count every call, exact).
     defaults = {"top_processes": 5, "max_processes": 10240, "force_tracepoint": False, "process_sample_shift": 6}
+    maps = {"syscall_counts": MapContract(value=U64),
+            "syscall_errors": MapContract(key={"nr": None, "err": None}, value=U64),
+            "process_counts": MapContract(key=U32, value=U64),
+            "stats": MapContract(value=U64)}
+    c_constants = COMMON_STATS
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -87,7 +103,7 @@ class SyscallsProbe(Probe):
         self._snapshots = {name: MapSnapshot(self.bpf[name]) for name in ("syscall_errors", "process_counts")}
 
     def syscall_name(self, nr: int) -> str:
-        return self._names.get(nr, f"syscall_{nr}")
+        return syscall_name(nr, self._names)
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
@@ -109,7 +125,7 @@ class SyscallsProbe(Probe):
                 total_errors += delta
                 reading.counters.append(("otel_ebpf_receiver.syscalls.failed", delta, {
                     "syscall.name": self.syscall_name(key.nr),
-                    "error.type": errno.errorcode.get(key.err, str(key.err)),
+                    "error.type": error_type(key.err),
                 }))
 
         snap = self._snapshots["process_counts"]
@@ -126,8 +142,8 @@ class SyscallsProbe(Probe):
                                    {"process.pid": pid, "process.command": command}))
 
         stats = percpu_array_u64(self.bpf["stats"])
-        reading.map_update_failures = int(stats[0])
-        reading.map_evictions = max(0, int(stats[1]) - n)
+        reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
+        reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n)
 
         reading.features = {
             "syscalls.rate_log1p": log1p_rate(total_calls / self._ncpu, seconds),

@@ -6,15 +6,24 @@ from __future__ import annotations
 from ..kernel.maps import percpu_array_u64
 from .base import (COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
                    tracepoint_fields)
+from .contract import U64, MapContract
 
-# Indexes into tcp_counts, as in bpf/tcp.bpf.c; each is followed by its IPv6 twin.
+# Indexes into tcp_counts, as in bpf/tcp.bpf.c (compared with it at load); each is followed by its IPv6 twin.
 TCP_STATES = 16
 IDX_OPENED_CLIENT, IDX_OPENED_SERVER, IDX_CLOSED, IDX_RETRANSMITS, IDX_RST_SENT, IDX_RST_RECEIVED = 32, 34, 36, 38, 40, 42
-NETWORK_TYPES = ("ipv4", "ipv6")
+COUNTERS = 44
+NETWORK_TYPES = ("ipv4", "ipv6")  # the family index: 0 = AF_INET, 1 = AF_INET6
 
 # include/net/tcp_states.h, named as the semantic convention's network.connection.state values.
 STATE_NAMES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait_1", 5: "fin_wait_2", 6: "time_wait",
                7: "close", 8: "close_wait", 9: "last_ack", 10: "listen", 11: "closing", 12: "new_syn_recv"}
+
+
+
+def state_name(state: int) -> str | None:
+    """Kernel TCP state number -> network.connection.state (None for a state this table does not know)."""
+    return STATE_NAMES.get(state)
+
 
 SET_STATE = Hook("sock:inet_sock_set_state")
 SEND_RESET = Hook("tcp:tcp_send_reset")
@@ -42,6 +51,11 @@ class TcpProbe(Probe):
         Feature("tcp.retransmits_rate_log1p", "log1p(TCP retransmitted segments per second)"),
         Feature("tcp.new_connections_rate_log1p", "log1p(TCP connections established per second, both roles)"),
     )
+
+    maps = {"tcp_counts": MapContract(value=U64)}
+    c_constants = {"TCP_STATES": TCP_STATES, "IDX_STATE(1, 0)": TCP_STATES, "IDX_OPENED_CLIENT": IDX_OPENED_CLIENT,
+                   "IDX_OPENED_SERVER": IDX_OPENED_SERVER, "IDX_CLOSED": IDX_CLOSED, "IDX_RETRANSMITS": IDX_RETRANSMITS,
+                   "IDX_RST_SENT": IDX_RST_SENT, "IDX_RST_RECEIVED": IDX_RST_RECEIVED, "COUNTERS": COUNTERS}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)

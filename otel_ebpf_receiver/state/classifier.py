@@ -24,6 +24,7 @@ log = logging.getLogger("otel_ebpf_receiver")
 EVENT_STATE_CHANGE = "system.state.change"
 EVENT_MODEL_SWAP = "system.state.model.swap"
 EVENT_MODEL_REJECTED = "system.state.model.rejected"
+EVENT_MODEL_FAULT = "system.state.model.invalid_output"
 
 
 class StateClassifier:
@@ -46,6 +47,9 @@ class StateClassifier:
                "State models loaded by hot swap or SIGHUP."),
         Metric("otel_ebpf_receiver.system_state.model_rejections", COUNTER, "{model}",
                "Model files refused (corrupt, wrong features, failed test inference); the old model kept serving."),
+        Metric("otel_ebpf_receiver.system_state.invalid_outputs", COUNTER, "{window}",
+               "Windows whose model output broke the contract (label out of range, NaN, wrong shape); reported "
+               "as state 'unknown'."),
     )
 
     def __init__(self, watcher: ModelWatcher | None, telemetry: Any, say: Callable[[str], None], *,
@@ -59,6 +63,7 @@ class StateClassifier:
         self._pending = Reading()
         self.early_warning = EarlyWarning()
         self.warning_listeners: list[Callable[[Any], None]] = []
+        self._faults_reported: set[int] = set()   # id() of models whose invalid output was already said
 
     @property
     def version(self) -> str:
@@ -69,7 +74,8 @@ class StateClassifier:
     def on_swap(self, old: Any, new: Any) -> None:
         self._pending.counters.append(("otel_ebpf_receiver.system_state.model_swaps", 1, {}))
         self.say(f"state model {new.version} now serving (from {new.path.name}"
-                 + (f", replacing {old.version})" if old is not None else ")"))
+                 + (f", replacing {old.version}" if old is not None else "")
+                 + f"; attack states: {', '.join(sorted(new.attack_states)) or 'none declared'})")
         if self.telemetry is not None:
             self.telemetry.emit_event(EVENT_MODEL_SWAP, {
                 "system.state.model": new.version, "system.state.model.previous": old.version if old else "none",
@@ -89,8 +95,12 @@ class StateClassifier:
         if model is None:
             return Verdict.unknown()
         raw = model.predict(window.values)
+        if raw.fault:
+            self._on_fault(model, raw.fault)
         debounced = self.debouncer.update(raw.state)
-        verdict = dataclasses.replace(raw, state=debounced.state)
+        # mitigation acts only on a state the serving model declares (the attack-state rule, model/contract.py)
+        verdict = dataclasses.replace(raw, state=debounced.state,
+                                      declared_attack=debounced.state in model.attack_states)
         self._pending.gauges.append(("otel_ebpf_receiver.system_state.anomaly_score", raw.score, {}))
         if self.incidents is not None:
             self.incidents.on_window(raw.score)
@@ -98,6 +108,17 @@ class StateClassifier:
             self._on_transition(debounced.transition, raw, model.version)
         self._early_warning(window, raw, debounced.state, model.version)
         return verdict
+
+    def _on_fault(self, model: Any, fault: str) -> None:
+        self._pending.counters.append(("otel_ebpf_receiver.system_state.invalid_outputs", 1, {}))
+        if id(model) in self._faults_reported:
+            return
+        self._faults_reported.add(id(model))
+        self.say(f"state model {model.version} gave an invalid output ({fault}); such windows are 'unknown' — "
+                 f"re-export the model (further ones are only counted)")
+        if self.telemetry is not None:
+            self.telemetry.emit_event(EVENT_MODEL_FAULT, {"system.state.model": model.version,
+                                                          "error.message": fault}, severity="WARN")
 
     def _early_warning(self, window: FeatureWindow, raw: Any, state: str, model_version: str) -> None:
         was_active = self.early_warning.active
@@ -154,10 +175,10 @@ def build_classifier(config: Config, probe_names: list[str], telemetry: Any, say
     never stops the agent: it reports ``system.state=unknown`` and says why, once."""
     available = feature_names(probe_names)
     model_dir = Path(config.model_dir) if config.model_dir else DEFAULT_MODEL_DIR
-    if config.model_dir and not model_dir.is_dir():
+    if model_dir != DEFAULT_MODEL_DIR and not model_dir.is_dir():
         raise ConfigError(f"model directory {model_dir} does not exist; create it or drop --model-dir to use "
                           f"{DEFAULT_MODEL_DIR}")
-    if not config.model_dir:
+    if model_dir == DEFAULT_MODEL_DIR:  # also when configured by name (the README's example does)
         model_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     classifier = StateClassifier(None, telemetry, say)
     fallback = best_bundled_model(available, say)

@@ -4,6 +4,7 @@ encoding (struct addr16, lpm4_key, lpm6_key; list_entry values), and the layouts
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -31,11 +32,26 @@ class ListFull(BlocklistError):
     """The map for this entry has no room left."""
 
 
-# Layouts shared with bpf/xdp.bpf.c: struct addr16, lpm4_key, lpm6_key, list_entry.
+# Layouts shared with bpf/xdp.bpf.c: struct addr16, lpm4_key, lpm6_key, list_entry. Kept here by hand because the
+# CLI packs them without bcc; the agent compares them with the program's types when it loads (probe.py).
 HOST_KEY = struct.Struct("=16s")
 KEY4 = struct.Struct("=I4s")
 KEY6 = struct.Struct("=I16s")
 VALUE = struct.Struct("=QQQ")  # hits, last_hit_ns, expires_ns (CLOCK_MONOTONIC, 0 = never)
+# The C field each item packs, in order.
+FIELD_NAMES = {HOST_KEY: ("w",), KEY4: ("prefixlen", "addr"), KEY6: ("prefixlen", "addr"),
+               VALUE: ("hits", "last_hit_ns", "expires_ns")}
+
+
+def field_offsets(layout: struct.Struct) -> dict[str, tuple[int, int]]:
+    """C field name -> (offset, size) of each item of a packed layout (``=`` formats: no padding)."""
+    items = re.findall(r"\d*[a-zA-Z]", layout.format.lstrip("=<>!@"))
+    out, offset = {}, 0
+    for name, item in zip(FIELD_NAMES[layout], items, strict=True):
+        size = struct.calcsize("=" + item)
+        out[name] = (offset, size)
+        offset += size
+    return out
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 

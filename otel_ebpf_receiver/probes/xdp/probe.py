@@ -36,9 +36,10 @@ from ...kernel.maps import MapSnapshot
 from ...kernel.netns import NetnsError, in_netns
 from ..base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, TopItem, log1p_rate,
                     ratio)
+from ..contract import U32, U64, MapContract, check_struct_offsets, dtype, value_type
 from .blocklist import Blocklist
 from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
-                    DEFAULT_STATE_DIR, BlocklistError)
+                    DEFAULT_STATE_DIR, LIST_MAPS, VALUE, BlocklistError, field_offsets)
 from .pins import bpffs_mounted, check_pin_dir
 
 PROGRAM = "otel_ebpf_xdp"  # the C function; also the kernel's program name, used to recognise our orphans
@@ -46,22 +47,38 @@ PROGRAM = "otel_ebpf_xdp"  # the C function; also the kernel's program name, use
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 
-FAMILIES = ("other", "ipv4", "ipv6")      # FAM_* in the C file
+# Index -> attribute value of the C file's FAM_*, L4_*, FLAG_* and VERDICT_* constants (compared with it at load).
+FAMILIES = ("other", "ipv4", "ipv6")      # FAM_*
 TRANSPORTS = ("other", "tcp", "udp", "icmp")  # L4_*; "icmp" is ICMPv6 for IPv6
-TCP_FLAGS = ("syn", "syn_ack", "rst", "fin")
-VERDICTS = ("pass", "drop", "allow")
+TCP_FLAGS = ("syn", "syn_ack", "rst", "fin")  # FLAG_*
+VERDICTS = ("pass", "drop", "allow")  # VERDICT_*
+PROTO_SLOTS = len(FAMILIES) * len(TRANSPORTS)  # packets and bytes per family x transport: slot = fam * 4 + l4
 SIZE_SLOTS = 17
 
-# struct totals, field by field, as u64 offsets into the value.
-_P = 12
-_TOTALS_FIELDS = {"packets": (0, _P), "bytes": (_P, _P), "tcp_flags": (2 * _P, 4), "size_log2": (2 * _P + 4, SIZE_SLOTS),
-                  "verdicts": (2 * _P + 4 + SIZE_SLOTS, 3)}
-_REST = 2 * _P + 4 + SIZE_SLOTS + 3
-_TOTALS_FIELDS.update({"malformed": (_REST, 1), "src_inserts": (_REST + 1, 1), "src_update_failures": (_REST + 2, 1)})
-TOTALS_U64 = _REST + 3
-
-_WINDOW = np.dtype([("packets", "<u8"), ("bytes", "<u8"), ("syns", "<u8"), ("epoch", "<u4"), ("pad", "<u4")])
+C_CONSTANTS = {
+    **{f"FAM_{name.upper()}": i for i, name in enumerate(FAMILIES)},
+    **{f"L4_{name.upper()}": i for i, name in enumerate(TRANSPORTS)},
+    **{f"FLAG_{name.replace('_', '').upper()}": i for i, name in enumerate(TCP_FLAGS)},
+    **{f"VERDICT_{name.upper()}": i for i, name in enumerate(VERDICTS)},
+    "PROTO_SLOTS": PROTO_SLOTS, "SIZE_SLOTS": SIZE_SLOTS,
+}
+# struct totals (per interface slot and CPU), struct src_stats and struct config, as Python reads them: the layouts
+# themselves come from bcc's types (see load()).
+MAPS = {
+    "xdp_totals": MapContract(value={
+        "packets": f"({PROTO_SLOTS},)<u8", "bytes": f"({PROTO_SLOTS},)<u8", "tcp_flags": f"({len(TCP_FLAGS)},)<u8",
+        "size_log2": f"({SIZE_SLOTS},)<u8", "verdicts": f"({len(VERDICTS)},)<u8", "malformed": U64,
+        "src_inserts": U64, "src_update_failures": U64}),
+    "per_source": MapContract(key="(16,)u1",  # struct addr16, read as bytes
+                              value={"win": (2, {"packets": U64, "bytes": U64, "syns": U64, "epoch": U32})}),
+    "xdp_config": MapContract(value={"now_ns": U64, "epoch": U32}),
+}
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
+
+
+def protocol_attributes(slot: int) -> dict[str, str]:
+    """A packets/bytes slot of struct totals (fam * 4 + l4) -> network.type and network.transport."""
+    return {"network.type": FAMILIES[slot // len(TRANSPORTS)], "network.transport": TRANSPORTS[slot % len(TRANSPORTS)]}
 
 
 @dataclass(frozen=True)
@@ -76,7 +93,8 @@ class SourceRate:
     share: float              # of all packets from all sources this window
 
 
-def _address(raw: bytes) -> str:
+def source_address(raw: bytes) -> str:
+    """A struct addr16 (IPv4 as ::ffff:a.b.c.d) -> source.address as users write it."""
     if raw[:12] == _V4_MAPPED:
         return socket.inet_ntop(socket.AF_INET, raw[12:16])
     return socket.inet_ntop(socket.AF_INET6, raw[:16])
@@ -137,6 +155,8 @@ class XdpProbe(Probe):
         "pin_dir": DEFAULT_PIN_DIR,
         "state_dir": DEFAULT_STATE_DIR,
     }
+    maps = MAPS
+    c_constants = C_CONSTANTS
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__(settings)
@@ -151,6 +171,8 @@ class XdpProbe(Probe):
         self._deltas = CounterDeltas()
         self._evictions_total = 0
         self._window: tuple[np.ndarray, np.ndarray, float] | None = None  # keys, windows, seconds
+        self._totals_dtype: np.dtype | None = None  # struct totals, from bcc's type for xdp_totals
+        self._window_dtype: np.dtype | None = None  # struct src_window, from bcc's type for per_source
         self.expired_at_start: list[str] = []
 
     # -- availability and settings ----------------------------------------------------------------------------
@@ -231,8 +253,21 @@ class XdpProbe(Probe):
             raise
         modes = sorted({("native" if flags == XDP_FLAGS_DRV_MODE else "generic") for _, flags, _ in self._attached})
         self.mode = f"xdp {'+'.join(modes)}"
+        self._totals_dtype = dtype(value_type(self.bpf["xdp_totals"]))
         if self.settings["per_source"]:
             self._snapshot = MapSnapshot(self.bpf["per_source"])
+            self._window_dtype = dtype(self.bpf["per_source"].Leaf).fields["win"][0].base
+
+    def contract_maps(self) -> Mapping[str, MapContract]:
+        return self.maps if self.settings["per_source"] else {k: v for k, v in self.maps.items() if k != "per_source"}
+
+    def check_maps(self) -> None:
+        """Also the pinned list maps: their layouts are packed by hand in lists.py (the CLI has no bcc)."""
+        super().check_maps()
+        for spec in LIST_MAPS:
+            table = self.bpf[spec.name]
+            check_struct_offsets(f"map {spec.name} key", table.Key, field_offsets(spec.key), spec.key.size)
+            check_struct_offsets(f"map {spec.name} value", table.Leaf, field_offsets(VALUE), VALUE.size)
 
     def _event(self, name: str, attributes: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -318,15 +353,17 @@ class XdpProbe(Probe):
         value.epoch = self._epoch
         table[ct.c_int(0)] = value
 
-    def _totals(self) -> np.ndarray:
-        """(interface slots, TOTALS_U64) summed over CPUs."""
+    def _totals(self) -> list[dict[str, np.ndarray]]:
+        """Per interface slot: struct totals field -> its values summed over CPUs (a 1-element array for a
+        scalar field)."""
         table = self.bpf["xdp_totals"]
-        out = np.zeros((len(self.interfaces) + 1, TOTALS_U64), dtype=np.float64)
-        size = TOTALS_U64 * 8 * self._ncpu
+        totals = self._totals_dtype
+        size = totals.itemsize * self._ncpu  # the kernel writes one struct per possible CPU
+        out = []
         for slot in range(len(self.interfaces) + 1):
             raw = bpfsys.map_lookup(table.map_fd, struct.pack("=I", slot), size)
-            if raw is not None:
-                out[slot] = np.frombuffer(raw, dtype="<u8").reshape(self._ncpu, TOTALS_U64).sum(axis=0)
+            values = np.frombuffer(raw, dtype=totals) if raw is not None else np.zeros(self._ncpu, dtype=totals)
+            out.append({name: np.atleast_1d(values[name].sum(axis=0)).astype(np.float64) for name in totals.names})
         return out
 
     def read(self, seconds: float) -> Reading:
@@ -340,25 +377,24 @@ class XdpProbe(Probe):
         sums = {k: 0.0 for k in ("packets", "bytes", "syn", "synack", "drop", "tcp")}
         inserts = failures = 0.0
         for slot, ifname in enumerate(names):
-            row = totals[slot]
-            if slot == len(self.interfaces) and not row.any():
+            f = totals[slot]
+            if slot == len(self.interfaces) and not any(v.any() for v in f.values()):
                 continue
             iface = {"network.interface.name": ifname}
-            f = {k: row[o:o + n] for k, (o, n) in _TOTALS_FIELDS.items()}
             pk = self._delta(("packets", slot), f["packets"].sum())
             by = self._delta(("bytes", slot), f["bytes"].sum())
             reading.counters.append(("system.network.packets", pk, {**iface, "network.io.direction": "receive"}))
             reading.counters.append(("system.network.io", by, {**iface, "network.io.direction": "receive"}))
             sums["packets"] += pk
             sums["bytes"] += by
-            for i in range(_P):
+            for i in range(PROTO_SLOTS):
                 if f["packets"][i] == 0:
                     continue
-                attrs = {**iface, "network.type": FAMILIES[i // 4], "network.transport": TRANSPORTS[i % 4]}
+                attrs = {**iface, **protocol_attributes(i)}
                 d = self._delta(("proto", slot, i), f["packets"][i])
                 reading.counters.append(("otel_ebpf_receiver.xdp.packets", d, attrs))
                 reading.counters.append(("otel_ebpf_receiver.xdp.io", self._delta(("proto_bytes", slot, i), f["bytes"][i]), attrs))
-                if i % 4 == 1:
+                if TRANSPORTS[i % len(TRANSPORTS)] == "tcp":
                     sums["tcp"] += d
             for i, flag in enumerate(TCP_FLAGS):
                 d = self._delta(("flag", slot, i), f["tcp_flags"][i])
@@ -419,7 +455,7 @@ class XdpProbe(Probe):
             return 0.0, 0.0
         n = self._snapshot.read()
         keys = np.frombuffer(self._snapshot.keys, dtype=np.uint8, count=n * 16).reshape(n, 16)
-        wins = np.frombuffer(self._snapshot.values, dtype=_WINDOW, count=n * 2).reshape(n, 2)[:, epoch & 1]
+        wins = np.frombuffer(self._snapshot.values, dtype=self._window_dtype, count=n * 2).reshape(n, 2)[:, epoch & 1]
         live = (wins["epoch"] == (epoch & 0xFFFFFFFF)) & (wins["packets"] > 0)
         keys, wins = keys[live].copy(), wins[live].copy()
         # Evictions: every key ever inserted is either still in the table or was evicted (we never delete).
@@ -453,7 +489,7 @@ class XdpProbe(Probe):
         out = []
         for i in idx:
             packets, nbytes, syns = float(wins["packets"][i]), float(wins["bytes"][i]), float(wins["syns"][i])
-            out.append(SourceRate(_address(keys[i].tobytes()), packets / seconds if seconds > 0 else 0.0,
+            out.append(SourceRate(source_address(keys[i].tobytes()), packets / seconds if seconds > 0 else 0.0,
                                   nbytes / seconds if seconds > 0 else 0.0, ratio(syns, packets),
                                   ratio(nbytes, packets), ratio(packets, total)))
         return out
