@@ -104,3 +104,10 @@ bench: setup
 
 clean:
 	rm -rf $(BUILD) $(VENV)
+
+# The local observability stack in one command: the agent (every probe) → the Collector → Prometheus on :9090 and
+# Jaeger on :16686, all on loopback, until Ctrl-C (or SIGTERM), which stops everything it started. Options go in
+# STACK_ARGS, e.g. STACK_ARGS="--prometheus-port 19090 --duration 10m"; see `.venv/bin/python -m tests.stack -h`.
+.PHONY: stack
+stack: setup-lab collector jaeger
+	$(VPY) -m tests.stack $(STACK_ARGS)

@@ -35,7 +35,8 @@ mount_if_missing bpf /sys/fs/bpf
 AGENT_PACKAGES=(python3-bpfcc libbpfcc bpftool iproute2 python3-venv)
 # What only the test-suite, the benchmarks and the scenario lab use: load generators, bcc's tools (syscount is the
 # benchmark's baseline), xdp-filter, a web server and Prometheus (the tests run their own instances on free ports).
-LAB_PACKAGES=(bpfcc-tools python3-dev hping3 xdp-tools netsniff-ng iperf3 stress-ng fio prometheus curl nginx-light)
+LAB_PACKAGES=(bpfcc-tools python3-dev hping3 xdp-tools netsniff-ng iperf3 stress-ng fio prometheus curl nginx-light
+              chromium)  # headless, for tests/test_stack.py (Prometheus' and Jaeger's pages as a browser shows them)
 # System services those packages ship and Debian enables on install. Nobody asked for them to run at boot.
 LAB_SERVICES=(prometheus nginx)
 

@@ -27,6 +27,7 @@ from .probes.base import GAUGE, Metric, Probe, Reading
 from .telemetry import MODEL_ATTRIBUTE, SELF_METRICS, STATE_ATTRIBUTE, MetricSink, Telemetry
 
 log = logging.getLogger("otel_ebpf_receiver")
+PROBE_NAME, PROBE_MODE = "otel_ebpf_receiver.probe.name", "otel_ebpf_receiver.probe.mode"
 
 
 class MetricSource(Protocol):
@@ -115,8 +116,8 @@ class Agent:
         self.sink = MetricSink(telemetry.meter, metrics + list(SELF_METRICS), telemetry.cardinality_limit)
         self._gauge_names = [m.name for m in metrics if m.kind == GAUGE]
         self._health = ProbeHealth()
-        attached = [(1.0, {"probe.name": p.name, "probe.mode": p.mode}) for p in self.probes]
-        skipped = [(0.0, {"probe.name": n, "probe.mode": "disabled"}) for n in skipped_probes]
+        attached = [(1.0, {PROBE_NAME: p.name, PROBE_MODE: p.mode}) for p in self.probes]
+        skipped = [(0.0, {PROBE_NAME: n, PROBE_MODE: "disabled"}) for n in skipped_probes]
         self._attached_gauge = {"otel_ebpf_receiver.probe.attached": attached + skipped}
         self._export_health_seen: dict[tuple[str, str], int] = {}
 
@@ -261,4 +262,4 @@ class Agent:
 
     def _add_health(self, metric: str, probe: str, value: int, state: dict[str, str] | None = None) -> None:
         if value:
-            self.sink.add(metric, value, {"probe.name": probe}, state or {STATE_ATTRIBUTE: self.verdict.state})
+            self.sink.add(metric, value, {PROBE_NAME: probe}, state or {STATE_ATTRIBUTE: self.verdict.state})

@@ -7,6 +7,7 @@ import time
 from typing import Any, TextIO
 
 CLEAR = "\x1b[H\x1b[2J"
+TOP_ROWS = 3  # busiest things shown per probe
 
 
 def live_enabled(mode: str, stream: TextIO) -> bool:
@@ -34,10 +35,12 @@ class LiveView:
         ]
         for probe in self.agent.probes:
             reading = result.readings.get(probe.name)
-            rate = reading.rate if reading is not None else None
-            rate_text = f"{rate:>12,.0f}/s" if rate is not None else " " * 14
-            lines.append(f"  {probe.name:<10} {rate_text}  [{probe.mode}]")
-            for item in (reading.top if reading is not None else [])[:3]:
+            if reading is None:
+                lines.append(f"  {probe.name:<10} {'(read failed)':>12}  [{probe.mode}]")
+                continue
+            rate = f"{reading.rate:>12,.0f} {reading.rate_unit:<14}" if reading.rate is not None else " " * 27
+            lines.append(f"  {probe.name:<10} {rate} [{probe.mode}]")
+            for item in reading.top[:TOP_ROWS]:
                 lines.append(f"      {item.label[:48]:<48} {item.value:>12,.1f} {item.unit}")
         reporting = self.agent.telemetry.reporting
         if reporting is not None:

@@ -44,13 +44,13 @@ BATCH_SIZE_DEFAULT = 512          # OTEL_BLRP_MAX_EXPORT_BATCH_SIZE / OTEL_BSP_M
 
 SELF_METRICS = (
     Metric("otel_ebpf_receiver.probe.attached", GAUGE, "{probe}", "1 when the probe is attached, 0 when it was skipped.",
-           ("probe.name", "probe.mode")),
+           ("otel_ebpf_receiver.probe.name", "otel_ebpf_receiver.probe.mode")),
     Metric("otel_ebpf_receiver.map.update_failures", COUNTER, "{update}",
-           "BPF map updates that failed in the kernel (map full), per probe.", ("probe.name",)),
+           "BPF map updates that failed in the kernel (map full), per probe.", ("otel_ebpf_receiver.probe.name",)),
     Metric("otel_ebpf_receiver.map.evictions", COUNTER, "{entry}",
-           "Entries evicted from bounded LRU maps, per probe.", ("probe.name",)),
+           "Entries evicted from bounded LRU maps, per probe.", ("otel_ebpf_receiver.probe.name",)),
     Metric("otel_ebpf_receiver.probe.read_errors", COUNTER, "{error}", "Probe map reads that raised an error.",
-           ("probe.name",)),
+           ("otel_ebpf_receiver.probe.name",)),
     Metric("otel_ebpf_receiver.export.failures", COUNTER, "{export}",
            "Exports that failed, per signal (metrics, logs, spans).", ("signal",)),
     Metric("otel_ebpf_receiver.export.dropped", COUNTER, "{record}",
@@ -402,7 +402,8 @@ class MetricSink:
         with the last of their values (what the SDK does for its own overflow series)."""
         with self._lock:
             for name, points in values.items():
-                latest = [(v, {**attrs, **state}) for v, attrs in points[:self.cardinality_limit]]
+                # A point's own system.state wins (the classifier's state gauge: one point per state).
+                latest = [(v, {**state, **attrs}) for v, attrs in points[:self.cardinality_limit]]
                 if len(points) > self.cardinality_limit:
                     latest.append((points[-1][0], dict(OVERFLOW_ATTRIBUTES)))
                 self._latest[name] = latest

@@ -182,7 +182,7 @@ def run_outage(workdir: Path, outage_seconds: float, warmup_seconds: float = 20,
             def delivered() -> bool:
                 alive()
                 result.execs_seen_after = scraped_sum(col.scrape(), "otel_ebpf_receiver_exec_total",
-                                                      process_command=workload.name)
+                                                      process_executable_name=workload.name)
                 return result.execs_seen_after == total
             backends.wait_until(delivered, 60, lambda: f"{total} execs of {workload.name} in the Collector "
                                                        f"(seen {result.execs_seen_after})")

@@ -46,6 +46,10 @@ def assert_one_line_error(result, *needles: str, code: int | None = None) -> Non
     ("probe_settings:\n  syscalls:\n    colour: red\n", ["unknown setting 'colour'"]),
     ("interval: [1\n", ["not valid YAML at line"]),
     ("- just\n- a list\n", ["must contain a mapping"]),
+    ("interval: 50ms\n", ["shorter than 100ms"]),
+    ("mitigation:\n  attack_states: [syn_flood, unknown]\n", ["cannot include 'unknown'", "novelty"]),
+    ("max_series_per_metric: 3\n", ["max_series_per_metric", "at least 10"]),
+    ("max_series_per_metric: lots\n", ["max_series_per_metric", "whole number"]),
 ])
 def test_bad_config_file_is_one_line(tmp_path, content, needles):
     path = tmp_path / "config.yaml"
@@ -61,6 +65,49 @@ def test_bad_environment_value_is_one_line():
     assert_one_line_error(cli("run", env={"OTEL_EBPF_RECEIVER_INTERVAL": "-1s"}), "OTEL_EBPF_RECEIVER_INTERVAL", code=2)
     assert_one_line_error(cli("run", env={"OTEL_EBPF_RECEIVER_PROBS": "exec"}),
                           "unknown environment variable OTEL_EBPF_RECEIVER_PROBS", code=2)
+
+
+@pytest.mark.parametrize("env, needles", [
+    ({"OTEL_METRIC_EXPORT_INTERVAL": "abc"}, ["OTEL_METRIC_EXPORT_INTERVAL='abc'", "milliseconds"]),
+    ({"OTEL_METRIC_EXPORT_INTERVAL": "10"}, ["OTEL_METRIC_EXPORT_INTERVAL='10'", "at least 100"]),
+    ({"OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, ["OTEL_EXPORTER_OTLP_TIMEOUT='soon'", "seconds"]),
+    ({"OTEL_EXPORTER_OTLP_LOGS_TIMEOUT": "-1"}, ["OTEL_EXPORTER_OTLP_LOGS_TIMEOUT='-1'"]),
+    ({"OTEL_EXPORTER_OTLP_HEADERS": "api-key"}, ["OTEL_EXPORTER_OTLP_HEADERS", "'api-key' is not key=value"]),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector 4317"}, ["OTEL_EXPORTER_OTLP_ENDPOINT='collector 4317'", "URL"]),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+     ["not an http:// or https:// URL", "http://collector:4318"]),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:99999"}, ["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "port"]),
+    ({"OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/json"}, ["OTEL_EXPORTER_OTLP_METRICS_PROTOCOL='http/json'"]),
+    ({"OTEL_EXPORTER_OTLP_COMPRESSION": "brotli"}, ["OTEL_EXPORTER_OTLP_COMPRESSION='brotli'", "gzip"]),
+    ({"OTEL_EXPORTER_OTLP_CERTIFICATE": "/nonexistent/ca.pem"}, ["OTEL_EXPORTER_OTLP_CERTIFICATE", "cannot be read"]),
+    ({"OTEL_SDK_DISABLED": "yes"}, ["OTEL_SDK_DISABLED='yes'", "true or false"]),
+    ({"OTEL_METRICS_EXPORTER": "prometheus"}, ["OTEL_METRICS_EXPORTER='prometheus'", "otlp, console, none"]),
+    ({"OTEL_LOGS_EXPORTER": "none,otlp"}, ["OTEL_LOGS_EXPORTER", "none cannot be combined"]),
+    ({"OTEL_BSP_MAX_QUEUE_SIZE": "0"}, ["OTEL_BSP_MAX_QUEUE_SIZE='0'", "positive whole number"]),
+    ({"OTEL_BLRP_SCHEDULE_DELAY": "1s"}, ["OTEL_BLRP_SCHEDULE_DELAY='1s'"]),
+    ({"OTEL_EBPF_RECEIVER_MAX_SERIES_PER_METRIC": "many"}, ["OTEL_EBPF_RECEIVER_MAX_SERIES_PER_METRIC"]),
+])
+def test_bad_standard_otel_variable_is_one_line(env, needles):
+    """Checked before the privilege check, so the line is the same for root and for anyone else."""
+    assert_one_line_error(cli("run", "--probes", "exec", env=env), *needles, code=2)
+
+
+def test_bad_duration_flag_is_one_line():
+    assert_one_line_error(cli("run", "--duration", "forever"), "--duration", "'forever' is not a duration", code=2)
+
+
+@pytest.mark.bpf
+def test_run_for_a_duration_stops_by_itself():
+    result = cli("run", "--duration", "2s", "--probes", "exec", "--exporter", "none", "--live", "off", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "stopped: 1 probe(s) detached" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_yaml_off_is_mitigation_mode_off(tmp_path):
+    """YAML 1.1 reads a bare `off` as false; `mode: off` means off, not an error."""
+    path = tmp_path / "c.yaml"
+    path.write_text("mitigation:\n  mode: off\n")
+    assert config.load({"config": str(path)}, environ={}).mitigation["mode"] == "off"
 
 
 def test_bad_otlp_protocol_is_one_line():

@@ -59,14 +59,14 @@ KNOWN_METRICS = {prom for *_, prom in AGENT_METRICS}
 
 # Per-instrument data-point attributes the simulated agent records (system.state is added to every point).
 _ATTRS = {
-    "otel_ebpf_receiver.syscalls": {"syscall.name": "read"},
-    "otel_ebpf_receiver.syscalls.failed": {"syscall.name": "openat"},
-    "otel_ebpf_receiver.file_opens": {"process.command": "cat"},
-    "otel_ebpf_receiver.exec": {"process.command": "sh"},
+    "otel_ebpf_receiver.syscalls": {"otel_ebpf_receiver.syscall.name": "read"},
+    "otel_ebpf_receiver.syscalls.failed": {"otel_ebpf_receiver.syscall.name": "openat"},
+    "otel_ebpf_receiver.file_opens": {"process.executable.name": "cat"},
+    "otel_ebpf_receiver.exec": {"process.executable.name": "sh"},
     "otel_ebpf_receiver.system_state.transitions": {"from": "normal", "to": "network_flood"},
     "otel_ebpf_receiver.export.failures": {"exporter": "otlp"},
-    "otel_ebpf_receiver.probe.attached": {"probe.name": "syscalls"},
-    "otel_ebpf_receiver.syscalls.top_process.rate": {"process.command": "nginx"},
+    "otel_ebpf_receiver.probe.attached": {"otel_ebpf_receiver.probe.name": "syscalls"},
+    "otel_ebpf_receiver.syscalls.top_process.rate": {"process.executable.name": "nginx"},
 }
 HOST = "testhost"
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -115,6 +115,73 @@ def test_distribution_has_the_components(otelcol):
 def test_collector_config_validates(otelcol, config):
     out = run([otelcol, "validate", f"--config={COLLECTOR_CONFIG_DIR / config}"])
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_no_config_uses_the_batch_processor(otelcol):
+    """Batching lives in the exporters' sending queues (sending_queue::batch), where upstream is moving it: every
+    OTLP exporter batches there, and no pipeline uses the batch processor."""
+    for config in ("local.yaml", "gateway.yaml", "otelcol-contrib.yaml"):
+        out = run([otelcol, "print-config", f"--config={COLLECTOR_CONFIG_DIR / config}"])
+        assert out.returncode == 0, out.stderr
+        cfg = yaml.safe_load(out.stdout)
+        assert not any(p.split("/")[0] == "batch" for p in cfg.get("processors") or {}), config
+        for name, exporter in cfg["exporters"].items():
+            if name.split("/")[0] in ("otlp_grpc", "otlp_http"):
+                assert exporter["sending_queue"]["batch"]["flush_timeout"], f"{config}: {name} does not batch"
+
+
+# The components the otelcol-contrib snippet may use: modules of the stock otelcol-contrib distribution
+# (opentelemetry-collector-releases, distributions/otelcol-contrib/manifest.yaml), as our manifest names them.
+STOCK_CONTRIB_MODULES = {
+    "go.opentelemetry.io/collector/receiver/otlpreceiver",
+    "go.opentelemetry.io/collector/processor/memorylimiterprocessor",
+    "github.com/open-telemetry/opentelemetry-collector-contrib/exporter/prometheusexporter",
+}
+# A stock otelcol-contrib config as the .deb ships it (the parts our build has): the snippet is merged over it.
+STOCK_LIKE_CONFIG = """
+extensions: {health_check: {}}
+receivers:
+  otlp:
+    protocols: {grpc: {endpoint: 0.0.0.0:4317}, http: {endpoint: 0.0.0.0:4318}}
+processors: {batch: {}}
+exporters: {debug: {}}
+service:
+  extensions: [health_check]
+  pipelines:
+    metrics: {receivers: [otlp], processors: [batch], exporters: [debug]}
+    traces: {receivers: [otlp], processors: [batch], exporters: [debug]}
+"""
+
+
+def test_otelcol_contrib_snippet_validates_alone_and_merged(otelcol, tmp_path):
+    """collector-config/otelcol-contrib.yaml uses only stock otelcol-contrib components, validates on its own, and
+    merged over a user's config as a second --config it adds a pipeline without replacing anything of theirs."""
+    snippet = COLLECTOR_CONFIG_DIR / "otelcol-contrib.yaml"
+    manifest = yaml.safe_load((COLLECTOR_CONFIG_DIR / "builder-config.yaml").read_text())
+    components = yaml.safe_load(run([otelcol, "components"]).stdout)
+    module_of = {(kind, c["name"]): c["module"].split()[0] for kind in ("receivers", "processors", "exporters")
+                 for c in components.get(kind) or []}
+    ours = {g["gomod"].split()[0] for kind in ("receivers", "processors", "exporters") for g in manifest[kind]}
+    cfg = yaml.safe_load(snippet.read_text())
+    for kind in ("receivers", "processors", "exporters"):
+        for name in cfg[kind]:
+            module = module_of[(kind, name.split("/")[0])]
+            assert module in STOCK_CONTRIB_MODULES and module in ours, f"{kind} {name}: {module} is not stock contrib"
+    out = run([otelcol, "validate", f"--config={snippet}"])
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    user = tmp_path / "config.yaml"
+    user.write_text(STOCK_LIKE_CONFIG)
+    out = run([otelcol, "validate", f"--config={user}", f"--config={snippet}"])
+    assert out.returncode == 0, out.stdout + out.stderr
+    merged = yaml.safe_load(run([otelcol, "print-config", f"--config={user}", f"--config={snippet}"]).stdout)
+    assert set(merged["service"]["pipelines"]) == {"metrics", "traces", "metrics/ebpf"}
+    assert merged["service"]["pipelines"]["metrics"]["exporters"] == ["debug"], "the user's pipeline was replaced"
+    assert merged["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"] == "0.0.0.0:4317", "the user's endpoint lost"
+    assert merged["exporters"]["prometheus/ebpf"]["endpoint"] == "127.0.0.1:8889"
+    local = yaml.safe_load((COLLECTOR_CONFIG_DIR / "local.yaml").read_text())["exporters"]["prometheus"]
+    for key in ("resource_constant_labels", "translation_strategy"):  # same Prometheus names as local.yaml
+        assert cfg["exporters"]["prometheus/ebpf"][key] == local[key], key
 
 
 def test_local_config_defaults_are_loopback(otelcol):
@@ -263,6 +330,24 @@ def test_daemonset_runs_on_every_node_with_ebpf_access():
     models = next(v for v in spec["volumes"] if v["name"] == "models")
     assert docs["ConfigMap"] is not None and "configMap" in models
 
+    # The node's machine id (host.id, service.instance.id) and state directory (blocklist sidecar) from the node.
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    host_path = {mounts[path]["name"]: path for path in ("/etc/machine-id", "/var/lib/otel-ebpf-receiver")}
+    for name, path in host_path.items():
+        assert volumes[name]["hostPath"]["path"] == path, name
+    assert volumes[mounts["/etc/machine-id"]["name"]]["hostPath"]["type"] == "File"
+    assert mounts["/etc/machine-id"].get("readOnly") is True
+    assert not mounts["/var/lib/otel-ebpf-receiver"].get("readOnly"), "the blocklist sidecar is written there"
+
+    # Probes on the agent's health endpoint, at the address its configuration gives (loopback, hostNetwork).
+    configs = [d for d in load_docs(DEPLOY / "kubernetes" / "daemonset.yaml") if d["kind"] == "ConfigMap"]
+    agent_config = yaml.safe_load(next(c for c in configs if "config.yaml" in c.get("data", {}))["data"]["config.yaml"])
+    host, port = agent_config["health_addr"].rsplit(":", 1)
+    assert host == "127.0.0.1"
+    for probe, path in (("startupProbe", "/healthz"), ("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+        get = agent[probe]["httpGet"]
+        assert (get["host"], get["port"], get["path"]) == (host, int(port), path), probe
+
     # The agent points at the gateway Service that gateway-collector.yaml defines.
     env = {e["name"]: e.get("value") for e in agent["env"]}
     gw = {d["kind"]: d for d in load_docs(DEPLOY / "kubernetes" / "gateway-collector.yaml")}
@@ -410,7 +495,7 @@ def test_local_pipeline_end_to_end(otelcol, tmp_path, agent_factory):
         # The series, with the data-point attribute and the resource attributes as labels.
         series = prom.wait_for_series(f'otel_ebpf_receiver_syscalls_total{{system_state="{STATE}",host_name="{HOST}"}}')
         labels = series[0]["metric"]
-        assert labels["syscall_name"] == "read" and labels["service_name"] == "otel-ebpf-receiver"
+        assert labels["otel_ebpf_receiver_syscall_name"] == "read" and labels["service_name"] == "otel-ebpf-receiver"
         # honor_labels: the exporter's job (= service.name) and instance (= service.instance.id) are kept.
         assert labels["job"] == "otel-ebpf-receiver" and labels["instance"] == MACHINE_ID
         assert labels["otel_scope_name"] == "otel_ebpf_receiver"
@@ -459,7 +544,7 @@ def test_gateway_pipeline_end_to_end(otelcol, tmp_path, agent_factory):
 
         series = prom.wait_for_series(f'otel_ebpf_receiver_syscalls_total{{system_state="{STATE}",host_name="{HOST}"}}')
         labels = series[0]["metric"]
-        assert labels["service_name"] == "otel-ebpf-receiver" and labels["syscall_name"] == "read"
+        assert labels["service_name"] == "otel-ebpf-receiver" and labels["otel_ebpf_receiver_syscall_name"] == "read"
         assert labels["job"] == "otel-ebpf-receiver" and labels["instance"] == MACHINE_ID
         assert labels["otel_scope_name"] == "otel_ebpf_receiver"
         assert "os_type" not in labels

@@ -119,32 +119,32 @@ def test_python_server_requests_responses_and_latency_are_counted_exactly(agent)
         stop(server)
 
     requests = {m: metric_sum(agent.reader, "otel_ebpf_receiver.http.requests",
-                              {"process.command": server_comm, "http.request.method": m})
+                              {"process.executable.name": server_comm, "http.request.method": m})
                 for m in ("GET", "PUT", "POST", "DELETE", "HEAD")}
     assert requests == {"GET": 27, "PUT": 9, "POST": 9, "DELETE": 3, "HEAD": 0}
     classes = {c: metric_sum(agent.reader, "otel_ebpf_receiver.http.responses",
-                             {"process.command": server_comm, "http.response.status_class": c})
+                             {"process.executable.name": server_comm, "otel_ebpf_receiver.http.response.status_class": c})
                for c in ("1xx", "2xx", "3xx", "4xx", "5xx")}
     assert classes == {"1xx": 0, "2xx": 36, "3xx": 0, "4xx": 7, "5xx": 5}
     assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses",
-                      {"process.command": server_comm, "http.response.status_code": 204}) == 3
+                      {"process.executable.name": server_comm, "http.response.status_code": 204}) == 3
 
     points = [p for n, p in data_points(agent.reader)
-              if n.startswith("otel_ebpf_receiver.http.") and p.attributes.get("process.command") == server_comm]
+              if n.startswith("otel_ebpf_receiver.http.") and p.attributes.get("process.executable.name") == server_comm]
     assert points and all(p.attributes.get("server.port") == port for p in points)
     assert all(STATE_ATTRIBUTE in p.attributes for p in points)
 
     latency = [p for n, p in data_points(agent.reader) if n == "otel_ebpf_receiver.http.request.duration"
-               and p.attributes.get("process.command") == server_comm]
+               and p.attributes.get("process.executable.name") == server_comm]
     assert sum(p.count for p in latency) == 48  # every response answered a request we saw
     assert all(p.sum > 0 for p in latency)
-    by_key = {(p.attributes["http.request.method"], p.attributes["http.response.status_class"]): p.count
+    by_key = {(p.attributes["http.request.method"], p.attributes["otel_ebpf_receiver.http.response.status_class"]): p.count
               for p in latency}
     assert by_key[("POST", "5xx")] == 5 and by_key[("GET", "4xx")] == 7
 
     # The client's side of the same connections is not counted a second time.
-    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.requests", {"process.command": client_comm}) == 0
-    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses", {"process.command": client_comm}) == 0
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.requests", {"process.executable.name": client_comm}) == 0
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses", {"process.executable.name": client_comm}) == 0
 
     # Features are host-wide (other HTTP traffic on this shared machine counts too): exact values are checked
     # with the comm filter below.
@@ -171,8 +171,8 @@ def test_non_http_streams_are_not_counted(agent):
         agent.step(1.0)
     finally:
         stop(server)
-    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.requests", {"process.command": comm}) == 0
-    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses", {"process.command": comm}) == 0
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.requests", {"process.executable.name": comm}) == 0
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses", {"process.executable.name": comm}) == 0
 
 
 def test_comm_filter_watches_only_the_named_processes_and_features_are_exact():
@@ -195,7 +195,7 @@ def test_comm_filter_watches_only_the_named_processes_and_features_are_exact():
     counted = {}
     for name, value, attrs in reading.counters:
         if name == "otel_ebpf_receiver.http.requests":
-            counted[attrs["process.command"]] = counted.get(attrs["process.command"], 0) + value
+            counted[attrs["process.executable.name"]] = counted.get(attrs["process.executable.name"], 0) + value
     assert counted == {watched: 48}
     features = reading.features
     assert features["http.request_rate_log1p"] == pytest.approx(math.log1p(48))
@@ -284,13 +284,13 @@ def test_nginx_requests_and_statuses_are_counted(agent):
                 proc.kill()
                 proc.wait(timeout=10)
 
-    ours = {"process.command": "nginx", "server.port": port}
+    ours = {"process.executable.name": "nginx", "server.port": port}
     requests = {m: metric_sum(agent.reader, "otel_ebpf_receiver.http.requests", {**ours, "http.request.method": m})
                 for m in ("GET", "PUT", "POST")}
     assert requests == {"GET": 17, "PUT": 5, "POST": 6}
     classes = {c: metric_sum(agent.reader, "otel_ebpf_receiver.http.responses",
-                             {**ours, "http.response.status_class": c}) for c in ("2xx", "4xx", "5xx")}
+                             {**ours, "otel_ebpf_receiver.http.response.status_class": c}) for c in ("2xx", "4xx", "5xx")}
     assert classes == {"2xx": 21, "4xx": 4, "5xx": 3}
     latency = [p for n, p in data_points(agent.reader) if n == "otel_ebpf_receiver.http.request.duration"
-               and p.attributes.get("process.command") == "nginx" and p.attributes.get("server.port") == port]
+               and p.attributes.get("process.executable.name") == "nginx" and p.attributes.get("server.port") == port]
     assert sum(p.count for p in latency) == 28

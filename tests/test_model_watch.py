@@ -219,3 +219,73 @@ def test_starts_with_a_given_model(models: dict[str, Path], tmp_path: Path) -> N
     watcher.poll()
     watcher.poll()
     assert rec.swaps == [("v1", "v2")]
+
+
+# -- the directory is an input like any other (issue 14) -------------------------------------------------------
+
+def test_symlink_is_rejected_once_and_never_followed(models: dict[str, Path], tmp_path: Path) -> None:
+    """Convention change: symlinks used to be followed (repointing current.onnx deployed a model); now a link is
+    refused with one line and the files it points to stay unread. Deploy by copying or renaming."""
+    (tmp_path / "models").mkdir()
+    deploy(models["v1"], tmp_path / "models" / "v1.onnx")
+    rec = Recorder()
+    watcher = make_watcher(tmp_path / "models", rec)
+    watcher.load_initial()
+    (tmp_path / "models" / "current.onnx").symlink_to(models["v2"])
+    for _ in range(3):
+        watcher.poll()
+    assert watcher.model.version == "v1"
+    assert [(name, "symbolic link" in str(err)) for name, err in rec.rejects] == [("current.onnx", True)]
+
+
+def test_hostile_files_never_escape_the_watcher(models: dict[str, Path], tmp_path: Path) -> None:
+    """Each of these used to raise something else than ModelError (RecursionError, OverflowError) or could block:
+    at start-up the agent exited with a traceback, under systemd in a loop."""
+    from tests import model_mutations as mm
+
+    deploy(models["v1"], tmp_path / "good.onnx")
+    good = models["v2"].read_bytes()
+    time.sleep(0.02)
+    hostile = {
+        "deep.onnx": mm.with_metadata(good, "training", mm.deep(100_000)),
+        "huge-int.onnx": mm.with_metadata(good, "distance_thresholds", f"[{mm.HUGE_INT}, 1, 1]"),
+        "loop.onnx": mm.with_operator(good, "Loop"),
+        "ansi.onnx": mm.with_metadata(good, "model_version", "v2\x1b[2J"),
+    }
+    for name, data in hostile.items():
+        (tmp_path / name).write_bytes(data)
+    os.mkfifo(tmp_path / "fifo.onnx")
+    rec = Recorder()
+    watcher = make_watcher(tmp_path, rec)
+    assert watcher.load_initial().version == "v1"
+    for _ in range(3):
+        watcher.poll()
+    assert watcher.model.version == "v1"
+    assert sorted(name for name, _ in rec.rejects) == sorted([*hostile, "fifo.onnx"])
+    assert all(str(err).isprintable() for _, err in rec.rejects)
+
+
+def test_unexpected_error_is_a_rejection(models: dict[str, Path], tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from otel_ebpf_receiver.model import watch
+
+    deploy(models["v1"], tmp_path / "v1.onnx")
+    monkeypatch.setattr(watch, "load_model", lambda *a, **k: (_ for _ in ()).throw(MemoryError("boom")))
+    rec = Recorder()
+    watcher = make_watcher(tmp_path, rec)
+    assert watcher.load_initial() is None
+    assert [(name, "unexpected MemoryError" in str(err)) for name, err in rec.rejects] == [("v1.onnx", True)]
+
+
+def test_group_writable_directory_is_refused_until_fixed(models: dict[str, Path], tmp_path: Path) -> None:
+    directory = tmp_path / "models"
+    directory.mkdir()
+    deploy(models["v1"], directory / "v1.onnx")
+    directory.chmod(0o775)
+    rec = Recorder()
+    watcher = make_watcher(directory, rec)
+    assert watcher.load_initial() is None
+    watcher.poll()
+    assert [(name, "chmod go-w" in str(err)) for name, err in rec.rejects] == [("models", True)]  # once
+    directory.chmod(0o755)
+    assert watcher.force_reload().version == "v1"

@@ -18,6 +18,9 @@ from .helpers import (data_points, exec_n_times, fail_open_n_times, metric_sum, 
 
 pytestmark = [pytest.mark.bpf]
 
+GETPPID = {"otel_ebpf_receiver.syscall.name": "getppid"}
+CLOSE_EBADF = {"otel_ebpf_receiver.syscall.name": "close", "error.type": "EBADF"}
+
 
 @pytest.fixture(scope="module")
 def agent():
@@ -39,10 +42,10 @@ def test_file_open_counts_a_known_number_of_opens_per_process(agent):
     with tempfile.NamedTemporaryFile(prefix="otel-ebpf-test-") as target:
         open_file_n_times(comm, target.name, 1000)
         agent.step(1.0)
-        opens = metric_sum(agent.reader, "otel_ebpf_receiver.file_opens", {"process.command": comm})
+        opens = metric_sum(agent.reader, "otel_ebpf_receiver.file_opens", {"process.executable.name": comm})
         # The child opens nothing else after renaming itself; allow a few for the interpreter's exit path.
         assert 1000 <= opens <= 1005
-        assert metric_sum(agent.reader, "otel_ebpf_receiver.file_open_failures", {"process.command": comm}) <= 5
+        assert metric_sum(agent.reader, "otel_ebpf_receiver.file_open_failures", {"process.executable.name": comm}) <= 5
         top_paths = {p.attributes["file.path"]: p.value for n, p in data_points(agent.reader)
                      if n == "otel_ebpf_receiver.file_opens.top_path.rate"}
         # +1: the test itself created the file through open().
@@ -53,7 +56,7 @@ def test_file_open_counts_failed_opens(agent):
     comm = unique_name("ff")
     fail_open_n_times(comm, f"/nonexistent/{comm}", 300)
     agent.step(1.0)
-    failures = metric_sum(agent.reader, "otel_ebpf_receiver.file_open_failures", {"process.command": comm})
+    failures = metric_sum(agent.reader, "otel_ebpf_receiver.file_open_failures", {"process.executable.name": comm})
     assert 300 <= failures <= 305
 
 
@@ -61,22 +64,22 @@ def test_exec_counts_execs_of_a_unique_binary(agent):
     created_before = metric_sum(agent.reader, "system.process.created")
     name = exec_n_times(200)
     agent.step(1.0)
-    assert metric_sum(agent.reader, "otel_ebpf_receiver.exec", {"process.command": name}) == 200
+    assert metric_sum(agent.reader, "otel_ebpf_receiver.exec", {"process.executable.name": name}) == 200
     assert metric_sum(agent.reader, "system.process.created") - created_before >= 200
     assert metric_sum(agent.reader, "otel_ebpf_receiver.process.exits") >= 200
 
 
 def test_syscalls_counts_a_known_loop_and_its_failures(agent):
     comm = unique_name("sc")
-    before = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls", {"syscall.name": "getppid"})
+    before = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls", GETPPID)
     failed_before = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls.failed",
-                               {"syscall.name": "close", "error.type": "EBADF"})
+                               CLOSE_EBADF)
     pid = syscall_loop(comm, 50_000)
     agent.step(1.0)
-    getppid = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls", {"syscall.name": "getppid"}) - before
+    getppid = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls", GETPPID) - before
     assert 50_000 <= getppid <= 50_000 + 200  # other processes rarely call getppid
     ebadf = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls.failed",
-                       {"syscall.name": "close", "error.type": "EBADF"}) - failed_before
+                       CLOSE_EBADF) - failed_before
     assert 50_000 <= ebadf <= 50_000 + 200
     top = [p for n, p in data_points(agent.reader) if n == "otel_ebpf_receiver.syscalls.top_process.rate"]
     # Per-process counts are sampled (1 in 64 per syscall number and CPU): ±10 % on 100,000 calls.
@@ -107,7 +110,7 @@ def test_syscalls_probe_falls_back_to_the_classic_tracepoint():
         probes[0].read(1.0)
         syscall_loop(unique_name("tp"), 1000)
         reading = probes[0].read(1.0)
-        assert sum(v for n, v, a in reading.counters if a.get("syscall.name") == "getppid") >= 1000
+        assert sum(v for n, v, a in reading.counters if a.get("otel_ebpf_receiver.syscall.name") == "getppid") >= 1000
     finally:
         for p in probes:
             p.close()

@@ -74,7 +74,7 @@ def test_contention_shows_in_run_queue_latency_and_preemptions(agent):
     start = timed_step(agent, start)
     idle_p99 = p99_us(agent)
     involuntary_before = metric_sum(agent.reader, "otel_ebpf_receiver.sched.context_switches",
-                                    {"sched.switch.type": "involuntary"})
+                                    {"process.context_switch.type": "involuntary"})
 
     comm = unique_name("rq")
     cpu = sorted(os.sched_getaffinity(0))[-1]
@@ -92,13 +92,14 @@ def test_contention_shows_in_run_queue_latency_and_preemptions(agent):
 
     # Our own workers: four on one CPU each wait about three quarters of the time (more if others share it).
     waits = {p.attributes["thread.id"]: p.value for n, p in data_points(agent.reader)
-             if n == "otel_ebpf_receiver.sched.top_thread.runqueue.wait" and p.attributes["process.command"] == comm}
+             if n == "otel_ebpf_receiver.sched.top_thread.runqueue.wait"
+             and p.attributes["process.executable.name"] == comm}
     assert len(set(waits) & workers) >= WORKERS - 1, (waits, workers)
     assert all(v >= 0.3 for t, v in waits.items() if t in workers), waits
 
     # Time-sliced busy loops are preempted at least every few milliseconds each.
     involuntary = metric_sum(agent.reader, "otel_ebpf_receiver.sched.context_switches",
-                             {"sched.switch.type": "involuntary"}) - involuntary_before
+                             {"process.context_switch.type": "involuntary"}) - involuntary_before
     assert involuntary >= 100 * BUSY_SECONDS
     assert agent.last_window.values["sched.involuntary_share"] > 0
 

@@ -39,7 +39,9 @@ def test_exact_per_source_counts_for_icmp_and_udp_over_ipv4(probe, lab):
                          {**eth0, "network.type": "ipv4", "network.transport": "udp"}) == 57
     assert counter_where(reading, "otel_ebpf_receiver.xdp.packets",
                          {**eth0, "network.type": "ipv4", "network.transport": "icmp"}) == 20
-    assert counter_where(reading, "system.network.packets", {**eth0, "network.io.direction": "receive"}) == 77
+    # The semantic convention's system.network.packet.count names the interface system.device.
+    assert counter_where(reading, "system.network.packet.count",
+                         {"system.device": "eth0", "network.io.direction": "receive"}) == 77
     assert gauge(reading, "otel_ebpf_receiver.xdp.sources") == [2.0]
     top = probe.top_sources(3)
     assert [t.address for t in top] == [c0.ipv4, c1.ipv4]
@@ -74,7 +76,7 @@ def test_tcp_flags_syn_share_and_sizes(probe, lab):
     lab.run("client1", *hping, "-S", "-A", "-c", "5", victim, check=False)
     lab.run("client1", *hping, "-R", "-c", "3", victim, check=False)
     reading = probe.read(1.0)
-    flags = {f: counter_where(reading, "otel_ebpf_receiver.xdp.tcp_flags", {"tcp.flag": f})
+    flags = {f: counter_where(reading, "otel_ebpf_receiver.xdp.tcp_flags", {"otel_ebpf_receiver.tcp.flag": f})
              for f in ("syn", "syn_ack", "rst", "fin")}
     assert flags == {"syn": 20, "syn_ack": 5, "rst": 3, "fin": 0}
     assert probe.source_window(lab.hosts["client0"].ipv4).syn_share == 1.0

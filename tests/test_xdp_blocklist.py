@@ -22,6 +22,10 @@ from .xdp_support import UdpSink, blocklist, counter_where, lab, pin_dir, probe,
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
+DROP = {"otel_ebpf_receiver.xdp.verdict": "drop"}
+PASS = {"otel_ebpf_receiver.xdp.verdict": "pass"}
+ALLOW = {"otel_ebpf_receiver.xdp.verdict": "allow"}
+
 
 def test_block_drops_one_host_and_leaves_the_others(probe, lab, blocklist):
     c0, c1 = lab.hosts["client0"].ipv4, lab.hosts["client1"].ipv4
@@ -34,9 +38,9 @@ def test_block_drops_one_host_and_leaves_the_others(probe, lab, blocklist):
         reading = probe.read(1.0)
         assert blocklist.lookup(c0).hits == 20
         assert blocklist.lookup(c0).last_hit is not None
-        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", {"xdp.verdict": "drop"}) == 20
+        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", DROP) == 20
         assert counter_where(reading, "otel_ebpf_receiver.xdp.dropped_packets", {}) == 20
-        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", {"xdp.verdict": "pass"}) == 20
+        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", PASS) == 20
         assert reading.features["xdp.drop_rate_log1p"] > 0
         assert probe.source_window(c0) is None  # dropped traffic counts on the list entry, not as a source
 
@@ -90,8 +94,8 @@ def test_allowlist_beats_blocklist(probe, lab, blocklist):
         send_udp(lab, "client1", 6)
         assert sink.drain() == {c1: 6}
         reading = probe.read(1.0)
-        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", {"xdp.verdict": "allow"}) == 6
-        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", {"xdp.verdict": "drop"}) == 6
+        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", ALLOW) == 6
+        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", DROP) == 6
         assert blocklist.lookup(c1, "allow").hits == 6
         assert blocklist.lookup("10.200.0.0/24").hits == 6  # only what it dropped
         assert probe.source_window(c1).packets_per_s == 6

@@ -16,6 +16,9 @@ from .xdp_support import UdpSink, blocklist, counter_where, gauge, lab, pin_dir,
 
 pytestmark = [pytest.mark.bpf, pytest.mark.netns]
 
+DROP = {"otel_ebpf_receiver.xdp.verdict": "drop"}
+PASS = {"otel_ebpf_receiver.xdp.verdict": "pass"}
+
 
 def test_random_source_flood_larger_than_the_source_table(settings, lab, blocklist):
     blocklist.block(lab.hosts["client1"].ipv4, reason="known bad")
@@ -37,7 +40,7 @@ def test_random_source_flood_larger_than_the_source_table(settings, lab, blockli
         assert reading.features["xdp.distinct_sources_log1p"] > 8
         assert reading.features["xdp.top_source_share"] < 0.01
         assert len(probe.top_sources(10)) == 10
-        passed = counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", {"xdp.verdict": "pass"})
+        passed = counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", PASS)
         assert 5900 <= passed <= 6005  # a forged source may land on client1's address: then it is dropped
 
         # The lists are a separate structure: untouched, and still enforced.
@@ -99,8 +102,8 @@ def test_truncated_and_malformed_frames_pass_untouched(settings, lab, blocklist)
         assert sink.drain() == {c0: 3}
         reading = probe.read(1.0)
         assert counter_where(reading, "otel_ebpf_receiver.xdp.malformed_packets", {}) == len(malformed) + 1
-        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", {"xdp.verdict": "drop"}) == 1
-        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", {"xdp.verdict": "pass"}) == len(malformed) + 3
+        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", DROP) == 1
+        assert counter_where(reading, "otel_ebpf_receiver.xdp.verdicts", PASS) == len(malformed) + 3
         assert blocklist.lookup(blocked).hits == 1
     finally:
         sink.close()

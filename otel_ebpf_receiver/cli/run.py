@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import assembly, config
+from .. import assembly, config, otel_env
 from ..durations import parse_duration
 from . import check
 from .common import say, setup_logging
@@ -41,6 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
              "mitigation": args.mitigation}
     cfg = config.load(flags)
     duration = parse_duration(args.duration, "--duration") if args.duration is not None else None
+    otel_env.check()  # before the privilege check: a bad OTEL_* value is said even when not run as root
     if args.interfaces:  # shorthand for probe_settings.xdp.interfaces
         interfaces = [i for i in args.interfaces.split(",") if i]
         config.check_probe_settings("xdp", {"interfaces": interfaces}, "--interfaces")

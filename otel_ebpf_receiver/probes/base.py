@@ -131,8 +131,10 @@ class Reading:
     # Per-probe map health, cumulative since load; the agent reports the increases as self-metrics.
     map_update_failures: int = 0
     map_evictions: int = 0
-    # For people watching (the live view, the lab): the probe's headline events per second and its busiest things.
+    # For people watching (the live view, the lab, `snapshot`): the probe's headline rate in ``rate_unit`` and its
+    # busiest things, each with its own unit.
     rate: float | None = None
+    rate_unit: str = "events/s"
     top: list[TopItem] = field(default_factory=list)
 
 

@@ -185,7 +185,7 @@ class BlockIoProbe(Probe):
 
         counts = window_slots.tolist()
         if seconds > 0:
-            reading.rate = sum(ops.values()) / seconds
+            reading.rate, reading.rate_unit = sum(ops.values()) / seconds, "requests/s"
             reading.top = [TopItem(f"{d} bytes", nbytes[d] / seconds, "B/s") for d in DIRECTIONS]
         reading.features = {
             "block_io.read_ops_rate_log1p": log1p_rate(ops["read"], seconds),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from ..kernel.maps import MapSnapshot, percpu_array_u64
-from .base import (COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, decode_comm, log1p_rate,
+from .base import (COUNTER, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, decode_comm, log1p_rate,
                    tracepoint_has_field)
 from .contract import COMMON_STATS, STAT_UPDATE_FAILED, U64, MapContract
 
@@ -25,7 +25,7 @@ class ExecProbe(Probe):
         Metric("otel_ebpf_receiver.threads.created", COUNTER, "{thread}", "Threads created (clone with CLONE_THREAD)."),
         Metric("otel_ebpf_receiver.process.exits", COUNTER, "{process}", "Processes that exited (whole thread group)."),
         Metric("otel_ebpf_receiver.exec", COUNTER, "{exec}", "Successful execve/execveat, per new program name.",
-               ("process.command",)),
+               ("process.executable.name",)),
     )
     features = (
         Feature("exec.exec_rate_log1p", "log1p(execs per second per CPU)"),
@@ -68,10 +68,12 @@ class ExecProbe(Probe):
             comm = decode_comm(snap.keys[i].comm)
             delta = self._per_comm.delta(comm, int(sum(snap.values[i])))
             if delta:
-                reading.counters.append(("otel_ebpf_receiver.exec", delta, {"process.command": comm}))
+                reading.counters.append(("otel_ebpf_receiver.exec", delta, {"process.executable.name": comm}))
 
         reading.map_update_failures = int(percpu_array_u64(self.bpf["stats"])[STAT_UPDATE_FAILED])
-        reading.rate = execs / seconds
+        reading.rate, reading.rate_unit = execs / seconds, "execs/s"
+        reading.top = [TopItem("processes created", created / seconds, "processes/s"),
+                       TopItem("threads created", threads / seconds, "threads/s")]
         reading.features = {
             "exec.exec_rate_log1p": log1p_rate(execs / self._ncpu, seconds),
             "exec.fork_rate_log1p": log1p_rate(created / self._ncpu, seconds),

@@ -20,9 +20,9 @@ class FileOpenProbe(Probe):
     hooks = (Hook("syscalls:sys_enter_openat"), Hook("syscalls:sys_exit_openat"))
     metrics = (
         Metric("otel_ebpf_receiver.file_opens", COUNTER, "{open}", "open/openat/openat2 calls, per process name.",
-               ("process.command",)),
+               ("process.executable.name",)),
         Metric("otel_ebpf_receiver.file_open_failures", COUNTER, "{open}",
-               "open/openat/openat2 calls that failed, per process name.", ("process.command",)),
+               "open/openat/openat2 calls that failed, per process name.", ("process.executable.name",)),
         Metric("otel_ebpf_receiver.file_opens.top_path.rate", GAUGE, "{open}/s",
                "Successful opens per second of the most-opened paths this interval (top N only).", ("file.path",)),
     )
@@ -71,7 +71,7 @@ class FileOpenProbe(Probe):
             opens = sum(v.opens for v in per_cpu)
             failed = sum(v.failed for v in per_cpu)
             d_opens, d_failed = self._opens.delta(comm, opens), self._failed.delta(comm, failed)
-            attrs = {"process.command": comm}
+            attrs = {"process.executable.name": comm}
             if d_opens:
                 total_opens += d_opens
                 reading.counters.append(("otel_ebpf_receiver.file_opens", d_opens, attrs))
@@ -93,7 +93,7 @@ class FileOpenProbe(Probe):
         stats = percpu_array_u64(self.bpf["stats"])
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
         reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n)
-        reading.rate = total_opens / seconds
+        reading.rate, reading.rate_unit = total_opens / seconds, "opens/s"
         reading.features = {
             "file_open.rate_log1p": log1p_rate(total_opens / self._ncpu, seconds),
             "file_open.failure_ratio": ratio(total_failed, total_opens),

@@ -23,8 +23,8 @@ import numpy as np
 
 from ..kernel import log2hist
 from ..kernel.maps import MapSnapshot, percpu_array_u64
-from .base import (COUNTER, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, hook_exists, log1p_rate,
-                   ratio)
+from .base import (COUNTER, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, hook_exists,
+                   log1p_rate, ratio)
 from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U32, U64, MapContract, dtype, value_type
 
 # enum method in bpf/http.bpf.c, by index (M_NONE is "_OTHER", the semantic convention's name for the rest).
@@ -36,6 +36,8 @@ OPTIONAL_SYSCALLS = {"HAVE_ACCEPT": "accept", "HAVE_RECVFROM": "recvfrom", "HAVE
                      "HAVE_WRITEV": "writev"}
 PORT_CACHE_SECONDS = 60.0
 NEW_LOOKUPS_PER_WINDOW = 16  # /proc scans per interval at most: the cache fills over a few windows under churn
+# The status class (2xx...) has no semantic-convention attribute: ours, in our namespace.
+STATUS_CLASS = "otel_ebpf_receiver.http.response.status_class"
 
 
 def method_name(method: int) -> str:
@@ -44,7 +46,7 @@ def method_name(method: int) -> str:
 
 
 def status_class(status: int) -> str:
-    """Status code -> http.response.status_class, as the kernel side matches them (100-599)."""
+    """Status code -> its class (2xx...), as the kernel side matches them (100-599)."""
     return f"{status // 100}xx"
 
 
@@ -90,15 +92,16 @@ class HttpProbe(Probe):
     metrics = (
         Metric("otel_ebpf_receiver.http.requests", COUNTER, "{request}",
                "HTTP/1.x requests received by server processes, per method.",
-               ("http.request.method", "process.command", "server.port")),
+               ("http.request.method", "process.executable.name", "server.port")),
         Metric("otel_ebpf_receiver.http.responses", COUNTER, "{response}",
                "HTTP/1.x responses sent by server processes, per status code and class (2xx...).",
-               ("http.response.status_code", "http.response.status_class", "process.command", "server.port")),
+               ("http.response.status_code", STATUS_CLASS, "process.executable.name",
+                "server.port")),
         # Not http.server.request.duration: that one ends when the response is complete, ours at its first bytes.
         Metric("otel_ebpf_receiver.http.request.duration", HISTOGRAM, "s",
                "From the read that returned the request line to the write that started the response on the same "
                "connection (time to first response byte, log2 buckets).",
-               ("http.request.method", "http.response.status_class", "process.command", "server.port")),
+               ("http.request.method", STATUS_CLASS, "process.executable.name", "server.port")),
     )
     features = (
         Feature("http.request_rate_log1p", "log1p(HTTP requests received per second)"),
@@ -173,7 +176,7 @@ class HttpProbe(Probe):
 
     @staticmethod
     def _attrs(comm: str, port: int | None, **extra) -> dict:
-        attrs = {**extra, "process.command": comm}
+        attrs = {**extra, "process.executable.name": comm}
         if port is not None:
             attrs["server.port"] = port
         return attrs
@@ -209,12 +212,13 @@ class HttpProbe(Probe):
         for (comm, port, status), delta in responses.items():
             per_class[min(status // 100, 5)] += delta
             reading.counters.append(("otel_ebpf_receiver.http.responses", delta, self._attrs(
-                comm, port, **{"http.response.status_code": status, "http.response.status_class": status_class(status)})))
+                comm, port, **{"http.response.status_code": status,
+                                 STATUS_CLASS: status_class(status)})))
         for (comm, port, method, klass), (slots, sum_ns) in histograms.items():
             reading.histograms.append(("otel_ebpf_receiver.http.request.duration",
                                        log2hist.buckets_from_slots(slots, "s"), sum_ns / 1e9, self._attrs(
                                            comm, port, **{"http.request.method": method_name(method),
-                                                          "http.response.status_class": f"{klass}xx"})))
+                                                          STATUS_CLASS: f"{klass}xx"})))
 
         stats = percpu_array_u64(self.bpf["stats"])
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
@@ -223,6 +227,10 @@ class HttpProbe(Probe):
         total_requests = sum(per_method)
         total_responses = sum(per_class)
         reading.rate = total_requests / seconds if seconds > 0 else 0.0
+        reading.rate_unit = "requests/s"
+        if seconds > 0:
+            reading.top = [TopItem(f"{klass}xx responses", count / seconds, "responses/s")
+                           for klass, count in enumerate(per_class) if count]
         reading.features = {
             "http.request_rate_log1p": log1p_rate(total_requests, seconds),
             "http.server_error_share": ratio(per_class[5], total_responses),

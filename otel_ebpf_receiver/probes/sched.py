@@ -83,10 +83,10 @@ class SchedProbe(Probe):
                "Time runnable threads waited for a CPU: from wakeup (or preemption) to running (log2 buckets)."),
         Metric("otel_ebpf_receiver.sched.context_switches", COUNTER, "{switch}",
                "Context switches; involuntary when the thread switched out was still runnable (preempted or "
-               "yielded), as the kernel counts nivcsw.", ("sched.switch.type",)),
+               "yielded), as the kernel counts nivcsw.", ("process.context_switch.type",)),
         Metric("otel_ebpf_receiver.sched.top_thread.runqueue.wait", GAUGE, "1",
                "Share of the interval spent runnable but waiting for a CPU, for the threads that waited most "
-               "(top N only, bounded cardinality).", ("thread.id", "process.pid", "process.command")),
+               "(top N only, bounded cardinality).", ("thread.id", "process.pid", "process.executable.name")),
     )
     features = (
         Feature("sched.context_switch_rate_log1p", "log1p(context switches per second per CPU)"),
@@ -167,7 +167,7 @@ class SchedProbe(Probe):
             share = float(min(1.0, delta[i] / 1e9 / seconds))
             reading.top.append(TopItem(f"{comm} (tid {tid})", share * 100, "% of the window waiting"))
             reading.gauges.append(("otel_ebpf_receiver.sched.top_thread.runqueue.wait", share,
-                                   {"thread.id": tid, "process.pid": pid, "process.command": comm}))
+                                   {"thread.id": tid, "process.pid": pid, "process.executable.name": comm}))
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
@@ -182,9 +182,9 @@ class SchedProbe(Probe):
         latency_ns = self._deltas.delta("latency_ns", int(counters[LATENCY_SUM_NS]))
         if switches:
             reading.counters.append(("otel_ebpf_receiver.sched.context_switches", max(0, switches - involuntary),
-                                     {"sched.switch.type": "voluntary"}))
+                                     {"process.context_switch.type": "voluntary"}))
             reading.counters.append(("otel_ebpf_receiver.sched.context_switches", involuntary,
-                                     {"sched.switch.type": "involuntary"}))
+                                     {"process.context_switch.type": "involuntary"}))
 
         cumulative = slots.astype(np.int64)
         previous = self._last_slots if self._last_slots is not None else np.zeros_like(cumulative)
@@ -198,6 +198,7 @@ class SchedProbe(Probe):
         counts = window.tolist()
         self.last_p99_us = log2hist.quantile(counts, 0.99)
         self.last_switch_rate = switches / seconds if seconds > 0 else 0.0
+        reading.rate, reading.rate_unit = self.last_switch_rate, "switches/s"
         reading.map_update_failures = int(counters[UPDATE_FAILED])
         reading.features = {
             "sched.context_switch_rate_log1p": log1p_rate(switches / self._ncpu, seconds),

@@ -15,6 +15,7 @@ from .base import (COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, 
 from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U32, U64, MapContract
 
 MAX_SYSCALLS = 512  # x86_64 has ~460; every slot is read each window
+SYSCALL_NAME = "otel_ebpf_receiver.syscall.name"  # no semantic-convention attribute names a syscall
 
 
 def _syscall_names() -> dict[int, str]:
@@ -47,12 +48,12 @@ class SyscallsProbe(Probe):
     hooks = (Hook("raw_syscalls:sys_exit"),)
     metrics = (
         Metric("otel_ebpf_receiver.syscalls", COUNTER, "{call}", "System calls completed, per syscall name.",
-               ("syscall.name",)),
+               (SYSCALL_NAME,)),
         Metric("otel_ebpf_receiver.syscalls.failed", COUNTER, "{call}",
-               "System calls that returned an error, per syscall name and errno.", ("syscall.name", "error.type")),
+               "System calls that returned an error, per syscall name and errno.", (SYSCALL_NAME, "error.type")),
         Metric("otel_ebpf_receiver.syscalls.top_process.rate", GAUGE, "{call}/s",
                "System call rate of the busiest processes this interval (top N only, bounded cardinality).",
-               ("process.pid", "process.command")),
+               ("process.pid", "process.executable.name")),
     )
     features = (
         Feature("syscalls.rate_log1p", "log1p(system calls per second per CPU)"),
@@ -113,7 +114,8 @@ class SyscallsProbe(Probe):
             delta = self._calls.delta(int(nr), int(counts[nr]))
             if delta:
                 total_calls += delta
-                reading.counters.append(("otel_ebpf_receiver.syscalls", delta, {"syscall.name": self.syscall_name(int(nr))}))
+                reading.counters.append(("otel_ebpf_receiver.syscalls", delta,
+                                         {SYSCALL_NAME: self.syscall_name(int(nr))}))
 
         total_errors = 0.0
         snap = self._snapshots["syscall_errors"]
@@ -124,7 +126,7 @@ class SyscallsProbe(Probe):
             if delta:
                 total_errors += delta
                 reading.counters.append(("otel_ebpf_receiver.syscalls.failed", delta, {
-                    "syscall.name": self.syscall_name(key.nr),
+                    SYSCALL_NAME: self.syscall_name(key.nr),
                     "error.type": error_type(key.err),
                 }))
 
@@ -139,7 +141,7 @@ class SyscallsProbe(Probe):
             command = process_name(pid)
             reading.top.append(TopItem(f"{command} (pid {pid})", rate, "calls/s"))
             reading.gauges.append(("otel_ebpf_receiver.syscalls.top_process.rate", rate,
-                                   {"process.pid": pid, "process.command": command}))
+                                   {"process.pid": pid, "process.executable.name": command}))
 
         stats = percpu_array_u64(self.bpf["stats"])
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
@@ -151,5 +153,5 @@ class SyscallsProbe(Probe):
             "syscalls.top_process_share": ratio(float(deltas[top[0]]), total_calls) if len(top) else 0.0,
             "syscalls.active_processes_log1p": math.log1p(active),
         }
-        reading.rate = total_calls / seconds
+        reading.rate, reading.rate_unit = total_calls / seconds, "calls/s"
         return reading

@@ -13,6 +13,7 @@ TCP_STATES = 16
 IDX_OPENED_CLIENT, IDX_OPENED_SERVER, IDX_CLOSED, IDX_RETRANSMITS, IDX_RST_SENT, IDX_RST_RECEIVED = 32, 34, 36, 38, 40, 42
 COUNTERS = 44
 NETWORK_TYPES = ("ipv4", "ipv6")  # the family index: 0 = AF_INET, 1 = AF_INET6
+TCP_ROLE = "otel_ebpf_receiver.tcp.role"  # client or server: no semantic-convention attribute says which
 
 # include/net/tcp_states.h, named as the semantic convention's network.connection.state values.
 STATE_NAMES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait_1", 5: "fin_wait_2", 6: "time_wait",
@@ -36,7 +37,7 @@ class TcpProbe(Probe):
     metrics = (
         Metric("otel_ebpf_receiver.tcp.connections.opened", COUNTER, "{connection}",
                "TCP connections established: as client (SYN_SENT→ESTABLISHED) or server (SYN_RECV→ESTABLISHED).",
-               ("network.type", "tcp.role")),
+               ("network.type", TCP_ROLE)),
         Metric("otel_ebpf_receiver.tcp.connections.closed", COUNTER, "{connection}",
                "TCP sockets that reached CLOSE (including connection attempts that failed).", ("network.type",)),
         Metric("otel_ebpf_receiver.tcp.state_transitions", COUNTER, "{transition}",
@@ -77,7 +78,7 @@ class TcpProbe(Probe):
     def read(self, seconds: float) -> Reading:
         reading = Reading()
         counts = percpu_array_u64(self.bpf["tcp_counts"])
-        opened = resets = retransmits = 0.0
+        opened = closed = resets = retransmits = 0.0
 
         def delta(index: int) -> float:
             return self._deltas.delta(index, float(counts[index]))
@@ -87,8 +88,10 @@ class TcpProbe(Probe):
             for index, role in ((IDX_OPENED_CLIENT, "client"), (IDX_OPENED_SERVER, "server")):
                 d = delta(index + fam)
                 opened += d
-                reading.counters.append(("otel_ebpf_receiver.tcp.connections.opened", d, {**attrs, "tcp.role": role}))
-            reading.counters.append(("otel_ebpf_receiver.tcp.connections.closed", delta(IDX_CLOSED + fam), attrs))
+                reading.counters.append(("otel_ebpf_receiver.tcp.connections.opened", d, {**attrs, TCP_ROLE: role}))
+            d = delta(IDX_CLOSED + fam)
+            closed += d
+            reading.counters.append(("otel_ebpf_receiver.tcp.connections.closed", d, attrs))
             for state, state_name in STATE_NAMES.items():
                 d = delta(fam * TCP_STATES + state)
                 reading.counters.append(("otel_ebpf_receiver.tcp.state_transitions", d,
@@ -107,6 +110,8 @@ class TcpProbe(Probe):
             "tcp.new_connections_rate_log1p": log1p_rate(opened, seconds),
         }
         if seconds > 0:
-            reading.rate = opened / seconds
-            reading.top = [TopItem("resets", resets / seconds, "/s")]
+            reading.rate, reading.rate_unit = opened / seconds, "connections/s"
+            reading.top = [TopItem("closed", closed / seconds, "connections/s"),
+                           TopItem("retransmitted", retransmits / seconds, "segments/s"),
+                           TopItem("resets sent + received", resets / seconds, "segments/s")]
         return reading

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from ..config import Config
 from ..errors import ConfigError
 from ..features import FeatureWindow, feature_names
+from ..model.contract import UNKNOWN_STATE
 from ..model.runtime import Verdict
 from ..model.watch import DEFAULT_MODEL_DIR, ModelWatcher, best_bundled_model
 from ..probes.base import COUNTER, GAUGE, Metric, Reading
@@ -25,6 +26,8 @@ EVENT_STATE_CHANGE = "system.state.change"
 EVENT_MODEL_SWAP = "system.state.model.swap"
 EVENT_MODEL_REJECTED = "system.state.model.rejected"
 EVENT_MODEL_FAULT = "system.state.model.invalid_output"
+SIGNAL_ATTRIBUTE = "otel_ebpf_receiver.early_warning.signal"  # which early-warning signal (a feature name)
+STATE_GAUGE = "otel_ebpf_receiver.system_state"
 
 
 class StateClassifier:
@@ -32,6 +35,13 @@ class StateClassifier:
 
     name = "system_state"
     metrics = (
+        # One series per state the serving model can report, always present: dashboards draw the state timeline
+        # from it and alerts key on it. (Every other point carries the state too, but a state's series there only
+        # exist while something counted in it, and linger after it ended.) Unit {state}, not 1: the Collector's
+        # Prometheus naming would append _ratio to a gauge with unit 1.
+        Metric(STATE_GAUGE, GAUGE, "{state}",
+               "1 for the current (debounced) system state, 0 for each other state the serving model can report.",
+               ("system.state", "system.state.model")),
         Metric("otel_ebpf_receiver.system_state.anomaly_score", GAUGE, "{score}",
                "Distance of this window to its cluster relative to the training distances (>1: beyond the "
                "99th percentile of training; above the model's threshold the state is 'unknown')."),
@@ -39,10 +49,10 @@ class StateClassifier:
                "Changes of the reported (debounced) system state.", ("system.state.from", "system.state.to")),
         Metric("otel_ebpf_receiver.system_state.warnings", COUNTER, "{warning}",
                "Early warnings: a sustained build-up (CUSUM over the baseline) before the state flips.",
-               ("early_warning.signal",)),
+               (SIGNAL_ATTRIBUTE,)),
         Metric("otel_ebpf_receiver.early_warning.cusum", GAUGE, "{score}",
                "CUSUM of each early-warning signal; a warning fires above early_warning.threshold (h).",
-               ("early_warning.signal",)),
+               (SIGNAL_ATTRIBUTE,)),
         Metric("otel_ebpf_receiver.system_state.model_swaps", COUNTER, "{swap}",
                "State models loaded by hot swap or SIGHUP."),
         Metric("otel_ebpf_receiver.system_state.model_rejections", COUNTER, "{model}",
@@ -93,6 +103,7 @@ class StateClassifier:
         self.watcher.poll()
         model = self.watcher.model
         if model is None:
+            self._report_state(UNKNOWN_STATE, [UNKNOWN_STATE])
             return Verdict.unknown()
         raw = model.predict(window.values)
         if raw.fault:
@@ -101,6 +112,7 @@ class StateClassifier:
         # mitigation acts only on a state the serving model declares (the attack-state rule, model/contract.py)
         verdict = dataclasses.replace(raw, state=debounced.state,
                                       declared_attack=debounced.state in model.attack_states)
+        self._report_state(verdict.state, model.states)
         self._pending.gauges.append(("otel_ebpf_receiver.system_state.anomaly_score", raw.score, {}))
         if self.incidents is not None:
             self.incidents.on_window(raw.score)
@@ -108,6 +120,13 @@ class StateClassifier:
             self._on_transition(debounced.transition, raw, model.version)
         self._early_warning(window, raw, debounced.state, model.version)
         return verdict
+
+    def _report_state(self, state: str, states: list[str]) -> None:
+        """The state gauge: 1 for ``state``, 0 for every other state of the serving model. The point's own
+        ``system.state`` says which state the value is about (the agent adds the window's state under it only
+        where a point does not set it)."""
+        self._pending.gauges.extend((STATE_GAUGE, 1.0 if name == state else 0.0, {"system.state": name})
+                                    for name in sorted(set(states) | {state}))
 
     def _on_fault(self, model: Any, fault: str) -> None:
         self._pending.counters.append(("otel_ebpf_receiver.system_state.invalid_outputs", 1, {}))
@@ -124,12 +143,12 @@ class StateClassifier:
         was_active = self.early_warning.active
         warning = self.early_warning.update({**window.values, "anomaly_score": float(raw.score)},
                                             normal=state in BASELINE_STATES)
-        self._pending.gauges.extend(("otel_ebpf_receiver.early_warning.cusum", value, {"early_warning.signal": name})
+        self._pending.gauges.extend(("otel_ebpf_receiver.early_warning.cusum", value, {SIGNAL_ATTRIBUTE: name})
                                     for name, value in self.early_warning.scores().items())
         if warning is not None:
             for name in warning.signals:
                 self._pending.counters.append(("otel_ebpf_receiver.system_state.warnings", 1,
-                                               {"early_warning.signal": name}))
+                                               {SIGNAL_ATTRIBUTE: name}))
             attrs = {"early_warning.signals": ",".join(warning.signals), "early_warning.cusum": warning.cusum,
                      "early_warning.z": warning.z, "early_warning.value": warning.value, "system.state": state,
                      "system.state.anomaly_score": float(raw.score)}

@@ -54,6 +54,9 @@ TCP_FLAGS = ("syn", "syn_ack", "rst", "fin")  # FLAG_*
 VERDICTS = ("pass", "drop", "allow")  # VERDICT_*
 PROTO_SLOTS = len(FAMILIES) * len(TRANSPORTS)  # packets and bytes per family x transport: slot = fam * 4 + l4
 SIZE_SLOTS = 17
+# Attributes with no semantic-convention equivalent, in our namespace.
+TCP_FLAG = "otel_ebpf_receiver.tcp.flag"
+XDP_VERDICT = "otel_ebpf_receiver.xdp.verdict"
 
 C_CONSTANTS = {
     **{f"FAM_{name.upper()}": i for i, name in enumerate(FAMILIES)},
@@ -107,18 +110,20 @@ class XdpProbe(Probe):
     metrics = (
         Metric("system.network.io", COUNTER, "By", "Bytes received on the watched interfaces (seen by XDP).",
                ("network.interface.name", "network.io.direction")),
-        Metric("system.network.packets", COUNTER, "{packet}", "Packets received on the watched interfaces.",
-               ("network.interface.name", "network.io.direction")),
+        # The semantic convention names the interface system.device on this one metric (network.interface.name on
+        # system.network.io): both are set as it says, so each matches what other sources of the same metric send.
+        Metric("system.network.packet.count", COUNTER, "{packet}", "Packets received on the watched interfaces.",
+               ("system.device", "network.io.direction")),
         Metric("otel_ebpf_receiver.xdp.packets", COUNTER, "{packet}",
                "Received packets by network family and transport protocol (icmp is ICMPv6 for ipv6).",
                ("network.interface.name", "network.type", "network.transport")),
         Metric("otel_ebpf_receiver.xdp.io", COUNTER, "By", "Received bytes by network family and transport protocol.",
                ("network.interface.name", "network.type", "network.transport")),
         Metric("otel_ebpf_receiver.xdp.tcp_flags", COUNTER, "{packet}",
-               "Received TCP segments with SYN (no ACK), SYN-ACK, RST or FIN set.", ("network.interface.name", "tcp.flag")),
+               "Received TCP segments with SYN (no ACK), SYN-ACK, RST or FIN set.", ("network.interface.name", TCP_FLAG)),
         Metric("otel_ebpf_receiver.xdp.verdicts", COUNTER, "{packet}",
                "What the program did: pass (no list matched), drop (blocklisted), allow (blocklisted but allowlisted).",
-               ("network.interface.name", "xdp.verdict")),
+               ("network.interface.name", XDP_VERDICT)),
         Metric("otel_ebpf_receiver.xdp.dropped_packets", COUNTER, "{packet}", "Packets dropped by the blocklist.",
                ("network.interface.name",)),
         Metric("otel_ebpf_receiver.xdp.malformed_packets", COUNTER, "{packet}",
@@ -383,7 +388,8 @@ class XdpProbe(Probe):
             iface = {"network.interface.name": ifname}
             pk = self._delta(("packets", slot), f["packets"].sum())
             by = self._delta(("bytes", slot), f["bytes"].sum())
-            reading.counters.append(("system.network.packets", pk, {**iface, "network.io.direction": "receive"}))
+            reading.counters.append(("system.network.packet.count", pk,
+                                     {"system.device": ifname, "network.io.direction": "receive"}))
             reading.counters.append(("system.network.io", by, {**iface, "network.io.direction": "receive"}))
             sums["packets"] += pk
             sums["bytes"] += by
@@ -393,19 +399,20 @@ class XdpProbe(Probe):
                 attrs = {**iface, **protocol_attributes(i)}
                 d = self._delta(("proto", slot, i), f["packets"][i])
                 reading.counters.append(("otel_ebpf_receiver.xdp.packets", d, attrs))
-                reading.counters.append(("otel_ebpf_receiver.xdp.io", self._delta(("proto_bytes", slot, i), f["bytes"][i]), attrs))
+                reading.counters.append(("otel_ebpf_receiver.xdp.io", self._delta(("proto_bytes", slot, i), f["bytes"][i]),
+                                         attrs))
                 if TRANSPORTS[i % len(TRANSPORTS)] == "tcp":
                     sums["tcp"] += d
             for i, flag in enumerate(TCP_FLAGS):
                 d = self._delta(("flag", slot, i), f["tcp_flags"][i])
-                reading.counters.append(("otel_ebpf_receiver.xdp.tcp_flags", d, {**iface, "tcp.flag": flag}))
+                reading.counters.append(("otel_ebpf_receiver.xdp.tcp_flags", d, {**iface, TCP_FLAG: flag}))
                 if flag == "syn":
                     sums["syn"] += d
                 elif flag == "syn_ack":
                     sums["synack"] += d
             for i, verdict in enumerate(VERDICTS):
                 d = self._delta(("verdict", slot, i), f["verdicts"][i])
-                reading.counters.append(("otel_ebpf_receiver.xdp.verdicts", d, {**iface, "xdp.verdict": verdict}))
+                reading.counters.append(("otel_ebpf_receiver.xdp.verdicts", d, {**iface, XDP_VERDICT: verdict}))
                 if verdict == "drop":
                     sums["drop"] += d
                     reading.counters.append(("otel_ebpf_receiver.xdp.dropped_packets", d, iface))
@@ -441,7 +448,7 @@ class XdpProbe(Probe):
             "xdp.drop_rate_log1p": log1p_rate(sums["drop"], seconds),
         }
         if seconds > 0:
-            reading.rate = sums["packets"] / seconds
+            reading.rate, reading.rate_unit = sums["packets"] / seconds, "packets/s"
             reading.top = [TopItem("dropped by the blocklist", sums["drop"] / seconds, "packets/s")]
         return reading
 
