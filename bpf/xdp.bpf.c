@@ -23,7 +23,8 @@
 // ever adopts them. Python reads totals and per-source windows through bcc's types; the list layouts it packs
 // without bcc (probes/xdp/lists.py) and the index constants are checked against this file at load.
 //
-// Time (expiry, last hit) is CLOCK_MONOTONIC as written by the agent into xdp_config each interval, see there.
+// Time (expiry, last hit) is the kernel's coarse CLOCK_MONOTONIC, read only when a list entry matched (see
+// entry_clock): TTLs run out in the kernel whether or not an agent runs, and the pass path reads no clock.
 
 #include <uapi/linux/bpf.h>
 #include <linux/if_ether.h>
@@ -91,7 +92,7 @@ struct lpm6_key {
 
 struct list_entry {
     u64 hits;            // packets matched
-    u64 last_hit_ns;     // CLOCK_MONOTONIC of the last match (to the agent's interval), 0 = never
+    u64 last_hit_ns;     // CLOCK_MONOTONIC_COARSE of the last match, 0 = never
     u64 expires_ns;      // CLOCK_MONOTONIC after which the entry no longer matches, 0 = never
 };
 
@@ -121,12 +122,9 @@ BPF_PERCPU_ARRAY(xdp_totals, struct totals, IFACE_SLOTS);
 
 // Written by userspace each interval. `epoch` is bumped once per read; each source keeps the counts of the
 // current and the previous epoch in two slots, so the reader gets complete per-window counts without clearing.
-// `now_ns` is CLOCK_MONOTONIC at the last read: list entries compare their expiry and stamp their last hit with
-// it. A clock that ticks once per interval is what a TTL needs, and reading a kernel clock here costs 20-45 ns
-// per packet on a VM (bench/bench_xdp.py); while no agent runs the clock stands still, so entries that expire
-// meanwhile are removed by the next agent's start-up sweep (Blocklist.expire).
+// (List expiry used to compare with a clock the agent wrote here; it stood still while no agent ran, which made
+// five-minute automatic blocks indefinite after a crash. The kernel's clock is now read on a list match only.)
 struct config {
-    u64 now_ns;
     u32 epoch;
     u32 pad;
 };
@@ -154,11 +152,21 @@ static __always_inline u32 size_slot(u64 len)
     return slot < SIZE_SLOTS ? slot : SIZE_SLOTS - 1;
 }
 
-// A list entry that matches now, or 0 when absent or expired (the agent removes expired entries each interval;
-// until then the kernel already ignores them).
-static __always_inline struct list_entry *live(struct list_entry *e, u64 now)
+// The clock of list entries, read at most once per packet and only once an entry matched: a kernel clock costs
+// 20-45 ns per read on a VM (bench/bench_xdp.py), and normal traffic matches no entry. The coarse clock (to the
+// last tick, a few ms) is plenty for TTLs of seconds to days. 0 in *now means "not read yet".
+static __always_inline u64 entry_clock(u64 *now)
 {
-    if (e && e->expires_ns && now >= e->expires_ns)
+    if (!*now)
+        *now = bpf_ktime_get_coarse_ns();
+    return *now;
+}
+
+// A list entry that matches now, or 0 when absent or expired. The kernel ignores an expired entry at once, agent
+// or not; the agent (or the `blocklist` verb) removes it from the map and the sidecar at its next expiry pass.
+static __always_inline struct list_entry *live(struct list_entry *e, u64 *now)
+{
+    if (e && e->expires_ns && entry_clock(now) >= e->expires_ns)
         return 0;
     return e;
 }
@@ -342,31 +350,31 @@ count:;
     }
 
     // Blocklist: exact addresses, then prefixes. Only a blocklisted packet consults the allowlist, which wins:
-    // the pass path (most packets) pays for one hash and one trie lookup, not three lookups.
-    u64 now = cfg->now_ns;
+    // the pass path (most packets) pays for one hash and one trie lookup, not three lookups, and no clock.
+    u64 now = 0;
     struct list_entry *e, *a = 0;
     if (fam == FAM_IPV4) {
         struct lpm4_key k4 = {32, src.w[3]};
-        e = live(block_hosts.lookup(&src), now);
+        e = live(block_hosts.lookup(&src), &now);
         if (!e)
-            e = live(block_v4.lookup(&k4), now);
+            e = live(block_v4.lookup(&k4), &now);
         if (e)
-            a = live(allow_v4.lookup(&k4), now);
+            a = live(allow_v4.lookup(&k4), &now);
     } else {
         struct lpm6_key k6 = {128, {src.w[0], src.w[1], src.w[2], src.w[3]}};
-        e = live(block_hosts.lookup(&src), now);
+        e = live(block_hosts.lookup(&src), &now);
         if (!e)
-            e = live(block_v6.lookup(&k6), now);
+            e = live(block_v6.lookup(&k6), &now);
         if (e)
-            a = live(allow_v6.lookup(&k6), now);
+            a = live(allow_v6.lookup(&k6), &now);
     }
     if (a) {
-        hit(a, now);
+        hit(a, entry_clock(&now));
         t->verdicts[VERDICT_ALLOW]++;
         goto pass;
     }
     if (e) {
-        hit(e, now);
+        hit(e, entry_clock(&now));
         t->verdicts[VERDICT_DROP]++;
         return XDP_DROP;
     }

@@ -247,13 +247,13 @@ class Agent:
     def _export_delivery_health(self, state: dict[str, str]) -> None:
         """Failed exports (per signal) and log records / spans that were dropped (per signal and reason) since the
         last window, from the telemetry's cumulative counts."""
-        for (what, signal), total in self.telemetry.export_health().items():
-            increase = total - self._export_health_seen.get((what, signal), 0)
-            self._export_health_seen[(what, signal)] = total
+        for (what, kind), total in self.telemetry.export_health().items():
+            increase = total - self._export_health_seen.get((what, kind), 0)
+            self._export_health_seen[(what, kind)] = total
             if increase and what == "failures":
-                self.sink.add("otel_ebpf_receiver.export.failures", increase, {"signal": signal}, state)
+                self.sink.add("otel_ebpf_receiver.export.failures", increase, {"signal": kind}, state)
             elif increase:
-                self.sink.add("otel_ebpf_receiver.export.dropped", increase, {"signal": signal, "reason": what}, state)
+                self.sink.add("otel_ebpf_receiver.export.dropped", increase, {"signal": kind, "reason": what}, state)
 
     @staticmethod
     def state_attributes(verdict: Verdict) -> dict[str, str]:

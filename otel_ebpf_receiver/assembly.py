@@ -81,8 +81,11 @@ def load_probes(wanted: Sequence[str | Probe], settings: dict[str, dict[str, Any
 def build_mitigator(config: Config, probes: Sequence[Probe], telemetry: Telemetry, classifier: Any,
                     say: Say) -> Any:
     """The mitigator the configuration asks for, wired to the XDP probe's blocklist and busiest sources; None when
-    mitigation is off or there is no XDP probe to act through."""
+    mitigation is off or there is no XDP probe to act through. Enforce mode refuses to start (one line) when this
+    host's addresses cannot be read: its never-block list would be missing exactly what it is for."""
     from .mitigation import HardAllowlist, MitigationSettings, Mitigator
+    from .probes.xdp.lists import ALLOW
+    from .probes.xdp.sidecar import sidecar_path
 
     settings = MitigationSettings(**config.mitigation)
     if settings.mode == "off":
@@ -91,14 +94,22 @@ def build_mitigator(config: Config, probes: Sequence[Probe], telemetry: Telemetr
     if xdp is None or xdp.blocklist is None:
         say(f"mitigation {settings.mode} needs the xdp probe (probe_settings.xdp.interfaces); mitigation is off")
         return None
-    extra = [(e.cidr, "XDP allowlist") for e in xdp.blocklist.list("allow")]
-    allow = HardAllowlist.build(settings, netns=[None] + ([xdp.netns] if xdp.netns else []), extra=extra)
+    blocklist = xdp.blocklist
+    allow = HardAllowlist.build(settings, netns=[None] + ([xdp.netns] if xdp.netns else []),
+                                extra=lambda: [(cidr, "XDP allowlist") for cidr in blocklist.cidrs(ALLOW)])
+    if allow.error:
+        if settings.mode == "enforce":
+            allow.close()
+            raise AgentError(f"mitigation enforce refused: {allow.error}; the never-block list needs this host's "
+                             f"addresses and gateways (install iproute2), or use mitigation mode dry-run")
+        say(f"mitigation dry-run: {allow.error}; would_block events may name this host's own addresses")
     incidents = getattr(classifier, "incidents", None)
     say(f"mitigation {settings.mode}: attack states {', '.join(settings.attack_states)}; "
         f"{len(allow.networks)} protected prefixes")
-    return Mitigator(settings, xdp.blocklist, allow, emit=telemetry.emit_event,
+    return Mitigator(settings, blocklist, allow, emit=telemetry.emit_event,
                      span_event=incidents.event if incidents is not None else None,
-                     top_sources=lambda: xdp.top_sources(xdp.settings["top_sources"]))
+                     top_sources=lambda: xdp.top_sources(xdp.settings["top_sources"]),
+                     state_file=sidecar_path(blocklist.pin_dir, xdp.settings["state_dir"], "mitigation"))
 
 
 def build_agent(config: Config, *, say: Say | None = None, probes: Sequence[Probe] = (),
@@ -155,6 +166,7 @@ def run(config: Config, *, metric_readers: Sequence[Any] = (), say: Say | None =
         duration: float | None = None) -> None:
     """`otel-ebpf-receiver run`: build the agent, loop until SIGINT/SIGTERM (or for ``duration`` seconds), then
     stop: read the last window, detach every program, flush with a short deadline."""
+    from .health import serve_health
     from .otel_env import export_interval_ms
 
     agent = build_agent(config, say=say, metric_readers=metric_readers)
@@ -169,9 +181,13 @@ def run(config: Config, *, metric_readers: Sequence[Any] = (), say: Say | None =
     attached = ", ".join(f"{p.name} ({p.mode})" for p in agent.probes)
     log.info("attached %s; exporting metrics to %s every %s ms; state model %s", attached, agent.telemetry.targets,
              export_interval_ms(), agent.classifier.version)
+    health = None
     try:
+        health = serve_health(config.health_addr, agent)  # None when health_addr is not set
         agent.run()
     finally:
+        if health is not None:
+            health.close()
         if timer is not None:
             timer.cancel()
         agent.close()

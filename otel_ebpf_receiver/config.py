@@ -34,6 +34,8 @@ ENV_MITIGATION = ENV_PREFIX + "MITIGATION"
 """Mitigation mode: off, dry-run or enforce (same as --mitigation)."""
 ENV_MAX_SERIES = ENV_PREFIX + "MAX_SERIES_PER_METRIC"
 """Cardinality cap: series kept per metric; further attribute sets go into one otel.metric.overflow=true series."""
+ENV_HEALTH_ADDR = ENV_PREFIX + "HEALTH_ADDR"
+"""HOST:PORT serving /healthz and /readyz (same as --health-addr; default: off)."""
 
 EXPORTERS = ("otlp", "console", "none")
 LIVE_MODES = ("auto", "on", "off")
@@ -58,10 +60,11 @@ class Config:
     probe_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     mitigation: dict[str, Any] = field(default_factory=dict)  # see mitigation/settings.py
     max_series_per_metric: int = DEFAULT_MAX_SERIES_PER_METRIC
+    health_addr: str = ""  # HOST:PORT for /healthz and /readyz (health.py); empty = off
     source: str = "defaults"
 
     KEYS = ("interval", "probes", "exporter", "model_dir", "live", "log_level", "probe_settings", "mitigation",
-            "max_series_per_metric")
+            "max_series_per_metric", "health_addr")
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -113,6 +116,12 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
             cfg.probe_settings[probe] = dict(settings)
     elif key == "mitigation":
         cfg.mitigation = {**cfg.mitigation, **_mitigation(value, where)}
+    elif key == "health_addr":
+        from .health import parse_address
+
+        if value:
+            parse_address(value, where)
+        cfg.health_addr = str(value or "")
     else:
         raise ConfigError(f"unknown configuration key {key!r} in {where}; known keys: {', '.join(Config.KEYS)}")
 
@@ -207,7 +216,7 @@ def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | No
         cfg.source = str(path)
     env_keys = {ENV_INTERVAL: "interval", ENV_PROBES: "probes", ENV_EXPORTER: "exporter",
                 ENV_MODEL_DIR: "model_dir", ENV_LIVE: "live", ENV_LOG_LEVEL: "log_level",
-                ENV_MITIGATION: "mitigation", ENV_MAX_SERIES: "max_series_per_metric"}
+                ENV_MITIGATION: "mitigation", ENV_MAX_SERIES: "max_series_per_metric", ENV_HEALTH_ADDR: "health_addr"}
     for var, key in env_keys.items():
         if env.get(var):
             _apply(cfg, key, env[var], var)

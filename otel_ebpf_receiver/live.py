@@ -30,7 +30,8 @@ class LiveView:
         lines = [
             f"otel-ebpf-receiver  {time.strftime('%H:%M:%S')}  window {result.number}  "
             f"({result.cost_seconds * 1000:.1f} ms)",
-            f"state: {v.state}  score {v.score:.2f}  model {v.model_version}",
+            f"state: {v.state}  score {v.score:.2f}  model {v.model_version}"
+            + (f"  (this window: {v.raw_state})" if v.raw_state != v.state else ""),
             "",
         ]
         for probe in self.agent.probes:
@@ -42,10 +43,11 @@ class LiveView:
             lines.append(f"  {probe.name:<10} {rate} [{probe.mode}]")
             for item in reading.top[:TOP_ROWS]:
                 lines.append(f"      {item.label[:48]:<48} {item.value:>12,.1f} {item.unit}")
-        reporting = self.agent.telemetry.reporting
-        if reporting is not None:
+        if self.agent.telemetry.reporting:
+            lines.append("")
+        for reporting in self.agent.telemetry.reporting:  # one per metric exporter
             status = "FAILING" if reporting.failing else "ok"
-            lines.append(f"\nexport: {reporting.target}: {status} ({reporting.failures} failures)")
+            lines.append(f"export: {reporting.target}: {status} ({reporting.failures} failures)")
         return lines
 
     def render(self, result: Any) -> None:

@@ -28,7 +28,7 @@ from . import __version__, otel_env
 from .delivery import (Delivery, ReportingExporter, accounted_log_exporter, accounted_span_exporter,
                        admitting_log_processor, admitting_span_processor, run_with_deadline)
 from .kernel import log2hist
-from .otel_env import DEFAULT_EXPORT_INTERVAL_MS, otlp_endpoint, otlp_protocol  # noqa: F401 (doctor uses them)
+from .otel_env import otlp_endpoint, otlp_protocol  # noqa: F401 (also imported from here by doctor)
 from .probes.base import COUNTER, GAUGE, HISTOGRAM, Metric
 
 log = logging.getLogger("otel_ebpf_receiver")
@@ -359,7 +359,8 @@ class MetricSink:
     (a synchronous gauge would repeat its last value forever).
     """
 
-    def __init__(self, meter: Any, metrics: Iterable[Metric], cardinality_limit: int = DEFAULT_CARDINALITY_LIMIT) -> None:
+    def __init__(self, meter: Any, metrics: Iterable[Metric],
+                 cardinality_limit: int = DEFAULT_CARDINALITY_LIMIT) -> None:
         self.meter = meter
         self.cardinality_limit = cardinality_limit
         self._counters: dict[str, Any] = {}

@@ -35,38 +35,97 @@ DEPLOY = REPO / "deploy"
 DASHBOARD = COLLECTOR_CONFIG_DIR / "grafana-dashboard.json"
 
 # The agent's instruments (OpenTelemetry name, kind, unit) and the Prometheus names the Collector's prometheus
-# exporter turns them into. This table pins the translation rules the dashboard and alert rules rely on:
-# dots -> underscores; curly-brace units ({call}) dropped; counters get _total; `1` on a gauge becomes _ratio
-# (so the anomaly score must not use unit `1`); `X/s` becomes _per_second.
+# exporter turns them into: every metric the dashboard and the alert rules use (tests/test_dashboard.py checks the
+# agent exports each of them under that name). This table pins the translation rules they rely on: dots ->
+# underscores; curly-brace units ({call}) dropped; counters get _total; `By` -> _bytes, `s` -> _seconds;
+# histograms are _bucket/_sum/_count series after the unit; `1` on a gauge becomes _ratio (so the anomaly score
+# must not use unit `1`); `X/s` becomes _per_second.
 AGENT_METRICS = [
     ("otel_ebpf_receiver.syscalls", "counter", "{call}", "otel_ebpf_receiver_syscalls_total"),
     ("otel_ebpf_receiver.syscalls.failed", "counter", "{call}", "otel_ebpf_receiver_syscalls_failed_total"),
-    ("otel_ebpf_receiver.file_opens", "counter", "{open}", "otel_ebpf_receiver_file_opens_total"),
-    ("otel_ebpf_receiver.exec", "counter", "{exec}", "otel_ebpf_receiver_exec_total"),
-    ("system.process.created", "counter", "{process}", "system_process_created_total"),
-    ("otel_ebpf_receiver.system_state.transitions", "counter", "{transition}",
-     "otel_ebpf_receiver_system_state_transitions_total"),
-    ("otel_ebpf_receiver.xdp.dropped_packets", "counter", "{packet}", "otel_ebpf_receiver_xdp_dropped_packets_total"),
-    ("otel_ebpf_receiver.export.failures", "counter", "{export}", "otel_ebpf_receiver_export_failures_total"),
-    ("otel_ebpf_receiver.system_state.anomaly_score", "gauge", "", "otel_ebpf_receiver_system_state_anomaly_score"),
-    ("otel_ebpf_receiver.xdp.blocklist_entries", "gauge", "{entry}", "otel_ebpf_receiver_xdp_blocklist_entries"),
-    # Not used by the dashboard: here to pin the two suffix rules that surprise.
-    ("otel_ebpf_receiver.probe.attached", "gauge", "1", "otel_ebpf_receiver_probe_attached_ratio"),
     ("otel_ebpf_receiver.syscalls.top_process.rate", "gauge", "{call}/s",
      "otel_ebpf_receiver_syscalls_top_process_rate_per_second"),
+    ("otel_ebpf_receiver.file_opens", "counter", "{open}", "otel_ebpf_receiver_file_opens_total"),
+    ("otel_ebpf_receiver.file_open_failures", "counter", "{open}", "otel_ebpf_receiver_file_open_failures_total"),
+    ("otel_ebpf_receiver.file_opens.top_path.rate", "gauge", "{open}/s",
+     "otel_ebpf_receiver_file_opens_top_path_rate_per_second"),
+    ("otel_ebpf_receiver.exec", "counter", "{exec}", "otel_ebpf_receiver_exec_total"),
+    ("system.process.created", "counter", "{process}", "system_process_created_total"),
+    ("otel_ebpf_receiver.threads.created", "counter", "{thread}", "otel_ebpf_receiver_threads_created_total"),
+    ("otel_ebpf_receiver.process.exits", "counter", "{process}", "otel_ebpf_receiver_process_exits_total"),
+    ("otel_ebpf_receiver.tcp.connections.opened", "counter", "{connection}",
+     "otel_ebpf_receiver_tcp_connections_opened_total"),
+    ("otel_ebpf_receiver.tcp.connections.closed", "counter", "{connection}",
+     "otel_ebpf_receiver_tcp_connections_closed_total"),
+    ("otel_ebpf_receiver.tcp.state_transitions", "counter", "{transition}",
+     "otel_ebpf_receiver_tcp_state_transitions_total"),
+    ("otel_ebpf_receiver.tcp.retransmits", "counter", "{segment}", "otel_ebpf_receiver_tcp_retransmits_total"),
+    ("otel_ebpf_receiver.tcp.resets", "counter", "{segment}", "otel_ebpf_receiver_tcp_resets_total"),
+    ("otel_ebpf_receiver.http.requests", "counter", "{request}", "otel_ebpf_receiver_http_requests_total"),
+    ("otel_ebpf_receiver.http.responses", "counter", "{response}", "otel_ebpf_receiver_http_responses_total"),
+    ("otel_ebpf_receiver.http.request.duration", "histogram", "s",
+     "otel_ebpf_receiver_http_request_duration_seconds_bucket"),
+    ("system.disk.operations", "counter", "{operation}", "system_disk_operations_total"),
+    ("system.disk.io", "counter", "By", "system_disk_io_bytes_total"),
+    ("system.disk.operation_time", "counter", "s", "system_disk_operation_time_seconds_total"),
+    ("otel_ebpf_receiver.disk.request.duration", "histogram", "s",
+     "otel_ebpf_receiver_disk_request_duration_seconds_bucket"),
+    ("otel_ebpf_receiver.disk.inflight", "gauge", "{request}", "otel_ebpf_receiver_disk_inflight"),
+    ("otel_ebpf_receiver.sched.context_switches", "counter", "{switch}",
+     "otel_ebpf_receiver_sched_context_switches_total"),
+    ("otel_ebpf_receiver.sched.runqueue.latency", "histogram", "s",
+     "otel_ebpf_receiver_sched_runqueue_latency_seconds_bucket"),
+    # Unit `1` on a gauge: _ratio.
+    ("otel_ebpf_receiver.sched.top_thread.runqueue.wait", "gauge", "1",
+     "otel_ebpf_receiver_sched_top_thread_runqueue_wait_ratio"),
+    ("system.network.packet.count", "counter", "{packet}", "system_network_packet_count_total"),
+    ("system.network.io", "counter", "By", "system_network_io_bytes_total"),
+    ("otel_ebpf_receiver.xdp.packets", "counter", "{packet}", "otel_ebpf_receiver_xdp_packets_total"),
+    ("otel_ebpf_receiver.xdp.tcp_flags", "counter", "{packet}", "otel_ebpf_receiver_xdp_tcp_flags_total"),
+    ("otel_ebpf_receiver.xdp.verdicts", "counter", "{packet}", "otel_ebpf_receiver_xdp_verdicts_total"),
+    ("otel_ebpf_receiver.xdp.dropped_packets", "counter", "{packet}", "otel_ebpf_receiver_xdp_dropped_packets_total"),
+    ("otel_ebpf_receiver.xdp.malformed_packets", "counter", "{packet}",
+     "otel_ebpf_receiver_xdp_malformed_packets_total"),
+    ("otel_ebpf_receiver.xdp.packet.size", "histogram", "By", "otel_ebpf_receiver_xdp_packet_size_bytes_bucket"),
+    ("otel_ebpf_receiver.xdp.sources", "gauge", "{source}", "otel_ebpf_receiver_xdp_sources"),
+    ("otel_ebpf_receiver.xdp.top_source.packet_rate", "gauge", "{packet}/s",
+     "otel_ebpf_receiver_xdp_top_source_packet_rate_per_second"),
+    ("otel_ebpf_receiver.xdp.blocklist_entries", "gauge", "{entry}", "otel_ebpf_receiver_xdp_blocklist_entries"),
+    ("otel_ebpf_receiver.xdp.allowlist_entries", "gauge", "{entry}", "otel_ebpf_receiver_xdp_allowlist_entries"),
+    ("otel_ebpf_receiver.mitigation.auto_blocks", "gauge", "{entry}", "otel_ebpf_receiver_mitigation_auto_blocks"),
+    ("otel_ebpf_receiver.mitigation.actions", "counter", "{action}", "otel_ebpf_receiver_mitigation_actions_total"),
+    ("otel_ebpf_receiver.system_state", "gauge", "{state}", "otel_ebpf_receiver_system_state"),
+    ("otel_ebpf_receiver.system_state.anomaly_score", "gauge", "{score}",
+     "otel_ebpf_receiver_system_state_anomaly_score"),
+    ("otel_ebpf_receiver.system_state.transitions", "counter", "{transition}",
+     "otel_ebpf_receiver_system_state_transitions_total"),
+    ("otel_ebpf_receiver.system_state.warnings", "counter", "{warning}",
+     "otel_ebpf_receiver_system_state_warnings_total"),
+    ("otel_ebpf_receiver.early_warning.cusum", "gauge", "{score}", "otel_ebpf_receiver_early_warning_cusum"),
+    ("otel_ebpf_receiver.probe.attached", "gauge", "{probe}", "otel_ebpf_receiver_probe_attached"),
+    ("otel_ebpf_receiver.map.update_failures", "counter", "{update}", "otel_ebpf_receiver_map_update_failures_total"),
+    ("otel_ebpf_receiver.map.evictions", "counter", "{entry}", "otel_ebpf_receiver_map_evictions_total"),
+    ("otel_ebpf_receiver.probe.read_errors", "counter", "{error}", "otel_ebpf_receiver_probe_read_errors_total"),
+    ("otel_ebpf_receiver.export.failures", "counter", "{export}", "otel_ebpf_receiver_export_failures_total"),
 ]
 KNOWN_METRICS = {prom for *_, prom in AGENT_METRICS}
+# A histogram's other two series, which queries may use too.
+KNOWN_METRICS |= {prom[:-len("_bucket")] + suffix for _, kind, _, prom in AGENT_METRICS if kind == "histogram"
+                  for suffix in ("_sum", "_count")}
 
 # Per-instrument data-point attributes the simulated agent records (system.state is added to every point).
 _ATTRS = {
     "otel_ebpf_receiver.syscalls": {"otel_ebpf_receiver.syscall.name": "read"},
-    "otel_ebpf_receiver.syscalls.failed": {"otel_ebpf_receiver.syscall.name": "openat"},
+    "otel_ebpf_receiver.syscalls.failed": {"otel_ebpf_receiver.syscall.name": "openat", "error.type": "ENOENT"},
     "otel_ebpf_receiver.file_opens": {"process.executable.name": "cat"},
     "otel_ebpf_receiver.exec": {"process.executable.name": "sh"},
-    "otel_ebpf_receiver.system_state.transitions": {"from": "normal", "to": "network_flood"},
-    "otel_ebpf_receiver.export.failures": {"exporter": "otlp"},
+    "otel_ebpf_receiver.system_state.transitions": {"system.state.from": "normal", "system.state.to": "network_flood"},
+    "otel_ebpf_receiver.export.failures": {"signal": "metrics"},
     "otel_ebpf_receiver.probe.attached": {"otel_ebpf_receiver.probe.name": "syscalls"},
     "otel_ebpf_receiver.syscalls.top_process.rate": {"process.executable.name": "nginx"},
+    "otel_ebpf_receiver.http.request.duration": {"http.request.method": "GET", "process.executable.name": "nginx"},
+    "system.disk.io": {"system.device": "vda", "disk.io.direction": "read"},
+    "system.network.packet.count": {"system.device": "eth0", "network.io.direction": "receive"},
 }
 HOST = "testhost"
 MACHINE_ID = "0123456789abcdef0123456789abcdef"
@@ -422,10 +481,13 @@ class SimulatedAgent:
         self.round = 0
         self.stopped = False
         self.counters = {}
+        self.histograms = {}
         for name, kind, unit, _ in AGENT_METRICS:
             attrs = {**_ATTRS.get(name, {}), "system.state": STATE, "system.state.model": "default"}
             if kind == "counter":
                 self.counters[name] = (meter.create_counter(name, unit=unit), attrs)
+            elif kind == "histogram":
+                self.histograms[name] = (meter.create_histogram(name, unit=unit), attrs)
             else:
                 meter.create_observable_gauge(
                     name, [lambda _opts, a=attrs: [Observation(0.25 + self.round, a)]], unit=unit)
@@ -435,6 +497,8 @@ class SimulatedAgent:
         self.round += 1
         for counter, attrs in self.counters.values():
             counter.add(10 * self.round, attrs)
+        for histogram, attrs in self.histograms.values():
+            histogram.record(0.003 * self.round, attrs)
         assert self.meters.force_flush(10_000)
 
     def state_change_and_incident(self) -> None:

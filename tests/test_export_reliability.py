@@ -13,15 +13,13 @@ import time
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from otel_ebpf_receiver.agent import Agent
 from otel_ebpf_receiver.config import Config
-from otel_ebpf_receiver.model.runtime import Verdict
 from otel_ebpf_receiver.probes.base import COUNTER, GAUGE, HISTOGRAM, Metric
 from otel_ebpf_receiver.telemetry import FLUSH_DEADLINE_SECONDS, MetricSink, Telemetry
 
 from .helpers import data_points, metric_sum
 from .otlp_receiver import free_port
-from .xdp_support import lab, pin_dir, settings  # noqa: F401 (fixtures)
+from .xdp_support import lab, pin_dir, settings  # noqa: F401, F811 (fixtures)
 
 OVERFLOW = "otel.metric.overflow"
 
@@ -46,10 +44,13 @@ def wait_for(condition, timeout: float = 15):
     return condition()
 
 
+@pytest.mark.bpf
 def test_log_records_lost_to_a_dead_collector_are_counted_said_once_and_exported(dead_collector, caplog):
+    from otel_ebpf_receiver.assembly import build_agent
+
     reader = InMemoryMetricReader()
-    telemetry = Telemetry(None, metric_readers=[reader])
-    agent = Agent(Config(), telemetry, [])
+    agent = build_agent(Config(probes=["exec"], live="off"), classify=False, metric_readers=[reader], say=print)
+    telemetry = agent.telemetry
     try:
         with caplog.at_level(logging.WARNING, logger="otel_ebpf_receiver"):
             for number in range(5):
@@ -57,14 +58,14 @@ def test_log_records_lost_to_a_dead_collector_are_counted_said_once_and_exported
                 time.sleep(0.3)  # separate batches: one failed export each
             assert wait_for(lambda: telemetry.export_health().get(("export_failed", "logs"), 0) == 5), \
                 telemetry.export_health()
-        agent.export({}, Verdict.unknown("none"), 1.0)
+        agent.step(1.0)
         assert metric_sum(reader, "otel_ebpf_receiver.export.dropped",
                           {"signal": "logs", "reason": "export_failed"}) == 5
         assert metric_sum(reader, "otel_ebpf_receiver.export.failures", {"signal": "logs"}) >= 1
         failed = [r.getMessage() for r in caplog.records if "log export to" in r.getMessage()]
         assert len(failed) == 1 and "failed" in failed[0] and "otel_ebpf_receiver.export.dropped" in failed[0], failed
     finally:
-        telemetry.shutdown(deadline_seconds=1)
+        agent.close()
 
 
 def test_full_queue_drops_are_counted_and_every_record_is_accounted_for(dead_collector, monkeypatch):

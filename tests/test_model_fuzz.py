@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -230,15 +231,24 @@ def test_the_agent_starts_with_hostile_files_in_its_model_directory(tmp_path: Pa
     agent = subprocess.Popen([sys.executable, "-m", "otel_ebpf_receiver", "run", "--exporter", "none", "--probes",
                               "syscalls,file_open,exec", "--live", "off", "--interval", "500ms", "--model-dir",
                               str(models)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(agent.stderr), daemon=True)
+    reader.start()
     try:
-        time.sleep(8)
-        assert agent.poll() is None, agent.communicate()[1][-2000:]
+        deadline = time.monotonic() + 120  # compiling three probes with bcc takes seconds on a busy machine
+        while time.monotonic() < deadline and agent.poll() is None \
+                and not any("now serving (from good.onnx" in line for line in err_lines):
+            time.sleep(0.2)
+        time.sleep(2)  # a few windows with the hostile files still there
+        assert agent.poll() is None, "".join(err_lines)[-3000:]
     finally:
         agent.send_signal(signal.SIGTERM)
-        out, err = agent.communicate(timeout=30)
-    assert agent.returncode == 0, err[-2000:]
+        out, _ = agent.communicate(timeout=30)
+        reader.join(10)
+    err = "".join(err_lines)
+    assert agent.returncode == 0, err[-3000:]
     assert "Traceback" not in err + out
     for name in names:
-        refusals = [line for line in err.splitlines() if f"{models / name}" in line]
+        refusals = [line for line in err_lines if f"{models / name}" in line]
         assert len(refusals) == 1, (name, err[-3000:])
     assert "now serving (from good.onnx" in err, err[-3000:]

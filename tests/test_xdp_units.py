@@ -33,6 +33,11 @@ def test_parse_cidr(text, expected):
     ("10.0.0.0/33", "'10.0.0.0/33': prefix length must be 0-32 for IPv4"),
     ("2001:db8::/129", "'2001:db8::/129': prefix length must be 0-128 for IPv6"),
     ("1.2.3/24", "'1.2.3/24' is not an IP address or CIDR prefix"),
+    # A zone names a link, not a source: fe80::1%eth0 and fe80::1 would be one map key but two sidecar rows.
+    ("fe80::1%eth0", "'fe80::1%eth0': a zone ID (%eth0) is not part of a source address; write fe80::1 "
+                     "(it applies on every watched interface)"),
+    ("fe80::%2/64", "'fe80::%2/64': a zone ID (%2) is not part of a source address; write fe80::/64 "
+                    "(it applies on every watched interface)"),
 ])
 def test_bad_addresses_are_one_clear_line(text, message):
     with pytest.raises(BlocklistError) as info:

@@ -10,7 +10,7 @@ import sys
 
 from .. import __version__
 from ..errors import AgentError
-from . import blocklist, doctor, probes, run
+from . import blocklist, doctor, probes, run, snapshot
 from .common import PROG, say, setup_logging
 
 MAIN_EPILOG = """examples:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=MAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for verb in (run, probes, doctor, blocklist):
+    for verb in (run, probes, doctor, blocklist, snapshot):
         verb.register(sub)
     return parser
 

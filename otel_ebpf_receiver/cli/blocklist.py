@@ -10,6 +10,7 @@ import os
 import time
 
 from ..durations import format_duration, parse_duration
+from .common import say
 from ..probes.xdp.blocklist import Blocklist
 from ..probes.xdp.lists import ALLOW, BLOCK, DEFAULT_PIN_DIR, DEFAULT_STATE_DIR, BlocklistError, Entry, parse_cidr
 
@@ -21,9 +22,12 @@ CLI_EPILOG = """examples:
   otel-ebpf-receiver allow 192.0.2.10                         always pass, even inside a blocked prefix
   otel-ebpf-receiver blocklist                                entries with hits, reason and expiry
   otel-ebpf-receiver blocklist import /etc/bad-ips.txt --ttl 1d   one address or CIDR per line, # comments
+  otel-ebpf-receiver block 10.0.0.0/8 --force                 a prefix that covers this host, a gateway or DNS
 
 The lists are pinned BPF maps: these commands work whether or not the agent runs, and the agent enforces them
-on the interfaces in probe_settings.xdp.interfaces. TTLs: 30s, 10m, 2h, 1d, 1h30m.
+on the interfaces in probe_settings.xdp.interfaces. TTLs run out in the kernel, agent or not: 30s, 10m, 2h, 1d,
+1h30m (at most ten years). A prefix covering loopback, this host's addresses, a default gateway, a DNS resolver or
+the Collector is refused unless --force: two /1 prefixes would lock the host out.
 """
 
 
@@ -44,6 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("cidr", metavar="CIDR", help="address or prefix, IPv4 or IPv6")
     p.add_argument("--ttl", help="remove the entry after this long, e.g. 10m, 2h, 1d (default: never)")
     p.add_argument("--reason", help="free text, shown by `blocklist` and in the log event")
+    p.add_argument("--force", action="store_true",
+                   help="block even a prefix that covers this host, a gateway, a DNS resolver or the Collector")
     _common(p)
     p.set_defaults(handler=_cmd_block)
 
@@ -78,10 +84,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     lp.set_defaults(handler=_cmd_list)
     ip_ = sub.add_parser("import", help="block every address or CIDR of a file ('-' = stdin)",
                          description="One address or CIDR per line; '#' starts a comment; blank lines are fine. "
-                                     "Lines already blocked are skipped. Exit status 1 if a line is invalid.")
+                                     "Lines already blocked are skipped; lines longer than 1024 bytes are refused. "
+                                     "Exit status 1 if a line is invalid or refused.")
     ip_.add_argument("file", metavar="FILE")
     ip_.add_argument("--ttl", help="TTL for the imported entries (default: never)")
     ip_.add_argument("--reason", help="reason for the imported entries (default: 'imported from FILE')")
+    ip_.add_argument("--force", action="store_true",
+                     help="import even prefixes that cover this host, a gateway, a DNS resolver or the Collector")
     _common(ip_, nested=True)
     ip_.set_defaults(handler=_cmd_import)
 
@@ -89,7 +98,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _open(args: argparse.Namespace, reconcile: bool = False) -> Blocklist:
     if os.geteuid() != 0:
         raise BlocklistError("the blocklist is a set of pinned BPF maps: run this as root (sudo)")
-    return Blocklist(args.pin_dir, args.state_dir, reconcile=reconcile)
+    bl = Blocklist(args.pin_dir, args.state_dir, reconcile=reconcile)
+    for cidr, why in bl.refused_on_restore:  # the maps were re-created (a reboot) and a row failed the checks
+        say(f"not restored from {bl.sidecar.path}: {cidr}: {why}")
+    return bl
 
 
 def _ttl(args: argparse.Namespace) -> float | None:
@@ -108,7 +120,7 @@ def _describe(entry: Entry) -> str:
 def _cmd_block(args: argparse.Namespace) -> int:
     ttl = _ttl(args)
     with _open(args) as bl:
-        entry = bl.block(args.cidr, ttl=ttl, reason=args.reason)
+        entry = bl.block(args.cidr, ttl=ttl, reason=args.reason, force=args.force)
         covered = bl.lookup(entry.cidr, ALLOW)
     print(f"blocked {_describe(entry)}")
     if covered is not None:
@@ -167,9 +179,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     ttl = _ttl(args)
     with _open(args) as bl:
-        added, skipped = bl.import_file(args.file, ttl=ttl, reason=args.reason)
-    invalid = [s for s in skipped if s[2] != "already blocked" and not s[2].startswith("duplicate of line")]
-    print(f"imported {len(added)} entries from {args.file}; skipped {len(skipped)}")
-    for lineno, text, why in skipped:
+        result = bl.import_file(args.file, ttl=ttl, reason=args.reason, force=args.force)
+    print(f"imported {len(result.added)} entries from {args.file}; skipped {result.skipped_count}")
+    for lineno, text, why in result.skipped:
         print(f"  line {lineno}: {text}: {why}")
-    return 1 if invalid else 0
+    if result.skipped_count > len(result.skipped):
+        print(f"  ... and {result.skipped_count - len(result.skipped)} more skipped lines")
+    return 1 if result.invalid_count else 0

@@ -38,7 +38,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     flags = {"config": args.config, "interval": args.interval, "probes": args.probes, "exporter": args.exporter,
              "model_dir": args.model_dir, "live": args.live, "log_level": args.log_level,
-             "mitigation": args.mitigation}
+             "mitigation": args.mitigation, "health_addr": args.health_addr}
     cfg = config.load(flags)
     duration = parse_duration(args.duration, "--duration") if args.duration is not None else None
     otel_env.check()  # before the privilege check: a bad OTEL_* value is said even when not run as root
@@ -59,8 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--config", "-c", help="YAML configuration file")
     run.add_argument("--interval", "-i", help="window length, e.g. 1s (default), 500ms")
     run.add_argument("--probes", "-p", help="comma-separated probes (default: all available), e.g. syscalls,exec")
-    run.add_argument("--exporter", "-e", choices=["otlp", "console", "none"], help="where metrics, events and incidents go (default: "
-                     "OTEL_{METRICS,LOGS,TRACES}_EXPORTER per signal, else otlp)")
+    run.add_argument("--exporter", "-e", choices=["otlp", "console", "none"],
+                     help="where metrics, events and incidents go (default: OTEL_{METRICS,LOGS,TRACES}_EXPORTER per "
+                          "signal, else otlp)")
     run.add_argument("--model-dir", help="directory watched for .onnx state models (default /var/lib/otel-ebpf-receiver/models; "
                           "the bundled model serves until it holds a valid one)")
     run.add_argument("--live", choices=["auto", "on", "off"], help="terminal live view (default auto: on in a tty)")
@@ -70,6 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="block offending sources at XDP while under attack (default off)")
     run.add_argument("--check", action="store_true",
                      help="validate the configuration, say in one line what would run, and exit (0 = it would start)")
+    run.add_argument("--health-addr", metavar="HOST:PORT",
+                     help="serve /healthz and /readyz here, e.g. 127.0.0.1:13134 (default: off)")
     run.add_argument("--duration", "-d", help="stop after this long, e.g. 30s, 10m (default: until Ctrl-C)")
     run.add_argument("--ebpf", action="store_true", help=argparse.SUPPRESS)  # print the C programs and exit
     run.set_defaults(handler=cmd_run)

@@ -1,86 +1,69 @@
 """The never-block list of mitigation: addresses that must never be blocked automatically, whatever the traffic
-claims to come from — loopback, this host's addresses, default gateways, DNS resolvers, the Collector, operator
-CIDRs and the XDP allowlist."""
+claims to come from — loopback and the unspecified address, this host's addresses, default gateways, DNS resolvers
+(behind a local stub: its upstream servers too), the Collector, operator CIDRs and the XDP allowlist.
+
+It follows the host: :meth:`HardAllowlist.refresh`, called by the mitigator every window, re-reads the host's
+part only when netlink announced an address or route change, a resolv.conf changed, or a minute passed (see
+probes/xdp/protected.py), and the XDP allowlist only when its sidecar changed — a few syscalls on a quiet window.
+"""
 
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
-import socket
-import subprocess
-from dataclasses import dataclass, field
-from typing import Iterable, Sequence
-from urllib.parse import urlparse
+from typing import Callable, Iterable, Sequence
 
+from ..probes.xdp.protected import RESOLV_CONF, RESOLVED_UPSTREAM_CONF, ProtectedAddresses, to_network
 from .settings import MitigationSettings
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+UNSPECIFIED = (("0.0.0.0/32", "loopback/unspecified"), ("::/128", "loopback/unspecified"))
 
 
-def _ip_json(*args: str, netns: str | None = None) -> list[dict]:
-    cmd = (["ip", "-n", netns] if netns else ["ip"]) + ["-j", *args]
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout
-        return json.loads(out or "[]")
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return []
-
-
-def host_addresses(netns: str | None = None) -> list[str]:
-    return [a["local"] for link in _ip_json("addr", "show", netns=netns) for a in link.get("addr_info", [])
-            if "local" in a]
-
-
-def default_gateways(netns: str | None = None) -> list[str]:
-    routes = _ip_json("route", "show", "default", netns=netns) + _ip_json("-6", "route", "show", "default",
-                                                                         netns=netns)
-    return [r["gateway"] for r in routes if "gateway" in r]
-
-
-def dns_resolvers(path: str = "/etc/resolv.conf") -> list[str]:
-    try:
-        with open(path) as fh:
-            return [line.split()[1] for line in fh if line.startswith("nameserver") and len(line.split()) > 1]
-    except OSError:
-        return []
-
-
-def collector_addresses() -> list[str]:
-    out = []
-    for var in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"):
-        endpoint = os.environ.get(var)
-        if not endpoint:
-            continue
-        host = urlparse(endpoint if "://" in endpoint else f"//{endpoint}").hostname
-        if not host:
-            continue
-        try:
-            out.extend(info[4][0] for info in socket.getaddrinfo(host, None))
-        except OSError:
-            continue
-    return out
-
-
-def _network(text: str) -> Network:
-    return ipaddress.ip_network(text.split("%", 1)[0], strict=False)
-
-
-@dataclass
 class HardAllowlist:
-    """Addresses that must never be blocked, whatever the traffic claims to come from."""
+    """Addresses that must never be blocked. ``networks`` and ``why`` (str(network) -> reason) are the current
+    list; ``error`` says why this host's addresses could not be read (enforce mode refuses to start then)."""
 
-    networks: list[Network] = field(default_factory=list)
-    why: dict[str, str] = field(default_factory=dict)
+    def __init__(self, fixed: Iterable[tuple[str, str]] = (), host: ProtectedAddresses | None = None,
+                 extra: Callable[[], Iterable[tuple[str, str]]] | None = None) -> None:
+        self.fixed = list(fixed)
+        self.host = host
+        self.extra = extra
+        self.networks: list[Network] = []
+        self.why: dict[str, str] = {}
+        self._extra_seen: tuple[tuple[str, str], ...] = ()
+        self._rebuild()
+
+    @property
+    def error(self) -> str | None:
+        return self.host.error if self.host is not None else None
 
     def add(self, text: str, why: str) -> None:
-        try:
-            net = _network(text)
-        except ValueError:
+        net = to_network(text)
+        if net is None:
             return
-        self.networks.append(net)
-        self.why.setdefault(str(net), why)
+        if str(net) not in self.why:
+            self.networks.append(net)
+            self.why[str(net)] = why
+
+    def _rebuild(self) -> None:
+        self.networks, self.why = [], {}
+        for text, why in self.fixed:
+            self.add(text, why)
+        if self.host is not None:
+            for net, why in self.host.entries:
+                self.add(str(net), why)
+        self._extra_seen = tuple(self.extra()) if self.extra is not None else ()
+        for text, why in self._extra_seen:
+            self.add(text, why)
+
+    def refresh(self) -> bool:
+        """Follow address, route, resolver and XDP-allowlist changes; True when the list changed."""
+        changed = self.host.refresh() if self.host is not None else False
+        if not changed and self.extra is not None:
+            changed = tuple(self.extra()) != self._extra_seen
+        if changed:
+            self._rebuild()
+        return changed
 
     def covers(self, address: str) -> str | None:
         """The reason ``address`` is protected, or None."""
@@ -92,25 +75,17 @@ class HardAllowlist:
             return self.covers(str(ip.ipv4_mapped))
         return None
 
+    def close(self) -> None:
+        if self.host is not None:
+            self.host.close()
+
     @classmethod
     def build(cls, settings: MitigationSettings, netns: Sequence[str | None] = (None,),
-              extra: Iterable[tuple[str, str]] = ()) -> "HardAllowlist":
-        allow = cls()
-        for text in ("127.0.0.0/8", "::1/128", "0.0.0.0/32", "::/128"):
-            allow.add(text, "loopback/unspecified")
-        for ns in netns:
-            for addr in host_addresses(ns):
-                allow.add(addr, "this host's address")
-            if settings.protect_gateway:
-                for gw in default_gateways(ns):
-                    allow.add(gw, "default gateway")
-        if settings.protect_dns:
-            for ns_addr in dns_resolvers():
-                allow.add(ns_addr, "DNS resolver")
-        for addr in collector_addresses():
-            allow.add(addr, "OpenTelemetry Collector endpoint")
-        for cidr in settings.allow:
-            allow.add(cidr, "operator allowlist")
-        for cidr, why in extra:
-            allow.add(cidr, why)
-        return allow
+              extra: Callable[[], Iterable[tuple[str, str]]] | None = None, *, resolv_conf: str = RESOLV_CONF,
+              upstream_conf: str = RESOLVED_UPSTREAM_CONF, watch: bool = True) -> "HardAllowlist":
+        """The list for these settings; this host's part is read in each of ``netns`` (None: ours). Never
+        raises: check ``error`` (enforce mode must not start without this host's addresses)."""
+        host = ProtectedAddresses(netns, protect_gateway=settings.protect_gateway, protect_dns=settings.protect_dns,
+                                  resolv_conf=resolv_conf, upstream_conf=upstream_conf, watch=watch)
+        fixed = list(UNSPECIFIED) + [(cidr, "operator allowlist") for cidr in settings.allow]
+        return cls(fixed, host, extra)

@@ -16,10 +16,14 @@ Where things live, and why:
   layout (type, key size, value size, flags and — for the agent — max entries) before use, refusing a foreign
   or stale pin with one line instead of misreading it.
 * **Each entry's value is what the kernel needs**: hits, last hit and the expiry, in ``CLOCK_MONOTONIC`` ns.
-  The program compares the expiry with a clock the agent writes into it every interval (reading a kernel clock
-  per packet costs 20-45 ns on a VM), so an expired entry stops matching within one interval even before
-  :meth:`Blocklist.expire` — called by the agent each interval and at start-up — removes it and logs the event.
-  While no agent runs, that clock stands still: entries that expire meanwhile are removed by the next start.
+  The program reads the kernel's coarse monotonic clock when, and only when, a packet matched an entry (a
+  blocked source, the rare path for normal traffic: the pass path reads no clock), so an entry stops matching
+  when its TTL passes whether or not an agent runs. :meth:`Blocklist.expire` — called by the agent each interval
+  and at start-up, and by ``blocklist`` — then removes it from the map and the sidecar and logs the event.
+* **Nothing locks the host out by accident**: an entry that covers loopback, this host's addresses, its default
+  gateways, DNS resolvers or the Collector (probes/xdp/protected.py) is refused unless ``force`` is given — by
+  ``block``, ``import`` and the restore after a reboot alike (a forced entry is marked so in the sidecar and
+  restored as it was forced); blocking every source (``/0``) is refused even with ``force``.
 * **What the kernel does not need** — reason, added-at, and the expiry as wall-clock time — is a JSON sidecar
   in a root-only state dir (``/var/lib/otel-ebpf-receiver/blocklist.json``), written atomically under a lock.
   bpffs does not survive a reboot, the sidecar does: when this module has to create the maps afresh it
@@ -37,20 +41,70 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import itertools
+import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
+from ...durations import MAX_SECONDS
 from ...kernel import bpfsys
 from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
-                    DEFAULT_STATE_DIR, LIST_MAPS, VALUE, BlocklistError, Entry, ListFull, Network, decode, encode,
-                    map_for, mono_ns_to_wall, parse_cidr, wall_to_mono_ns)
+                    DEFAULT_STATE_DIR, LIST_MAPS, VALUE, BlocklistError, Entry, ListFull, Network,
+                    ProtectedAddressCovered, decode, encode, map_for, mono_ns_to_wall, parse_cidr, wall_to_mono_ns)
 from .pins import bpffs_mounted, check_pin_dir, open_pinned_map
+from .protected import ProtectedAddresses
 from .sidecar import Sidecar
 
 EventSink = Callable[[str, dict[str, Any]], None]
+
+IMPORT_BATCH_LINES = 1000   # the sidecar lock is held per batch, so the agent's expiry never waits for a whole feed
+MAX_LINE_BYTES = 1024       # an address or prefix and a comment; anything longer is not a feed line
+MAX_REPORTED_SKIPS = 1000   # skipped lines described one by one; beyond that only counted
+
+
+@dataclass
+class ImportResult:
+    """What an import did. Unpacks as ``added, skipped`` (the shape callers such as bench/bench_xdp.py use)."""
+
+    added: list[str] = field(default_factory=list)
+    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (line, text, why), the first ones
+    skipped_count: int = 0
+    invalid_count: int = 0  # skipped for a reason other than "already blocked" or a duplicate line
+
+    def skip(self, lineno: int, text: str, why: str, *, invalid: bool = True) -> None:
+        self.skipped_count += 1
+        self.invalid_count += invalid
+        if len(self.skipped) < MAX_REPORTED_SKIPS:
+            self.skipped.append((lineno, text, why))
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.added, self.skipped))
+
+
+def feed_lines(stream: BinaryIO) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, text, None) per line of ``stream``, or (line number, shown text, why unusable) for a line
+    longer than MAX_LINE_BYTES or not UTF-8 — reading one bounded line at a time, never the whole file."""
+    lineno = 0
+    while True:
+        raw = stream.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while True:  # the rest of the overlong line, in bounded pieces
+                rest = stream.readline(65536)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield lineno, raw[:40].decode("utf-8", "replace") + "...", f"line longer than {MAX_LINE_BYTES} bytes"
+            continue
+        try:
+            yield lineno, raw.decode("utf-8"), None
+        except UnicodeDecodeError:
+            yield lineno, raw[:40].decode("utf-8", "replace"), "not UTF-8 text"
 
 
 class Blocklist:
@@ -62,19 +116,28 @@ class Blocklist:
 
     ``reconcile`` walks every map once to bring the sidecar in step (entries added with bpftool, entries the
     kernel already treats as expired); the agent does it at start, one-shot CLI changes skip it.
+
+    ``protected_netns``: the network namespaces whose addresses and gateways a block must not cover (None is
+    ours; the agent adds the one its interfaces live in); read on first need. ``watch_protected`` keeps them
+    current for a long-lived user (the agent); a CLI verb reads them once.
     """
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, state_dir: str = DEFAULT_STATE_DIR, *,
                  blocklist_entries: int | None = None, allowlist_entries: int | None = None,
-                 create: bool = True, reconcile: bool = True, on_event: EventSink | None = None) -> None:
+                 create: bool = True, reconcile: bool = True, on_event: EventSink | None = None,
+                 protected_netns: Sequence[str | None] = (None,), watch_protected: bool = False) -> None:
         self.pin_dir = check_pin_dir(pin_dir)
         self.state_dir = Path(state_dir)
         self.sidecar = Sidecar(self.pin_dir, state_dir)
         self.on_event = on_event
+        self.protected_netns = list(protected_netns)
+        self.watch_protected = watch_protected
+        self._protected: ProtectedAddresses | None = None
         self._fds: dict[str, int] = {}
         self._counts: tuple[Any, dict[tuple[str, int], int]] | None = None
         self.created = False
         self.expired_on_open: list[str] = []  # entries whose TTL passed while nobody had the lists open
+        self.refused_on_restore: list[tuple[str, str]] = []  # (cidr, why) sidecar rows not put back
         if not bpffs_mounted():
             raise BlocklistError("bpffs is not mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf, "
                                  "or run deploy/host-setup.sh)")
@@ -108,6 +171,9 @@ class Blocklist:
         for fd in self._fds.values():
             bpfsys.close(fd)
         self._fds.clear()
+        if self._protected is not None:
+            self._protected.close()
+            self._protected = None
 
     def __enter__(self) -> "Blocklist":
         return self
@@ -119,12 +185,15 @@ class Blocklist:
         return self._fds[name]
 
     # -- changes ----------------------------------------------------------------------------------------------
-    def block(self, cidr: str, ttl: float | None = None, reason: str | None = None) -> Entry:
-        """Block a source address or prefix; an existing entry gets the new TTL and reason and keeps its hits."""
+    def block(self, cidr: str, ttl: float | None = None, reason: str | None = None, *, force: bool = False) -> Entry:
+        """Block a source address or prefix; an existing entry gets the new TTL and reason and keeps its hits.
+        A prefix that covers a protected address (loopback, this host, a gateway, DNS, the Collector) raises
+        ProtectedAddressCovered unless ``force``."""
         net = parse_cidr(cidr)
+        forced = self._guard(net, force)
         with self.sidecar.locked():
             self._load_meta()
-            entry = self._add(BLOCK, net, ttl, reason)
+            entry = self._add(BLOCK, net, ttl, reason, forced=forced)
             self.sidecar.save()
         return entry
 
@@ -154,48 +223,76 @@ class Blocklist:
             self.sidecar.save()
         return removed
 
-    def import_file(self, path: str, ttl: float | None = None, reason: str | None = None,
-                    ) -> tuple[list[str], list[tuple[int, str, str]]]:
+    def import_file(self, path: str, ttl: float | None = None, reason: str | None = None, *,
+                    force: bool = False) -> ImportResult:
         """Block every address or prefix of a file: one per line, ``#`` starts a comment, blank lines are fine,
-        ``-`` reads stdin. Returns (added prefixes, [(line number, text, why skipped)]). Entries already blocked
-        are skipped, not refreshed, so re-importing a feed is idempotent and keeps their TTLs."""
+        ``-`` reads stdin. Entries already blocked are skipped, not refreshed, so re-importing a feed is idempotent
+        and keeps their TTLs. Lines covering a protected address are skipped unless ``force``.
+
+        The file is streamed in batches of IMPORT_BATCH_LINES, the lock taken per batch: a running agent expires
+        entries between batches instead of waiting for a whole feed. Lines are bounded (MAX_LINE_BYTES)."""
         try:
-            text = sys.stdin.read() if path == "-" else Path(path).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BlocklistError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
-        added: list[str] = []
-        skipped: list[tuple[int, str, str]] = []
+            stream: BinaryIO = sys.stdin.buffer if path == "-" else open(path, "rb")
+        except OSError as exc:
+            raise BlocklistError(f"cannot read {path}: {exc.strerror}") from None
+        result = ImportResult()
         seen: dict[str, int] = {}
         why = reason or f"imported from {os.path.basename(path) if path != '-' else 'stdin'}"
-        with self.sidecar.locked():
-            self._load_meta()
-            try:
-                for lineno, line in enumerate(text.splitlines(), 1):
-                    item = line.split("#", 1)[0].strip()
-                    if not item:
-                        continue
+        lines = feed_lines(stream)
+        try:
+            full = False
+            while not full:
+                try:
+                    batch = list(itertools.islice(lines, IMPORT_BATCH_LINES))  # read outside the lock
+                except OSError as exc:
+                    raise BlocklistError(f"cannot read {path}: {exc.strerror}") from None
+                if not batch:
+                    break
+                with self.sidecar.locked():
+                    self._load_meta()
+                    added_before = len(result.added)
                     try:
-                        net = parse_cidr(item)
-                        cidr = str(net)
-                        if cidr in seen:
-                            skipped.append((lineno, item, f"duplicate of line {seen[cidr]}"))
-                            continue
-                        seen[cidr] = lineno
-                        if self._lookup(BLOCK, net) is not None:
-                            skipped.append((lineno, item, "already blocked"))
-                            continue
-                        self._add(BLOCK, net, ttl, why, emit=False)
-                        added.append(cidr)
-                    except ListFull as exc:
-                        skipped.append((lineno, item, str(exc)))
-                        break
-                    except BlocklistError as exc:
-                        skipped.append((lineno, item, str(exc)))
-            finally:
-                self.sidecar.save()
+                        full = self._import_batch(batch, ttl, why, force, seen, result)
+                    finally:
+                        if len(result.added) > added_before:
+                            self.sidecar.save()
+        finally:
+            if path != "-":
+                stream.close()
         self._emit("otel_ebpf_receiver.blocklist.import", {
-            "blocklist.file": str(path), "blocklist.added": len(added), "blocklist.skipped": len(skipped)})
-        return added, skipped
+            "blocklist.file": str(path), "blocklist.added": len(result.added),
+            "blocklist.skipped": result.skipped_count})
+        return result
+
+    def _import_batch(self, batch: list[tuple[int, str, str | None]], ttl: float | None, reason: str, force: bool,
+                      seen: dict[str, int], result: ImportResult) -> bool:
+        """One batch under the lock; True when the list filled up (the import stops there)."""
+        for lineno, line, unusable in batch:
+            if unusable:
+                result.skip(lineno, line, unusable)
+                continue
+            item = line.split("#", 1)[0].strip()
+            if not item:
+                continue
+            try:
+                net = parse_cidr(item)
+                cidr = str(net)
+                if cidr in seen:
+                    result.skip(lineno, item, f"duplicate of line {seen[cidr]}", invalid=False)
+                    continue
+                seen[cidr] = lineno
+                if self._lookup(BLOCK, net) is not None:
+                    result.skip(lineno, item, "already blocked", invalid=False)
+                    continue
+                forced = self._guard(net, force)
+                self._add(BLOCK, net, ttl, reason, emit=False, forced=forced)
+                result.added.append(cidr)
+            except ListFull as exc:
+                result.skip(lineno, item, str(exc))
+                return True
+            except BlocklistError as exc:
+                result.skip(lineno, item, str(exc))
+        return False
 
     def expire(self, now: float | None = None) -> list[str]:
         """Remove entries whose TTL has passed (the kernel already ignores them); returns their prefixes.
@@ -241,6 +338,24 @@ class Blocklist:
                 self._load_meta(report_external=True)
         return self._entry(kind, net, value)
 
+    def cidrs(self, kind: str = BLOCK) -> list[str]:
+        """The prefixes of a list, from the sidecar kept in step with the maps (no map walk)."""
+        self._refresh_if_changed()
+        return list(self.sidecar.rows[kind])
+
+    def count_with_reason(self, prefix: str, kind: str = BLOCK) -> int:
+        """Entries whose reason starts with ``prefix`` (mitigation counts its own, "auto:"), without a map walk."""
+        self._refresh_if_changed()
+        return sum(1 for meta in self.sidecar.rows[kind].values() if (meta.get("reason") or "").startswith(prefix))
+
+    def protected_addresses(self) -> ProtectedAddresses:
+        """What a block must not cover, read on first need (and kept current when ``watch_protected``)."""
+        if self._protected is None:
+            self._protected = ProtectedAddresses(self.protected_netns, watch=self.watch_protected)
+        else:
+            self._protected.refresh()
+        return self._protected
+
     def counts(self) -> dict[tuple[str, int], int]:
         """Entries per (list, IP version), from the sidecar kept in step with the maps (no map walk, so cheap
         enough for every interval)."""
@@ -269,11 +384,32 @@ class Blocklist:
         value = bpfsys.map_lookup(self._fds[name], encode(name, net), VALUE.size)
         return VALUE.unpack(value) if value is not None else None
 
-    def _add(self, kind: str, net: Network, ttl: float | None, reason: str | None, *, emit: bool = True) -> Entry:
+    def _guard(self, net: Network, force: bool, *, check_reads: bool = True) -> bool:
+        """Refuse a block that would cut this host off; True when only ``force`` let it through (the sidecar
+        marks such an entry, so that a restore puts it back as it was forced). With ``check_reads`` a host whose
+        addresses cannot be read refuses too (nothing can be checked); the restore passes False and checks
+        against what could be read."""
+        if net.prefixlen == 0:
+            raise BlocklistError(f"refusing to block every IPv{net.version} source ({net}); block narrower prefixes")
+        protected = self.protected_addresses()
+        covered = protected.covering(net)
+        if covered is not None:
+            if not force:
+                address, why = covered
+                raise ProtectedAddressCovered(f"refusing to block {net}: it covers {address} ({why}); "
+                                              f"pass --force if that is what you want")
+            return True
+        if protected.error and check_reads and not force:
+            raise BlocklistError(f"{protected.error}; without them {net} cannot be checked: pass --force to "
+                                 f"block it anyway")
+        return bool(protected.error and force)
+
+    def _add(self, kind: str, net: Network, ttl: float | None, reason: str | None, *, emit: bool = True,
+             forced: bool = False) -> Entry:
         if kind == BLOCK and net.prefixlen == 0:
             raise BlocklistError(f"refusing to block every IPv{net.version} source ({net}); block narrower prefixes")
-        if ttl is not None and not ttl > 0:
-            raise BlocklistError("ttl must be more than zero")
+        if ttl is not None and not (math.isfinite(ttl) and 0 < ttl <= MAX_SECONDS):
+            raise BlocklistError(f"ttl {ttl!r}: must be more than zero and at most ten years")
         now = time.time()
         expires_at = now + ttl if ttl is not None else None
         name = map_for(kind, net)
@@ -295,6 +431,8 @@ class Blocklist:
         previous = self.sidecar.rows[kind].get(cidr, {})
         meta = {"reason": reason if reason is not None else previous.get("reason"),
                 "added_at": previous.get("added_at") or now, "expires_at": expires_at}
+        if forced:
+            meta["forced"] = True
         self.sidecar.rows[kind][cidr] = meta
         if emit:
             attrs: dict[str, Any] = {"blocklist.cidr": cidr, "blocklist.list": kind}
@@ -328,7 +466,10 @@ class Blocklist:
                 pass
 
     def _restore_from_sidecar(self) -> None:
-        """Maps were just created (first run, or bpffs emptied by a reboot): put back what has not expired."""
+        """Maps were just created (first run, or bpffs emptied by a reboot): put back what has not expired, with
+        the checks ``block`` makes — a sidecar edited by hand, or a host whose addresses changed across the reboot,
+        must not lock the host out. Rows marked ``forced`` were a deliberate choice and go back as they were
+        (``/0`` never does). Refused rows are reported, and dropped from the sidecar by _reconcile."""
         now = time.time()
         for kind in (BLOCK, ALLOW):
             for cidr, meta in list(self.sidecar.rows[kind].items()):
@@ -337,12 +478,17 @@ class Blocklist:
                     continue  # _reconcile drops the row
                 try:
                     net = parse_cidr(cidr)
+                    if kind == BLOCK:
+                        self._guard(net, bool(meta.get("forced")), check_reads=False)
                     if self._lookup(kind, net) is None:
                         name = map_for(kind, net)
                         bpfsys.map_update(self._fds[name], encode(name, net),
                                           VALUE.pack(0, 0, wall_to_mono_ns(expires_at) if expires_at else 0))
-                except (BlocklistError, bpfsys.BpfError):
-                    continue
+                except (BlocklistError, bpfsys.BpfError, TypeError, ValueError, OverflowError) as exc:
+                    why = str(exc) if isinstance(exc, BlocklistError) else f"unusable row ({exc})"
+                    self.refused_on_restore.append((cidr, why))
+                    self._emit("otel_ebpf_receiver.blocklist.restore_refused",
+                               {"blocklist.cidr": cidr, "blocklist.list": kind, "blocklist.reason": why})
 
     def _reconcile(self) -> None:
         """Make the sidecar describe exactly the maps: drop rows whose key is gone, add rows (no reason) for keys

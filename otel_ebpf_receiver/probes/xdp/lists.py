@@ -32,6 +32,10 @@ class ListFull(BlocklistError):
     """The map for this entry has no room left."""
 
 
+class ProtectedAddressCovered(BlocklistError):
+    """The entry would cover loopback, this host, a gateway, a DNS resolver or the Collector (needs ``force``)."""
+
+
 # Layouts shared with bpf/xdp.bpf.c: struct addr16, lpm4_key, lpm6_key, list_entry. Kept here by hand because the
 # CLI packs them without bcc; the agent compares them with the program's types when it loads (probe.py).
 HOST_KEY = struct.Struct("=16s")
@@ -113,6 +117,13 @@ def parse_cidr(text: str) -> Network:
     raw = text.strip()
     if not raw:
         raise BlocklistError("empty address")
+    if "%" in raw:
+        # A zone ID names a link, not a source: "fe80::1%eth0" and "fe80::1" are the same key in the maps.
+        addr, _, rest = raw.partition("%")
+        zone, _, plen = rest.partition("/")
+        bare = addr + (f"/{plen}" if plen else "")
+        raise BlocklistError(f"{raw!r}: a zone ID (%{zone}) is not part of a source address; "
+                             f"write {bare} (it applies on every watched interface)")
     try:
         net = ipaddress.ip_network(raw, strict=True)
     except ValueError:
@@ -168,7 +179,8 @@ def decode(map_name: str, raw: bytes) -> Network:
 # ---- time -------------------------------------------------------------------------------------------------
 
 def wall_to_mono_ns(wall: float) -> int:
-    """The kernel compares against CLOCK_MONOTONIC(_COARSE); wall-clock expiries are converted at write time."""
+    """The kernel compares against CLOCK_MONOTONIC_COARSE (bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC to the last
+    tick, a few ms behind); wall-clock expiries are converted at write time."""
     return max(1, time.monotonic_ns() + int((wall - time.time()) * 1e9))
 
 

@@ -3,7 +3,7 @@
 The C side is bpf/xdp.bpf.c (read its header for the per-packet path). This side attaches it to the configured
 interfaces — native (driver) mode first, generic (skb) mode when the driver has no XDP — and each interval:
 
-* bumps the epoch and the clock in ``xdp_config`` (per-source windows, list expiry; see the C file),
+* bumps the epoch in ``xdp_config`` (per-source windows; list TTLs run on the kernel's clock, see the C file),
 * reads the per-interface totals (per-CPU) and the per-source table (one batch read into numpy),
 * expires blocklist entries whose TTL passed, and reports how many entries each list holds.
 
@@ -25,7 +25,6 @@ import json
 import socket
 import struct
 import subprocess
-import time
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -74,7 +73,7 @@ MAPS = {
         "src_inserts": U64, "src_update_failures": U64}),
     "per_source": MapContract(key="(16,)u1",  # struct addr16, read as bytes
                               value={"win": (2, {"packets": U64, "bytes": U64, "syns": U64, "epoch": U32})}),
-    "xdp_config": MapContract(value={"now_ns": U64, "epoch": U32}),
+    "xdp_config": MapContract(value={"epoch": U32}),
 }
 _V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
@@ -241,7 +240,8 @@ class XdpProbe(Probe):
             self.blocklist = Blocklist(self.settings["pin_dir"], self.settings["state_dir"],
                                        blocklist_entries=self.settings["blocklist_entries"],
                                        allowlist_entries=self.settings["allowlist_entries"],
-                                       on_event=self._event)
+                                       on_event=self._event, protected_netns=[None, self.netns or None],
+                                       watch_protected=True)
             self.expired_at_start = self.blocklist.expired_on_open + self.blocklist.expire()
         except BlocklistError as exc:
             self.close()
@@ -354,7 +354,6 @@ class XdpProbe(Probe):
     def _write_config(self) -> None:
         table = self.bpf["xdp_config"]
         value = table.Leaf()
-        value.now_ns = time.monotonic_ns()
         value.epoch = self._epoch
         table[ct.c_int(0)] = value
 

@@ -16,15 +16,27 @@ from typing import Any, Iterator
 
 from .lists import ALLOW, BLOCK, DEFAULT_PIN_DIR, BlocklistError
 
-Rows = dict[str, dict[str, dict[str, Any]]]  # list kind -> cidr -> {reason, added_at, expires_at}
+Rows = dict[str, dict[str, dict[str, Any]]]  # list kind -> cidr -> {reason, added_at, expires_at[, forced]}
 
 
-def sidecar_path(pin_dir: str, state_dir: str) -> Path:
-    """The default pin dir keeps the plain name; any other pin dir gets its own file in the same state dir."""
+def sidecar_path(pin_dir: str, state_dir: str, stem: str = "blocklist") -> Path:
+    """The default pin dir keeps the plain name; any other pin dir gets its own file in the same state dir.
+    ``stem`` names other state kept per pin dir (mitigation's offences: ``mitigation.json``)."""
     if pin_dir.rstrip("/") == DEFAULT_PIN_DIR:
-        return Path(state_dir) / "blocklist.json"
+        return Path(state_dir) / f"{stem}.json"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", pin_dir.strip("/")).strip("-")
-    return Path(state_dir) / f"blocklist-{slug}.json"
+    return Path(state_dir) / f"{stem}-{slug}.json"
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Readers see the old file or the new one, never half of one, even after a crash (temp file, fsync, rename)."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, separators=(",", ":"), sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def empty_rows() -> Rows:
@@ -92,12 +104,6 @@ class Sidecar:
         return changes
 
     def save(self) -> None:
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        data = {"version": 1, "pin_dir": self.pin_dir, BLOCK: self.rows[BLOCK], ALLOW: self.rows[ALLOW]}
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, separators=(",", ":"), sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        write_json_atomically(self.path, {"version": 1, "pin_dir": self.pin_dir, BLOCK: self.rows[BLOCK],
+                                          ALLOW: self.rows[ALLOW]})
         self.stamp = self.file_stamp()
