@@ -58,9 +58,10 @@ $(STAMPS)/venv$(1): pyproject.toml | $(VPY)
 	$(VPY) -m pip install -q -e '.$(2)'
 	@$(VPY) -c 'import bcc, onnxruntime, opentelemetry.sdk$(3)' && touch $$@ $(4)
 endef
+TRAIN_IMPORTS := $(COMMA) sklearn$(COMMA) skl2onnx
 $(eval $(call venv_stamp,,,,))
-$(eval $(call venv_stamp,-train,[train],$(COMMA) sklearn$(COMMA) skl2onnx,$(STAMPS)/venv))
-$(eval $(call venv_stamp,-lab,[dev$(COMMA)train],$(COMMA) sklearn$(COMMA) skl2onnx$(COMMA) pytest,$(STAMPS)/venv $(STAMPS)/venv-train))
+$(eval $(call venv_stamp,-train,[train],$(TRAIN_IMPORTS),$(STAMPS)/venv))
+$(eval $(call venv_stamp,-lab,[dev$(COMMA)train],$(TRAIN_IMPORTS)$(COMMA) pytest,$(STAMPS)/venv $(STAMPS)/venv-train))
 
 venv: host $(STAMPS)/venv
 venv-train: host $(STAMPS)/venv-train

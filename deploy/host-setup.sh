@@ -14,7 +14,7 @@ say() { echo "host-setup: $*"; }
 mode=${1:-agent}
 case "$mode" in
     agent|--lab|--mounts) ;;
-    *) echo "host-setup: unknown option $mode; use --lab (test and lab tools too) or --mounts (mounts only)" >&2; exit 2 ;;
+    *) echo "host-setup: unknown option $mode; use --lab (test and lab tools too) or --mounts" >&2; exit 2 ;;
 esac
 
 mount_if_missing() {  # fstype mountpoint
@@ -63,7 +63,7 @@ if [ "$mode" = "--lab" ] && command -v systemctl >/dev/null; then
     for unit in "${LAB_SERVICES[@]}"; do
         if [ "$(systemctl is-enabled "$unit.service" 2>/dev/null)" = "enabled" ]; then
             systemctl disable --now "$unit.service" >/dev/null 2>&1 || systemctl disable "$unit.service" >/dev/null 2>&1
-            say "disabled $unit.service (installed for the tests, which start their own; enable it yourself if you want it)"
+            say "disabled $unit.service (installed for the tests, which start their own; systemctl enable it if wanted)"
         fi
     done
 fi
@@ -82,5 +82,6 @@ if [ ! -e "$KDIR/build/include/linux/kconfig.h" ] && [ ! -e "$KDIR/source/includ
     mkdir -p "$KDIR"
     ln -sfn "$arch_dir" "$KDIR/build"
     ln -sfn "$common_dir" "$KDIR/source"
-    say "kernel $(uname -r) ships no headers: linked $KDIR/build -> $arch_dir and $KDIR/source -> $common_dir (undo: rm $KDIR/build $KDIR/source)"
+    say "no headers for kernel $(uname -r): linked $KDIR/build -> $arch_dir, $KDIR/source -> $common_dir" \
+        "(undo: rm $KDIR/build $KDIR/source)"
 fi

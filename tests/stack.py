@@ -304,6 +304,13 @@ def watch(stack: Stack, deadline: float | None) -> None:
         time.sleep(0.5)
 
 
+def one_line(err: Exception) -> str:
+    """The error's first line, and the last line of the log tail it carries (what the process said last)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    head = lines[0].rstrip(":") if lines else type(err).__name__
+    return f"{head}: {lines[-1]}" if len(lines) > 1 else head
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -337,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     # BackendError: a backend died or never got ready; AssertionError: wait_until's timeout (the agent never
     # attached). Both messages start with the one line that says which.
     except (StackError, backends.BackendError, AssertionError) as err:
-        outcome, failed = str(err).splitlines()[0], True
+        outcome, failed = one_line(err), True
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -13,7 +13,8 @@ import pytest
 
 from otel_ebpf_receiver.cli import main
 from otel_ebpf_receiver.probes.xdp import blocklist as blocklist_module
-from otel_ebpf_receiver.probes.xdp.blocklist import IMPORT_BATCH_LINES, MAX_LINE_BYTES, Blocklist
+from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist
+from otel_ebpf_receiver.probes.xdp.feed import IMPORT_BATCH_LINES, MAX_LINE_BYTES
 from otel_ebpf_receiver.probes.xdp.lists import BlocklistError, ProtectedAddressCovered
 from otel_ebpf_receiver.probes.xdp.pins import remove_pins
 

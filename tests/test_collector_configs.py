@@ -416,6 +416,18 @@ def test_daemonset_runs_on_every_node_with_ebpf_access():
         f"http://{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local:{grpc_port}")
 
 
+def test_daemonset_agent_config_loads(tmp_path):
+    """The agent accepts the DaemonSet's config.yaml (every key, health_addr included), in a separate interpreter:
+    this file drives the agent's tools, never imports them."""
+    docs = load_docs(DEPLOY / "kubernetes" / "daemonset.yaml")
+    agent_config = next(d for d in docs if d["kind"] == "ConfigMap" and "config.yaml" in d.get("data", {}))
+    path = tmp_path / "config.yaml"
+    path.write_text(agent_config["data"]["config.yaml"])
+    code = f"from otel_ebpf_receiver import config; print(config.load({{'config': {str(path)!r}}}, {{}}).health_addr)"
+    out = run([REPO / ".venv" / "bin" / "python", "-c", code], cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == "127.0.0.1:13134", out.stdout + out.stderr
+
+
 def test_gateway_configmap_is_gateway_yaml():
     gw = {d["kind"]: d for d in load_docs(DEPLOY / "kubernetes" / "gateway-collector.yaml")}
     assert gw["ConfigMap"]["data"]["gateway.yaml"] == (COLLECTOR_CONFIG_DIR / "gateway.yaml").read_text(), \

@@ -17,8 +17,8 @@ Run with ` --check` appended (loads and validates everything, starts nothing; se
     working directory, so the example itself (`mitigation: {mode: off}` included) is validated.
 Skipped, and why (SKIPPED below):
   * `make run` starts the agent until stopped; `make test` is this suite;
-  * `otel-ebpf-model record` records for minutes; `train`, `export`, `info` need its recordings (the training path
-    is tested in test_model_export.py);
+  * `otel-ebpf-lab record-host` (and `otel-ebpf-model record`) records for minutes; `train`, `export`, `info` need
+    its recordings (the training path is tested in test_model_export.py);
   * `otelcol-contrib --config=...` needs the user's own otelcol-contrib; the same merge is validated with the
     project's Collector in test_collector_configs.py.
 Also: `--help` of every verb of the three commands, and no `VAR=value sudo ...` anywhere we document commands.
@@ -43,7 +43,7 @@ PROGRAMS = ("otel-ebpf-receiver", "otel-ebpf-model", "otel-ebpf-lab")
 SKIPPED = {
     r"make run\b": "starts the agent and runs until stopped",
     r"make test\b": "is this test-suite",
-    r"otel-ebpf-model record\b": "records windows for minutes",
+    r"otel-ebpf-(model|lab) record(-host)?\b": "records windows for minutes",
     r"otel-ebpf-model (train|export|info)\b": "works on the recordings `record` writes (test_model_export.py)",
     r"otelcol-contrib\b": "needs the user's otelcol-contrib; the merge is validated in test_collector_configs.py",
 }

@@ -66,9 +66,8 @@ def test_launchers_are_idempotent_and_leave_foreign_files_alone(tmp_path):
     first = install()
     assert first.returncode == 0, first.stderr
     assert "otel-ebpf-lab exists and is not ours" in first.stdout
-    assert install().stdout == first.stdout.replace(f"launchers: {tmp_path}/otel-ebpf-receiver -> "
-                                                    f"{REPO}/.venv/bin/otel-ebpf-receiver\n", "").replace(
-        f"launchers: {tmp_path}/otel-ebpf-model -> {REPO}/.venv/bin/otel-ebpf-model\n", ""), "second run changed files"
+    second = install().stdout.splitlines()
+    assert len(second) == 1 and "is not ours" in second[0], f"a second run changed files: {second}"
     version = subprocess.run([str(tmp_path / "otel-ebpf-receiver"), "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("otel-ebpf-receiver "), version.stderr
     install("--remove")

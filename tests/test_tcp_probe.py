@@ -45,7 +45,8 @@ def test_local_connections_are_counted_as_opened_and_closed(probe):
             conn.close()
     time.sleep(0.1)
     reading = probe.read(1.0)
-    opened = lambda role: total(reading, "otel_ebpf_receiver.tcp.connections.opened", network__type="ipv4", tcp__role=role)
+    opened = lambda role: total(reading, "otel_ebpf_receiver.tcp.connections.opened", network__type="ipv4",
+                                otel_ebpf_receiver__tcp__role=role)
     assert n <= opened("client") <= n + 20
     assert n <= opened("server") <= n + 20
     # Each side ends in CLOSE (the active closer after TIME_WAIT, which the kernel tracks separately).

@@ -1,5 +1,6 @@
 """`otel-ebpf-receiver run --check`: load and validate the configuration exactly as `run` would, say in one line
-what would run, and exit — 0 when the agent could start with it, 1 with a one-line error when not.
+what would run, and exit — 0 when the agent could start with it; when not, one line saying why and the error's exit
+code (2 for a configuration error).
 
 What it checks without loading anything into the kernel: the configuration (file, OTEL_EBPF_RECEIVER_* variables,
 flags: every key and value), the standard OTEL_* variables (otel_env.check), that the chosen probes' hook points
@@ -13,15 +14,16 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import AgentError, ConfigError
+from .common import PROG
 
 
 def check(cfg: Config) -> str:
     """The one-line summary of what `run` would do with ``cfg``; raises AgentError (one line) when it could not."""
+    from .. import otel_env
     from ..features import feature_names
     from ..mitigation.settings import MitigationSettings
     from ..model.watch import DEFAULT_MODEL_DIR, best_bundled_model
     from ..probes import REGISTRY
-    from .. import otel_env
     from ..telemetry import exporter_kinds
 
     wanted = cfg.probes or list(REGISTRY)
@@ -58,5 +60,5 @@ def check(cfg: Config) -> str:
 
 
 def cmd_check(cfg: Config) -> int:
-    print(f"otel-ebpf-receiver: {check(cfg)}", flush=True)
+    print(f"{PROG}: {check(cfg)}", flush=True)
     return 0

@@ -29,8 +29,11 @@ Where things live, and why:
   bpffs does not survive a reboot, the sidecar does: when this module has to create the maps afresh it
   re-inserts the sidecar's entries that have not expired, so a reboot keeps the list (hit counts restart).
 
-The pieces: ``lists`` (addresses, keys, layouts), ``pins`` (the pinned maps), ``sidecar`` (the JSON file) and
-this module's :class:`Blocklist`, which keeps them in step. The CLI verbs are in ``otel_ebpf_receiver/cli/blocklist.py``.
+The pieces: ``lists`` (addresses, keys, layouts), ``pins`` (the pinned maps), ``sidecar`` (the JSON file),
+``protected`` (what a block must not cover), ``feed`` (import files) and this module's :class:`Blocklist`, which
+keeps them in step. Longer than usual because every path that changes the maps and the sidecar together — block,
+import, expire, the restore after a reboot, reconcile — takes the same lock in the same order, and is easier to
+check for that when read in one class. The CLI verbs are in ``otel_ebpf_receiver/cli/blocklist.py``.
 
 Every change can be reported through ``on_event(name, attributes)``; the agent wires that to OpenTelemetry
 logs. Changes made by another process (the CLI while the agent runs) are noticed through the sidecar and
@@ -46,9 +49,8 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from ...durations import MAX_SECONDS
 from ...kernel import bpfsys
@@ -56,56 +58,11 @@ from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_E
                     DEFAULT_STATE_DIR, LIST_MAPS, VALUE, BlocklistError, Entry, ListFull, Network,
                     ProtectedAddressCovered, decode, encode, map_for, mono_ns_to_wall, parse_cidr, wall_to_mono_ns)
 from .pins import bpffs_mounted, check_pin_dir, open_pinned_map
+from .feed import IMPORT_BATCH_LINES, ImportResult, feed_lines
 from .protected import ProtectedAddresses
 from .sidecar import Sidecar
 
 EventSink = Callable[[str, dict[str, Any]], None]
-
-IMPORT_BATCH_LINES = 1000   # the sidecar lock is held per batch, so the agent's expiry never waits for a whole feed
-MAX_LINE_BYTES = 1024       # an address or prefix and a comment; anything longer is not a feed line
-MAX_REPORTED_SKIPS = 1000   # skipped lines described one by one; beyond that only counted
-
-
-@dataclass
-class ImportResult:
-    """What an import did. Unpacks as ``added, skipped`` (the shape callers such as bench/bench_xdp.py use)."""
-
-    added: list[str] = field(default_factory=list)
-    skipped: list[tuple[int, str, str]] = field(default_factory=list)  # (line, text, why), the first ones
-    skipped_count: int = 0
-    invalid_count: int = 0  # skipped for a reason other than "already blocked" or a duplicate line
-
-    def skip(self, lineno: int, text: str, why: str, *, invalid: bool = True) -> None:
-        self.skipped_count += 1
-        self.invalid_count += invalid
-        if len(self.skipped) < MAX_REPORTED_SKIPS:
-            self.skipped.append((lineno, text, why))
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter((self.added, self.skipped))
-
-
-def feed_lines(stream: BinaryIO) -> Iterator[tuple[int, str, str | None]]:
-    """(line number, text, None) per line of ``stream``, or (line number, shown text, why unusable) for a line
-    longer than MAX_LINE_BYTES or not UTF-8 — reading one bounded line at a time, never the whole file."""
-    lineno = 0
-    while True:
-        raw = stream.readline(MAX_LINE_BYTES + 1)
-        if not raw:
-            return
-        lineno += 1
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
-            while True:  # the rest of the overlong line, in bounded pieces
-                rest = stream.readline(65536)
-                if not rest or rest.endswith(b"\n"):
-                    break
-            yield lineno, raw[:40].decode("utf-8", "replace") + "...", f"line longer than {MAX_LINE_BYTES} bytes"
-            continue
-        try:
-            yield lineno, raw.decode("utf-8"), None
-        except UnicodeDecodeError:
-            yield lineno, raw[:40].decode("utf-8", "replace"), "not UTF-8 text"
-
 
 class Blocklist:
     """The pinned lists plus their sidecar. Usable by the agent and by one-shot CLI commands alike.
