@@ -272,6 +272,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ModelError, TrainError, WindowsFormatError, OSError, AgentError) as exc:
         print(f"otel-ebpf-model: error: {exc}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] not in TRAINING_LIBRARIES:
+            raise
+        print(f"otel-ebpf-model: error: {missing_training_library(exc.name)}", file=sys.stderr)
+        return 1
+
+
+# The [train] extra (pyproject.toml): an agent-only install (`make run`) does not have them.
+TRAINING_LIBRARIES = ("sklearn", "skl2onnx", "matplotlib", "tqdm")
+
+
+def missing_training_library(name: str) -> str:
+    return (f"the training library {name.split('.')[0]} is not installed (the agent's install leaves training out); "
+            "install it with: make setup-train (or pip install '.[train]')")
 
 
 if __name__ == "__main__":

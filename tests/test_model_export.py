@@ -325,3 +325,22 @@ def test_the_database_volume_wants_a_disk_backed_directory() -> None:
     if Path(f"/sys/dev/block/{os.major(root)}:{os.minor(root)}").exists():
         major, minor = _whole_disk(root).split(":")
         assert not Path(f"/sys/dev/block/{major}:{minor}/partition").exists()  # a whole disk, not a partition
+
+
+def test_training_without_the_train_extra_is_one_line(tmp_path):
+    """An agent-only install (`make run`) has no scikit-learn: `otel-ebpf-model train` says how to get it."""
+    code = ("import importlib.abc, sys\n"
+            "class NoSklearn(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('sklearn', 'skl2onnx'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoSklearn())\n"
+            "from model_export.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    csv = tmp_path / "w.csv"
+    assert main(["synthetic", "-o", str(csv), "--per-state", "20"]) == 0
+    result = subprocess.run([sys.executable, "-c", code, "train", str(csv), "-o", str(tmp_path / "m")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "make setup-train" in result.stderr and "sklearn" in result.stderr

@@ -214,6 +214,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        from ..cli import TRAINING_LIBRARIES, missing_training_library
+
+        if exc.name is None or exc.name.split(".")[0] not in TRAINING_LIBRARIES:
+            raise
+        print(f"error: {missing_training_library(exc.name)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 
