@@ -62,10 +62,9 @@ DEFAULT_PORTS = {
     "collector_telemetry": 8888,  # the Collector's own metrics (scraped: the export-failure alerts)
 }
 
-# The state timeline: per state, 1 while the host is in it, else 0. Counters carry `system_state` and only grow
-# while the host is in that state (the same reading as alert-rules.yml's "rate(...) > 0 is the state now"); a
-# gauge's last value would be repeated by the Collector's exporter for minutes after the state ended.
-STATE_TIMELINE = "max by (system_state) (rate(otel_ebpf_receiver_syscalls_total[6s]) > bool 0)"
+# The state timeline: the agent's state gauge, 1 for the current state and 0 for every other state the model can
+# report (all of them every window, so none lingers at a stale 1). `max by` merges model versions and hosts.
+STATE_TIMELINE = "max by (system_state) (otel_ebpf_receiver_system_state)"
 # What drove it: processes started per second, split by the state the host was in.
 EXEC_RATE = "sum by (system_state) (rate(otel_ebpf_receiver_exec_total[6s]))"
 AGENT_READY = "attached "        # the agent's "attached <probes>; exporting metrics to ..." line

@@ -44,10 +44,12 @@ PROBES = "syscalls,file_open,exec"
 TRANSITION = re.compile(r"^otel-ebpf-receiver: state (\S+) → (\S+) \(score", re.M)
 STACK_UP_TIMEOUT = stack.AGENT_START_TIMEOUT + 60
 SETTLE_S = 40           # from the agent's start (state unknown) to `normal`
+CALM_S = 10             # normal before the storm and after it: both ends of the timeline show it
 FLIP_S = 25             # from the first storm window to the reported state `exec_storm`
-STORM_S = 10            # the storm lasts at least this long
+STORM_S = 15            # the storm lasts at least this long
 RETURN_S = 30           # from the end of the storm back to `normal`
-SCREENSHOT_SIZE = (1280, 1000)
+TIMELINE_SIZE = (1280, 1600)   # both graphs of the page: the state timeline, and the exec rate below it
+TRACE_SIZE = (1280, 620)
 
 
 @dataclass
@@ -58,6 +60,7 @@ class StackRun:
     stdout_path: Path
     info: dict = field(default_factory=dict)
     agent_prog_ids: set[int] = field(default_factory=set)
+    up_at: float = 0.0                          # wall clock when the stack said it was up
     storm: tuple[float, float] | None = None    # wall-clock start and end of the exec storm
     units_before: set[str] = field(default_factory=set)  # systemd's unit files before the stack started
     started: float = field(default_factory=time.time)
@@ -153,9 +156,10 @@ def run(otelcol, jaeger_bin, tmp_path_factory) -> Iterator[StackRun]:
         info_path = work / "state" / "stack.json"
         backends.wait_until(lambda: result.check_alive() or info_path.exists(), STACK_UP_TIMEOUT,
                             lambda: f"the stack to come up:\n{result.stdout()[-3000:]}")
-        result.info = json.loads(info_path.read_text())
+        result.info, result.up_at = json.loads(info_path.read_text()), time.time()
         result.agent_prog_ids = stack.bpf_prog_ids(result.info["pids"]["agent"])
         if result.wait_for_state("normal", SETTLE_S):
+            time.sleep(CALM_S)
             storm_start = time.time()
             with workloads.exec_storm(max_seconds=FLIP_S + STORM_S + 10):
                 flipped = result.wait_for_state("exec_storm", FLIP_S)
@@ -163,7 +167,7 @@ def run(otelcol, jaeger_bin, tmp_path_factory) -> Iterator[StackRun]:
             result.storm = (storm_start, time.time())
             if flipped:
                 result.wait_for_state("normal", RETURN_S)
-                time.sleep(8)  # a few scrapes of `normal` again: the right end of the timeline
+                time.sleep(CALM_S)
         print(result.story())
         yield result
     finally:
@@ -176,13 +180,13 @@ def require_story(run: StackRun) -> None:
         pytest.fail(f"the agent did not go normal → exec_storm → normal. {run.story()}")
 
 
-def screenshot(name: str, url: str, tmp_path: Path) -> Path:
+def screenshot(name: str, url: str, tmp_path: Path, size: tuple[int, int]) -> Path:
     """A PNG of the page, checked to be a real picture; copied to $STACK_SCREENSHOTS when set."""
-    from PIL import Image
+    from PIL import Image  # Pillow: matplotlib's own dependency ([train] extra, which `make test` installs)
 
-    path = browser.screenshot(url, tmp_path / name, *SCREENSHOT_SIZE)
+    path = browser.screenshot(url, tmp_path / name, *size)
     with Image.open(path) as image:
-        assert image.size == SCREENSHOT_SIZE
+        assert image.size == size
         colours = image.convert("RGB").getcolors(maxcolors=1_000_000) or []
         assert len(colours) > 50, f"{name}: a nearly blank page ({len(colours)} colours)"
     target = os.environ.get("STACK_SCREENSHOTS")
@@ -209,11 +213,18 @@ def test_prometheus_graph_shows_the_state_timeline(run, tmp_path):
     assert any(t < storm_on[0] for t in normal_on) and any(t > storm_on[-1] for t in normal_on), \
         f"normal not active both before and after the storm ({storm_on[0]:.0f}..{storm_on[-1]:.0f}). {run.story()}"
 
-    url = stack.timeline_url(prom, graph_range=f"{int(end - start) + 30}s")
+    # The page's console tab at a moment in the storm: the table the page built from its own query.
+    moment = storm_on[len(storm_on) // 2]
+    console = {"g0.expr": stack.STATE_TIMELINE, "g0.tab": "1",
+               "g0.moment_input": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(moment))}
+    text = browser.visible_text(browser.dom(f"{prom}/classic/graph?{urllib.parse.urlencode(console)}"))
+    assert '{system_state="exec_storm"} 1' in text and '{system_state="normal"} 0' in text, text[:3000]
+
+    url = stack.timeline_url(prom, graph_range=f"{int(end - run.up_at) + 5}s")  # from the agent's first export
     text = browser.visible_text(browser.dom(url))
     assert 'system_state="exec_storm"' in text and 'system_state="normal"' in text, text[:3000]
     assert "Error" not in text, text[:3000]
-    screenshot("stack-state-timeline.png", url, tmp_path)
+    screenshot("stack-state-timeline.png", url, tmp_path, TIMELINE_SIZE)
 
 
 def test_jaeger_search_shows_the_incident(run, tmp_path):
@@ -232,7 +243,7 @@ def test_jaeger_search_shows_the_incident(run, tmp_path):
     for expected in ("system.state.incident", f"{stack.SERVICE} on {HOST}", "normal → exec_storm",
                      "exec_storm → normal", model):
         assert expected in text, f"{expected!r} not on the page: {text[:3000]}"
-    screenshot("stack-incident-trace.png", run.links["incident_traces"], tmp_path)
+    screenshot("stack-incident-trace.png", run.links["incident_traces"], tmp_path, TRACE_SIZE)
 
 
 def test_sigterm_stops_everything(run):
