@@ -34,8 +34,9 @@ mount_if_missing bpf /sys/fs/bpf
 # bpftool is how an operator inspects the pinned blocklist maps.
 AGENT_PACKAGES=(python3-bpfcc libbpfcc bpftool iproute2 python3-venv)
 # What only the test-suite, the benchmarks and the scenario lab use: load generators, bcc's tools (syscount is the
-# benchmark's baseline), xdp-filter, a web server and Prometheus (the tests run their own instances on free ports).
-LAB_PACKAGES=(bpfcc-tools python3-dev hping3 xdp-tools netsniff-ng iperf3 stress-ng fio prometheus curl nginx-light
+# benchmark's baseline), xdp-filter, a web server and Prometheus (the tests run their own instances on free ports),
+# wrk (bench_probes.py's nginx throughput).
+LAB_PACKAGES=(bpfcc-tools python3-dev hping3 xdp-tools netsniff-ng iperf3 stress-ng fio prometheus curl nginx-light wrk
               chromium)  # headless, for tests/test_stack.py (Prometheus' and Jaeger's pages as a browser shows them)
 # System services those packages ship and Debian enables on install. Nobody asked for them to run at boot.
 LAB_SERVICES=(prometheus nginx)

@@ -112,6 +112,7 @@ class Agent:
         self.verdict = Verdict.unknown(self.classifier.version)
         self.last: WindowResult | None = None
         self.window_listeners: list[Callable[[WindowResult], None]] = []
+        self.closers: list[Callable[[], None]] = []  # run at close, after the probes are detached
         metrics = [m for p in self.probes for m in p.metrics] + [m for s in self.sources for m in s.metrics]
         self.sink = MetricSink(telemetry.meter, metrics + list(SELF_METRICS), telemetry.cardinality_limit)
         self._gauge_names = [m.name for m in metrics if m.kind == GAUGE]
@@ -168,6 +169,8 @@ class Agent:
                 probe.close()
             except Exception as exc:  # one probe failing to detach must not keep the others attached
                 log.warning("probe %s: detaching failed (%s)", probe.name, exc)
+        for release in self.closers:
+            release()
         self.classifier.close()
         self.telemetry.shutdown()
 

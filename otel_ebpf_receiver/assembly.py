@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from .agent import Agent, MetricSource
 from .config import Config
 from .errors import AgentError, PrivilegeError, ProbeError
+from .otel_env import export_interval_ms
+from .probe_cost import ProbeCost, build_probe_cost
 from .probes import REGISTRY
 from .probes.base import Probe
 from .telemetry import Telemetry
@@ -128,10 +131,14 @@ def build_agent(config: Config, *, say: Say | None = None, probes: Sequence[Prob
                           span_exporter=span_exporter, cardinality_limit=config.max_series_per_metric)
     loaded: list[Probe] = []
     classifier: Any = None
+    cost: ProbeCost | None = None
     try:
         loaded = load_probes(list(probes) or list(config.probes), config.probe_settings, say,
                              on_event=telemetry.emit_event)
         sources: list[MetricSource] = []
+        cost = build_probe_cost(config.bpf_stats, loaded, say)
+        if cost is not None:
+            sources.append(cost)
         actors: list[Any] = []
         on_reload = None
         if classify:
@@ -148,9 +155,13 @@ def build_agent(config: Config, *, say: Say | None = None, probes: Sequence[Prob
         skipped = [name for name in wanted if name not in {p.name for p in loaded}]
         agent = Agent(config, telemetry, loaded, classifier=classifier, sources=sources, actors=actors,
                       skipped_probes=skipped, on_reload=on_reload)
+        if cost is not None:
+            agent.closers.append(cost.close)
     except BaseException:
         for probe in loaded:
             probe.close()
+        if cost is not None:
+            cost.close()
         if classifier is not None:
             classifier.close()
         telemetry.shutdown()
@@ -167,14 +178,11 @@ def run(config: Config, *, metric_readers: Sequence[Any] = (), say: Say | None =
     """`otel-ebpf-receiver run`: build the agent, loop until SIGINT/SIGTERM (or for ``duration`` seconds), then
     stop: read the last window, detach every program, flush with a short deadline."""
     from .health import serve_health
-    from .otel_env import export_interval_ms
 
     agent = build_agent(config, say=say, metric_readers=metric_readers)
     agent.install_signal_handlers()
     timer = None
     if duration is not None:
-        import threading
-
         timer = threading.Timer(duration, agent.stop_event.set)
         timer.daemon = True
         timer.start()

@@ -36,10 +36,13 @@ ENV_MAX_SERIES = ENV_PREFIX + "MAX_SERIES_PER_METRIC"
 """Cardinality cap: series kept per metric; further attribute sets go into one otel.metric.overflow=true series."""
 ENV_HEALTH_ADDR = ENV_PREFIX + "HEALTH_ADDR"
 """HOST:PORT serving /healthz and /readyz (same as --health-addr; default: off)."""
+ENV_BPF_STATS = ENV_PREFIX + "BPF_STATS"
+"""off or on: turn on the kernel's per-program run time to report each probe's CPU cost (costs a little itself)."""
 
 EXPORTERS = ("otlp", "console", "none")
 LIVE_MODES = ("auto", "on", "off")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+BPF_STATS_MODES = ("off", "on")
 # A window reads every probe's maps, scores the model and records every series: at 1 s this costs a few ms of CPU
 # (README, "Cost"); below 100 ms it would be a large share of a core, and rates over so few events are noise.
 MIN_INTERVAL_SECONDS = 0.1
@@ -61,10 +64,11 @@ class Config:
     mitigation: dict[str, Any] = field(default_factory=dict)  # see mitigation/settings.py
     max_series_per_metric: int = DEFAULT_MAX_SERIES_PER_METRIC
     health_addr: str = ""  # HOST:PORT for /healthz and /readyz (health.py); empty = off
+    bpf_stats: str = "off"  # on: report otel_ebpf_receiver.probe.cpu_time/runs (probe_cost.py); off by default
     source: str = "defaults"
 
     KEYS = ("interval", "probes", "exporter", "model_dir", "live", "log_level", "probe_settings", "mitigation",
-            "max_series_per_metric", "health_addr")
+            "max_series_per_metric", "health_addr", "bpf_stats")
 
 
 def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
@@ -122,6 +126,12 @@ def _apply(cfg: Config, key: str, value: Any, where: str) -> None:
         if value:
             parse_address(value, where)
         cfg.health_addr = str(value or "")
+    elif key == "bpf_stats":
+        value = {True: "on", False: "off"}.get(value, value)  # YAML 1.1 reads bare on/off as booleans
+        if value not in BPF_STATS_MODES:
+            raise ConfigError(f"bpf_stats {value!r} (from {where}) must be off or on (on: each probe's CPU time, "
+                              "at the price of a timestamp per program run)")
+        cfg.bpf_stats = value
     else:
         raise ConfigError(f"unknown configuration key {key!r} in {where}; known keys: {', '.join(Config.KEYS)}")
 
@@ -216,7 +226,8 @@ def load(flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | No
         cfg.source = str(path)
     env_keys = {ENV_INTERVAL: "interval", ENV_PROBES: "probes", ENV_EXPORTER: "exporter",
                 ENV_MODEL_DIR: "model_dir", ENV_LIVE: "live", ENV_LOG_LEVEL: "log_level",
-                ENV_MITIGATION: "mitigation", ENV_MAX_SERIES: "max_series_per_metric", ENV_HEALTH_ADDR: "health_addr"}
+                ENV_MITIGATION: "mitigation", ENV_MAX_SERIES: "max_series_per_metric", ENV_HEALTH_ADDR: "health_addr",
+                ENV_BPF_STATS: "bpf_stats"}
     for var, key in env_keys.items():
         if env.get(var):
             _apply(cfg, key, env[var], var)

@@ -68,7 +68,7 @@ STATE_TIMELINE = "max by (system_state) (otel_ebpf_receiver_system_state)"
 # What drove it: processes started per second, split by the state the host was in.
 EXEC_RATE = "sum by (system_state) (rate(otel_ebpf_receiver_exec_total[6s]))"
 AGENT_READY = "attached "        # the agent's "attached <probes>; exporting metrics to ..." line
-AGENT_START_TIMEOUT = 240        # seconds: bcc compiles every probe's C at start (~1 minute on 2 busy cores)
+AGENT_START_TIMEOUT = 240        # seconds, generous: bcc compiles every probe's C at start, slowly on busy cores
 AGENT_STOP_TIMEOUT = 30
 
 
@@ -114,8 +114,14 @@ class Stack:
                 "collector_files": str(self.collector.file_dir)}
 
 
+def prometheus_time(unix: float) -> str:
+    """A moment as the classic graph page's console tab takes it (`moment_input`, UTC). Its graph's `end_input`
+    has whole minutes only, so the timeline always ends now."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(unix))
+
+
 def timeline_url(prometheus_url: str, graph_range: str = "15m") -> str:
-    """Prometheus' graph page with the state timeline above the exec rate that drove it."""
+    """Prometheus' graph page with the state timeline above the exec rate that drove it, ending now."""
     panels = {}
     for i, expr in enumerate((STATE_TIMELINE, EXEC_RATE)):
         panels.update({f"g{i}.expr": expr, f"g{i}.tab": "0", f"g{i}.range_input": graph_range})

@@ -62,6 +62,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                "this probe will be skipped; the others still run")
     _check(results, available > 0, True, f"{available} of {len(REGISTRY)} probes can run",
            "see the lines above")
+    _check_bpf_stats(results, args.config)
     endpoint = otlp_endpoint("metrics")
     reachable = _tcp_reachable(endpoint)
     _check(results, reachable, False, f"OTLP endpoint {endpoint} ({otlp_protocol('metrics')}) "
@@ -75,6 +76,35 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         failed_fatal |= fatal and not ok
     print("\nthe agent can run here" if not failed_fatal else "\nthe agent can NOT run here: fix the FAIL lines above")
     return 1 if failed_fatal else 0
+
+
+def _check_bpf_stats(results: list[tuple[bool, bool, str, str]], config_path: str | None) -> None:
+    """Whether the kernel counts BPF program run time now, who keeps it on, and what the agent's setting says.
+    Informational: stats on costs a clock read per program run (README, "Probe cost"), off costs nothing."""
+    from .. import config
+    from ..errors import ConfigError
+    from ..probe_cost import stats_holders, sysctl_enabled
+
+    try:
+        cfg = config.load({"config": config_path})
+        if os.environ.get(config.ENV_BPF_STATS):
+            where = config.ENV_BPF_STATS
+        elif cfg.source != "defaults" and "bpf_stats" in config.load_file(cfg.source):
+            where = cfg.source
+        else:
+            where = "default"
+    except ConfigError as exc:
+        _check(results, False, False, f"BPF statistics: configuration not readable: {exc}")
+        return
+    sysctl = sysctl_enabled()
+    holders = stats_holders()
+    on = bool(sysctl) or bool(holders)
+    why = []
+    if sysctl is not None:
+        why.append(f"sysctl kernel.bpf_stats_enabled={int(sysctl)}")
+    why += [f"held on by {comm} (pid {pid})" for pid, comm in holders]
+    _check(results, True, False, f"BPF statistics (per-program run time) {'on' if on else 'off'}: "
+           f"{'; '.join(why) or 'sysctl unreadable'}; agent setting bpf_stats: {cfg.bpf_stats} ({where})")
 
 
 def _tcp_reachable(endpoint: str, timeout: float = 1.0) -> bool:
@@ -91,4 +121,5 @@ def _tcp_reachable(endpoint: str, timeout: float = 1.0) -> bool:
 
 def register(sub: argparse._SubParsersAction) -> None:
     doctor = sub.add_parser("doctor", help="check this host and say what to fix")
+    doctor.add_argument("--config", "-c", help="YAML configuration file whose settings to show (bpf_stats)")
     doctor.set_defaults(handler=cmd_doctor)

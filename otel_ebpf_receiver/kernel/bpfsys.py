@@ -1,4 +1,5 @@
-"""The few bpf(2) commands we need without bcc: create, pin, open and describe maps, and read or write their entries.
+"""The few bpf(2) commands we need without bcc: create, pin, open and describe maps, and read or write their entries;
+describe programs (their run time and run count) and turn the kernel's per-program statistics on.
 
 Why not bcc for these: the blocklist must be editable when no agent runs (``otel-ebpf-receiver block`` is a
 plain CLI verb, and bcc needs a compiled program to hand out a map), and a pinned map's layout must be checked
@@ -26,8 +27,11 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_ENABLE_STATS = 32  # Linux 5.8
+BPF_STATS_RUN_TIME = 0
 
 MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
@@ -87,6 +91,25 @@ class MapInfo:
         return MAP_TYPE_NAMES.get(self.type, str(self.type))
 
 
+@dataclass(frozen=True)
+class ProgInfo:
+    """What the kernel says about a program (``struct bpf_prog_info``, the part we read). ``run_time_ns`` and
+    ``run_cnt`` are cumulative since load and grow only while BPF statistics are on; None when this kernel's
+    struct is too short to have them (before 5.1)."""
+
+    type: int
+    id: int
+    name: str
+    run_time_ns: int | None
+    run_cnt: int | None
+
+
+# Offsets in struct bpf_prog_info (include/uapi/linux/bpf.h): they only ever grow at the end.
+_PROG_INFO_NAME = 64
+_PROG_INFO_RUN_TIME_NS = 192
+_PROG_INFO_SIZE = 208  # up to and including run_cnt
+
+
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0,
                name: str = "") -> int:
     """New map; returns its fd (the caller closes it or pins it)."""
@@ -115,6 +138,31 @@ def map_info(fd: int) -> MapInfo:
     _bpf(BPF_OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, ctypes.sizeof(info), _addr(info)))
     mtype, mid, ksz, vsz, maxe, flags, name = struct.unpack_from("=IIIIII16s", info, 0)
     return MapInfo(mtype, mid, ksz, vsz, maxe, flags, name.split(b"\0", 1)[0].decode())
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """fd of a loaded program (the caller closes it)."""
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _attr("=III", prog_id, 0, 0))
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = _attr("=IIQ", fd, ctypes.sizeof(info), _addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    filled = struct.unpack_from("=I", attr, 4)[0]  # the kernel writes back how much of its struct it had
+    ptype, pid = struct.unpack_from("=II", info, 0)
+    name = info.raw[_PROG_INFO_NAME:_PROG_INFO_NAME + 16].split(b"\0", 1)[0].decode()
+    if filled < _PROG_INFO_SIZE:
+        return ProgInfo(ptype, pid, name, None, None)
+    run_time_ns, run_cnt = struct.unpack_from("=QQ", info, _PROG_INFO_RUN_TIME_NS)
+    return ProgInfo(ptype, pid, name, run_time_ns, run_cnt)
+
+
+def enable_stats() -> int:
+    """Turn on the kernel's per-program run time and run count; they stay on while the returned fd is open (and
+    go off by themselves when the process dies, unlike the sysctl kernel.bpf_stats_enabled). Raises BpfError
+    (EINVAL) on kernels before 5.8."""
+    return _bpf(BPF_ENABLE_STATS, _attr("=I", BPF_STATS_RUN_TIME))
 
 
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:

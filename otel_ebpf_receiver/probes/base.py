@@ -272,6 +272,14 @@ class Probe:
         for map_name, contract in self.contract_maps().items():
             check_map(map_name, self.bpf[map_name], contract)
 
+    def program_fds(self) -> dict[str, int]:
+        """Function name -> fd of every program this probe loaded (what probe_cost.py reads run times from).
+        bcc keeps a function in ``funcs`` once it loaded it: the ones it attached by itself and the ones a probe
+        loaded to attach (the XDP program). Empty when the probe is not loaded."""
+        if self.bpf is None:
+            return {}
+        return {str(name.decode() if isinstance(name, bytes) else name): fn.fd for name, fn in self.bpf.funcs.items()}
+
     def close(self) -> None:
         """Detach every program and close the maps."""
         if self.bpf is not None:
