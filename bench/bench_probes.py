@@ -207,9 +207,11 @@ def memory_report(pid: int) -> str:
         elif fields and fields[0] in ("Rss:", "Pss:", "Anonymous:"):
             by_file[current][("Rss:", "Pss:", "Anonymous:").index(fields[0])] += int(fields[1])
     top = sorted(by_file.items(), key=lambda item: -item[1][0])[:10]
+    site = str(next((REPO / ".venv" / "lib").glob("python3*/site-packages"), "/nonexistent")) + "/"
     lines = ["smaps_rollup: " + ", ".join(" ".join(line.split()) for line in rollup), "",
              "| mapping | RSS MB | PSS MB | anonymous MB |", "|---|---:|---:|---:|"]
-    lines += [f"| {path} | {rss / 1024:.1f} | {pss / 1024:.1f} | {anon / 1024:.1f} |" for path, (rss, pss, anon) in top]
+    lines += [f"| {path.replace(site, 'site-packages/')} | {rss / 1024:.1f} | {pss / 1024:.1f} | {anon / 1024:.1f} |"
+              for path, (rss, pss, anon) in top]
     return "\n".join(lines)
 
 
@@ -260,7 +262,8 @@ def nginx_pairs(pairs: int, seconds: int) -> list[tuple[float, float]]:
             deadline = time.monotonic() + 10
             while subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/index.html"]).returncode:
                 if nginx.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"nginx did not start: {nginx.stderr.read() if nginx.poll() is not None else ''}")
+                    said = nginx.stderr.read() if nginx.poll() is not None else "no answer in 10 s"
+                    raise RuntimeError(f"nginx did not start: {said}")
                 time.sleep(0.2)
             wrk_requests_per_second(port, 2)  # warm-up
             for pair in range(pairs):
@@ -303,7 +306,8 @@ def main() -> int:
         return 1
     left_on = stats_left_on()
     if left_on:
-        print(f"refusing to measure: BPF statistics are on ({left_on}): every program would run slower", file=sys.stderr)
+        print(f"refusing to measure: BPF statistics are on ({left_on}): every program would run slower",
+              file=sys.stderr)
         return 1
     names = args.probes.split(",") if args.probes else [n for n, cls in REGISTRY.items()
                                                         if n != "xdp" and cls.unavailable_reason() is None]
@@ -336,7 +340,8 @@ def print_report(args, samples, rss, memory, pairs, load_before, load_after) -> 
     print(f"\nProbe cost, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, kernel {platform.release()}, "
           f"{os.cpu_count()} CPUs; loops pinned to CPU {args.cpu}, best of 3 runs, median of {args.rounds} "
           f"interleaved rounds; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
-          + (" — MEASURED UNDER LOAD (shared machine): absolute ns are inflated, ratios are the figure" if loaded else ""))
+          + (" — MEASURED UNDER LOAD (shared machine): absolute ns are inflated, ratios are the figure"
+             if loaded else ""))
     print("\n| condition | getppid ns | vs syscount | read 1 B ns | vs syscount | ctx switch ns | vs syscount "
           "| agent RSS MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -371,7 +376,7 @@ def print_report(args, samples, rss, memory, pairs, load_before, load_after) -> 
         for i, (without, with_) in enumerate(pairs, 1):
             print(f"| {i} | {without:.0f} | {with_:.0f} | {with_ / without:.3f} |")
         median = statistics.median(ratios)
-        print(f"| median | | | {median:.3f} ({(1 - median) * 100:.1f} % fewer requests/s) |")
+        print(f"| median | | | {median:.3f} ({(median - 1) * 100:+.1f} % requests/s with the agent) |")
     print(f"\nAgent (every probe) memory, a few seconds after start:\n\n{memory}")
 
 

@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ["bench_syscalls.py", "bench_window.py", "bench_inference.py", "bench_debounce.py", "bench_xdp.py"]
+# --quick: the fewest rounds that still give a median (bench_probes: no nginx pairs, which take minutes).
+QUICK = {"bench_syscalls.py": ["--rounds", "3"], "bench_probes.py": ["--rounds", "3", "--pairs", "0"]}
+BENCHES = ["bench_syscalls.py", "bench_probes.py", "bench_window.py", "bench_inference.py", "bench_debounce.py",
+           "bench_xdp.py"]
 
 
 def main() -> int:
@@ -20,7 +23,7 @@ def main() -> int:
         script = HERE / name
         if not script.exists():
             continue
-        args = [sys.executable, str(script)] + (["--rounds", "3"] if quick and name == "bench_syscalls.py" else [])
+        args = [sys.executable, str(script)] + (QUICK.get(name, []) if quick else [])
         print(f"\n## {name}\n", flush=True)
         status |= subprocess.run(args).returncode
     return status
