@@ -19,7 +19,10 @@ And what the agent holds in memory after start: RSS, /proc/PID/smaps_rollup, the
     .venv/bin/python bench/bench_probes.py --probes syscalls,sched --pairs 0
 
 Refuses to run while other BPF programs sit on the syscall path, and re-measures a condition during which one
-appeared (other agents and tracers on a shared machine would make "nothing attached" a lie).
+appeared (other agents and tracers on a shared machine would make "nothing attached" a lie). On a machine where
+another agent runs for an hour, `--despite-foreign-programs` measures anyway and says so above every figure:
+every condition then pays for the foreign programs too, the kernel already takes the slow syscall path in the
+baseline, and the added costs come out understated (only programs that appear *during* the run are re-measured).
 """
 
 from __future__ import annotations
@@ -163,26 +166,28 @@ def conditions(probe_names: list[str]) -> list[Condition]:
             Condition("agent: every probe, bpf_stats on", AGENT, "attached ", stats_on)]
 
 
-def measure(cond: Condition, binaries: dict[str, Path], cpu: int, rss: dict[str, list[float]]) -> dict[str, float]:
-    """One sample per workload; re-measured (up to 3 times) when a foreign program joined the path meanwhile."""
+def measure(cond: Condition, binaries: dict[str, Path], cpu: int, rss: dict[str, list[float]],
+            known: set[int]) -> dict[str, float]:
+    """One sample per workload; re-measured (up to 3 times) when a foreign program (not in ``known``, the ones
+    accepted at start) joined the path meanwhile."""
     for attempt in range(3):
         with cond:
             if cond.is_agent:
                 rss[cond.name].append(vm_rss_mb(cond.proc.pid))
             sample = {name: time_workload(binaries[name], count, cpu) for name, _, count, _ in WORKLOADS}
             ours = owned_programs(cond.proc.pid) if cond.proc else set()
-            foreign = {pid: line for pid, line in programs_on_path().items() if pid not in ours}
+            foreign = {pid: line for pid, line in programs_on_path().items() if pid not in ours | known}
         if not foreign:
             return sample
         print(f"  {cond.name}: another program joined the path ({next(iter(foreign.values()))}); waiting to "
               f"re-measure", file=sys.stderr)
-        wait_until_clear(300)
+        wait_until_clear(300, known)
     raise SystemExit("gave up: other BPF programs keep attaching to the syscall path; run when the host is quiet")
 
 
-def wait_until_clear(seconds: float) -> None:
+def wait_until_clear(seconds: float, known: set[int]) -> None:
     deadline = time.monotonic() + seconds
-    while programs_on_path() and time.monotonic() < deadline:
+    while set(programs_on_path()) - known and time.monotonic() < deadline:
         time.sleep(5)
 
 
@@ -293,6 +298,8 @@ def main() -> int:
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1)
     parser.add_argument("--probes", help="comma-separated probes to measure alone (default: every available one "
                                          "but xdp, which needs an interface and is off the syscall path)")
+    parser.add_argument("--despite-foreign-programs", action="store_true",
+                        help="measure although other programs sit on the path (labelled; figures understated)")
     args = parser.parse_args()
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (a median of fewer is not one)")
@@ -300,7 +307,8 @@ def main() -> int:
         print("bench_probes: must run as root (loads BPF programs)", file=sys.stderr)
         return 1
     foreign = foreign_syscall_programs()
-    if foreign:
+    known = set(programs_on_path()) if args.despite_foreign_programs else set()
+    if foreign and not args.despite_foreign_programs:
         print(f"refusing to measure: {len(foreign)} BPF programs are already attached to syscall tracepoints "
               f"(stop other agents/tracers first), e.g. {foreign[0].strip()}", file=sys.stderr)
         return 1
@@ -319,14 +327,14 @@ def main() -> int:
     memory = ""
     for rnd in range(args.rounds):
         for cond in conds if rnd % 2 == 0 else list(reversed(conds)):
-            samples[cond.name].append(measure(cond, binaries, args.cpu, rss))
+            samples[cond.name].append(measure(cond, binaries, args.cpu, rss, known))
         print(f"round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
     with Condition("agent: every probe", AGENT, "attached ") as agent:
         time.sleep(3)  # a few windows in: what it holds while running, not while starting
         memory = memory_report(agent.proc.pid)
     pairs = nginx_pairs(args.pairs, args.wrk_seconds) if args.pairs else []
     load_after = os.getloadavg()
-    print_report(args, samples, rss, memory, pairs, load_before, load_after)
+    print_report(args, samples, rss, memory, pairs, load_before, load_after, known)
     return 0
 
 
@@ -335,13 +343,17 @@ def added(samples: dict[str, list[dict[str, float]]], name: str, workload: str) 
     return statistics.median(s[workload] - base[workload] for s, base in zip(samples[name], samples[NOTHING]))
 
 
-def print_report(args, samples, rss, memory, pairs, load_before, load_after) -> None:
+def print_report(args, samples, rss, memory, pairs, load_before, load_after, known) -> None:
     loaded = max(load_before[0], load_after[0]) > 1.0
     print(f"\nProbe cost, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, kernel {platform.release()}, "
           f"{os.cpu_count()} CPUs; loops pinned to CPU {args.cpu}, best of 3 runs, median of {args.rounds} "
           f"interleaved rounds; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after"
           + (" — MEASURED UNDER LOAD (shared machine): absolute ns are inflated, ratios are the figure"
              if loaded else ""))
+    if known:
+        print(f"WITH {len(known)} FOREIGN BPF PROGRAMS ON THE SYSCALL/SCHED PATH THROUGHOUT (another agent; "
+              f"--despite-foreign-programs): every condition, the baseline included, pays for them; the added "
+              f"costs below are understated")
     print("\n| condition | getppid ns | vs syscount | read 1 B ns | vs syscount | ctx switch ns | vs syscount "
           "| agent RSS MB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -70,7 +70,8 @@ def with_operator(data: bytes, op_type: str) -> bytes:
         g.node.append(helper.make_node("ReduceMin", ["huge"], ["huge_min"], keepdims=0))
     elif op_type == "Loop":
         body = helper.make_graph(
-            [helper.make_node("Identity", ["cond_in"], ["cond_out"]), helper.make_node("Identity", ["v_in"], ["v_out"])],
+            [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+             helper.make_node("Identity", ["v_in"], ["v_out"])],
             "body",
             [helper.make_tensor_value_info("i", TensorProto.INT64, []),
              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),

@@ -294,3 +294,28 @@ def test_enforce_refuses_to_start_when_the_host_addresses_cannot_be_read(blockli
     m = build_mitigator(Config(mitigation={"mode": "dry-run"}), [xdp], telemetry, None, said.append)
     assert m is not None and any("would_block events may name this host's own addresses" in line for line in said)
     m.close()
+
+
+@pytest.mark.netns
+def test_ip_runs_again_only_when_netlink_announces_an_address_or_default_route_change(host_ns, monkeypatch):
+    """`ip` processes would show in the agent's own exec and file-open metrics, which the state model reads: quiet
+    windows, the periodic recheck and a route to a single network never run it."""
+    from otel_ebpf_receiver.probes.xdp import protected
+
+    runs: list[tuple] = []
+    real = protected.ip_json
+    monkeypatch.setattr(protected, "ip_json", lambda *a, **k: runs.append(a) or real(*a, **k))
+    clock = [0.0]
+    watched = protected.ProtectedAddresses([host_ns], recheck_every=60, clock=lambda: clock[0])
+    try:
+        runs.clear()
+        for _ in range(3):
+            clock[0] += 61  # the recheck is due every time: resolvers and the Collector only
+            assert not watched.refresh()
+        subprocess.run(["ip", "-n", host_ns, "route", "add", "10.78.0.0/24", "via", "10.77.0.1"], check=True)
+        assert not watched.refresh() and runs == []
+        subprocess.run(["ip", "-n", host_ns, "addr", "add", "10.77.0.10/24", "dev", "d0"], check=True)
+        assert watched.refresh() and len(runs) == 3  # addresses, IPv4 and IPv6 default routes
+        assert ("10.77.0.10", "this host's address") in [(str(n.network_address), w) for n, w in watched.entries]
+    finally:
+        watched.close()

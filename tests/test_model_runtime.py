@@ -16,6 +16,8 @@ from model_export.synthetic import make_windows
 from otel_ebpf_receiver import model as rt
 from otel_ebpf_receiver.model import ModelError, load_model
 
+from . import model_mutations as mm
+
 NAMES = ("syscalls.rate_log1p", "syscalls.error_ratio", "file_open.rate_log1p",
          "exec.exec_rate_log1p", "xdp.packets_rate_log1p")
 STATES = ("normal", "network_flood", "exec_storm", "file_open_storm")
@@ -242,10 +244,8 @@ def test_graph_not_following_contract(trained: tr.Trained, model_path: Path, tmp
 
 # -- hostile files (issue 14): every refusal is a ModelError line, never another exception ---------------------
 
-from tests import model_mutations as mm  # noqa: E402
 
-
-def hostile(model_path: Path, tmp_path: Path, data: bytes, name: str = "hostile.onnx") -> Path:
+def hostile(tmp_path: Path, data: bytes, name: str = "hostile.onnx") -> Path:
     out = tmp_path / name
     out.write_bytes(data)
     return out
@@ -254,14 +254,14 @@ def hostile(model_path: Path, tmp_path: Path, data: bytes, name: str = "hostile.
 @pytest.mark.parametrize("key", [rt.METADATA_TRAINING, rt.METADATA_FEATURES, rt.METADATA_THRESHOLDS])
 def test_deeply_nested_metadata_is_refused_not_a_recursion_error(model_path: Path, tmp_path: Path,
                                                                  key: str) -> None:
-    bad = hostile(model_path, tmp_path, mm.with_metadata(model_path.read_bytes(), key, mm.deep(100_000)))
+    bad = hostile(tmp_path, mm.with_metadata(model_path.read_bytes(), key, mm.deep(100_000)))
     reject(bad, key, "nested deeper")
 
 
 @pytest.mark.parametrize("value", [f"[{mm.HUGE_INT}, 1, 1, 1]", "[1e999, 1, 1, 1]", "[NaN, 1, 1, 1]",
                                    "[true, 1, 1, 1]"])
 def test_threshold_that_is_no_finite_float_is_refused(model_path: Path, tmp_path: Path, value: str) -> None:
-    bad = hostile(model_path, tmp_path, mm.with_metadata(model_path.read_bytes(), rt.METADATA_THRESHOLDS, value))
+    bad = hostile(tmp_path, mm.with_metadata(model_path.read_bytes(), rt.METADATA_THRESHOLDS, value))
     reject(bad, "distance_thresholds")
 
 
@@ -285,13 +285,13 @@ def test_threshold_that_is_no_finite_float_is_refused(model_path: Path, tmp_path
 ])
 def test_free_text_fields_are_validated(model_path: Path, tmp_path: Path, key: str, value: str,
                                         needle: str) -> None:
-    err = reject(hostile(model_path, tmp_path, mm.with_metadata(model_path.read_bytes(), key, value)), needle)
+    err = reject(hostile(tmp_path, mm.with_metadata(model_path.read_bytes(), key, value)), needle)
     assert str(err).isprintable()
 
 
 def test_attack_states_are_declared_explicitly_or_by_the_bundle(model_path: Path, tmp_path: Path) -> None:
     assert load_model(model_path, NAMES).attack_states == frozenset()  # names a network_flood cluster, declares none
-    declared = hostile(model_path, tmp_path, mm.with_metadata(model_path.read_bytes(), rt.METADATA_ATTACK_STATES,
+    declared = hostile(tmp_path, mm.with_metadata(model_path.read_bytes(), rt.METADATA_ATTACK_STATES,
                                                               '["network_flood"]'))
     assert load_model(declared, NAMES).attack_states == {"network_flood"}
     bundled = load_model(mm.BUNDLED[0], bundled=True)
@@ -300,12 +300,12 @@ def test_attack_states_are_declared_explicitly_or_by_the_bundle(model_path: Path
 
 @pytest.mark.parametrize("op", ["Loop", "ConstantOfShape", "Expand", "If"])
 def test_operators_outside_the_allowlist_are_refused_by_name(model_path: Path, tmp_path: Path, op: str) -> None:
-    reject(hostile(model_path, tmp_path, mm.with_operator(model_path.read_bytes(), op)), f"operator {op!r}")
+    reject(hostile(tmp_path, mm.with_operator(model_path.read_bytes(), op)), f"operator {op!r}")
 
 
 @pytest.mark.parametrize("where", ["initializer", "function", "training_info", "sparse_attribute"])
 def test_external_data_is_found_everywhere(model_path: Path, tmp_path: Path, where: str) -> None:
-    reject(hostile(model_path, tmp_path, mm.external_in(model_path.read_bytes(), where)), "external data")
+    reject(hostile(tmp_path, mm.external_in(model_path.read_bytes(), where)), "external data")
 
 
 def test_tensors_declaring_more_than_they_hold_are_refused(model_path: Path, tmp_path: Path) -> None:
@@ -320,43 +320,13 @@ def test_tensors_declaring_more_than_they_hold_are_refused(model_path: Path, tmp
     reject(rewrite(model_path, tmp_path / "sparse.onnx", sparse), "sparse")
 
 
-def test_memory_bomb_is_refused_in_the_child(model_path: Path, tmp_path: Path) -> None:
-    """Allowlisted operators only: a 4 GiB constant folded at session creation. The child hits its address-space
-    limit; the agent's own memory does not move."""
-    import resource
-
-    bad = hostile(model_path, tmp_path, mm.memory_bomb(model_path.read_bytes()))
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    reject(bad, "onnxruntime cannot run it")
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 * 1024  # KiB
-
-
-def test_slow_graph_is_killed_at_the_time_limit(model_path: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    """100 input-dependent 1000x1000 matrix products per run: minutes on any machine. The limit is shortened to
-    2 s here to keep the suite fast; the agent's is SANDBOX_SECONDS."""
-    from otel_ebpf_receiver.model import sandbox
-
-    monkeypatch.setattr(sandbox, "SANDBOX_SECONDS", 2.0)
-    reject(hostile(model_path, tmp_path, mm.matmul_graph(model_path.read_bytes(), 100)), "did not finish", "2 s")
-
-
-def test_one_inference_over_the_run_limit_is_refused(model_path: Path, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from otel_ebpf_receiver.model import sandbox
-
-    monkeypatch.setattr(sandbox, "MAX_RUN_SECONDS", 1e-9)
-    monkeypatch.setattr(sandbox, "_proven", {})
-    reject(model_path, "one inference takes", "per window")
-
-
 def test_probe_vectors_catch_a_label_out_of_range_at_load(model_path: Path, tmp_path: Path) -> None:
     """A graph fine on the zero vector (the only load-time check before) but out of range on the large one."""
     m = load_model(model_path, NAMES)
     zero_cluster = m.predict_vector(rt.probe_vectors(len(NAMES))[0][1]).cluster
     large_cluster = m.predict_vector(dict(rt.probe_vectors(len(NAMES)))["large"]).cluster
     assert zero_cluster != large_cluster
-    bad = hostile(model_path, tmp_path, mm.relabel(model_path.read_bytes(), {large_cluster: 99}))
+    bad = hostile(tmp_path, mm.relabel(model_path.read_bytes(), {large_cluster: 99}))
     reject(bad, "large vector", "label 99")
 
 
@@ -380,7 +350,7 @@ def test_label_out_of_range_on_a_real_window_is_unknown_not_a_crash(tmp_path: Pa
     good = load_model(mm.BUNDLED[0], bundled=True)
     reached = {good.predict_vector(x).cluster for _, x in rt.probe_vectors(len(good.feature_names))}
     victim = next(c for c in range(len(good.cluster_states)) if c not in reached)
-    m = load_model(hostile(mm.BUNDLED[0], tmp_path, mm.relabel(data, {victim: len(good.cluster_states) + 3})))
+    m = load_model(hostile(tmp_path, mm.relabel(data, {victim: len(good.cluster_states) + 3})))
     window = centre_window(good, data, victim)
     assert good.predict(window).cluster == victim
     verdict = m.predict(window)
@@ -415,7 +385,7 @@ class StubSession:
     ([[0], {"a": 1}, None], "not tensors"),
     (RuntimeError("onnxruntime: bad index"), "inference failed"),
 ])
-def test_predict_never_raises_on_bad_outputs(model_path: Path, outputs, needle: str) -> None:  # type: ignore[no-untyped-def]
+def test_predict_never_raises_on_bad_outputs(model_path: Path, outputs: object, needle: str) -> None:
     m = load_model(model_path, NAMES)
     m._session = StubSession(outputs)
     verdict = m.predict({NAMES[0]: 1.0})
@@ -428,60 +398,3 @@ def test_infinite_distance_is_unknown_without_a_fault(model_path: Path) -> None:
     m._session = StubSession([np.array([0]), np.full((1, 4), np.inf, np.float32), np.zeros((1, 5), np.float32)])
     verdict = m.predict({})
     assert verdict.state == "unknown" and verdict.fault == "" and verdict.nearest_state == m.cluster_states[0]
-
-
-# -- the file itself: links, FIFOs, owner, mode, name ----------------------------------------------------------
-
-def test_symlink_is_refused_not_followed(model_path: Path, tmp_path: Path) -> None:
-    link = tmp_path / "current.onnx"
-    link.symlink_to(model_path)
-    reject(link, "symbolic link", "copy the file")
-
-
-def test_fifo_swapped_in_after_the_check_never_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A FIFO named like a model (swapped in after a check said 'regular file') is refused at once: the file is
-    opened non-blocking and checked on its descriptor."""
-    import threading
-
-    fifo = tmp_path / "swapped.onnx"
-    os.mkfifo(fifo)
-    monkeypatch.setattr(Path, "is_file", lambda self: True)  # the check happened before the swap
-    outcome: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            load_model(fifo)
-        except BaseException as exc:  # noqa: BLE001 - recorded and asserted below
-            outcome.append(exc)
-
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    thread.join(5)
-    if thread.is_alive():  # release the blocked open() so the thread ends, then fail
-        with open(fifo, "wb"):
-            pass
-        thread.join(5)
-        pytest.fail("load_model blocked on a FIFO")
-    assert isinstance(outcome[0], ModelError) and "not a regular file" in str(outcome[0])
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
-def test_owner_and_mode_are_checked(model_path: Path, tmp_path: Path) -> None:
-    theirs = tmp_path / "theirs.onnx"
-    theirs.write_bytes(model_path.read_bytes())
-    os.chown(theirs, 12345, 12345)
-    reject(theirs, "uid 12345", "chown root")
-    shared = tmp_path / "shared.onnx"
-    shared.write_bytes(model_path.read_bytes())
-    shared.chmod(0o664)
-    reject(shared, "writable by group or others", "chmod go-w")
-    shared.chmod(0o644)
-    assert load_model(shared, NAMES).version == "test-v1"
-
-
-def test_control_characters_in_a_file_name_never_reach_the_message(model_path: Path, tmp_path: Path) -> None:
-    odd = tmp_path / "evil\x1b[2J\nname.onnx"
-    odd.write_bytes(model_path.read_bytes())
-    with pytest.raises(ModelError) as info:
-        load_model(odd)
-    assert str(info.value).isprintable() and "control characters" in str(info.value)

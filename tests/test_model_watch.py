@@ -255,13 +255,16 @@ def test_hostile_files_never_escape_the_watcher(models: dict[str, Path], tmp_pat
     for name, data in hostile.items():
         (tmp_path / name).write_bytes(data)
     os.mkfifo(tmp_path / "fifo.onnx")
+    (tmp_path / "shared.onnx").write_bytes(good)
+    (tmp_path / "shared.onnx").chmod(0o666)  # anyone could rewrite it: refused, chmod go-w
     rec = Recorder()
     watcher = make_watcher(tmp_path, rec)
     assert watcher.load_initial().version == "v1"
     for _ in range(3):
         watcher.poll()
     assert watcher.model.version == "v1"
-    assert sorted(name for name, _ in rec.rejects) == sorted([*hostile, "fifo.onnx"])
+    assert sorted(name for name, _ in rec.rejects) == sorted([*hostile, "fifo.onnx", "shared.onnx"])
+    assert "chmod go-w" in dict(rec.rejects)["shared.onnx"].hint
     assert all(str(err).isprintable() for _, err in rec.rejects)
 
 

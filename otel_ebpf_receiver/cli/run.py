@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import signal
 
 from .. import assembly, config, otel_env
 from ..durations import parse_duration
@@ -49,6 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.check:
         return check.cmd_check(cfg)
     setup_logging(cfg.log_level)
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck export or read is waiting on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     assembly.run(cfg, say=say, duration=duration)
     return 0
 

@@ -2,9 +2,10 @@
 checks in ``checks.py``, the bounded first run in ``sandbox.py``), score one feature window.
 
 A model file is an input like any other. :func:`load_model` opens it without following a symlink or blocking on
-a FIFO, requires a regular file owned by root (or the agent's user) and writable by nobody else, and refuses with
-one :class:`ModelError` line anything it cannot serve safely. :meth:`StateModel.predict_vector` never raises: a
-window whose outputs break the contract is reported as ``unknown`` with :attr:`Verdict.fault` set.
+a FIFO, requires a regular file (for the model watcher: owned by root or the agent's user and writable by nobody
+else), and refuses with one :class:`ModelError` line anything it cannot serve safely.
+:meth:`StateModel.predict_vector` never raises: a window whose outputs break the contract is reported as
+``unknown`` with :attr:`Verdict.fault` set.
 
 No import of the probe registry happens here at import time: the runtime is given explicit feature-name lists.
 """
@@ -200,12 +201,14 @@ def load_model(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     feature_owner: Callable[[str], str | None] | None = None,
+    check_owner: bool = False,
     bundled: bool = False,
 ) -> StateModel:
     """Validate ``path`` and open it, or raise :class:`ModelError` (one line: file, problem, what to do).
 
-    Checks, in order: the file (not a symlink, a regular file, owner root or this process's user, not writable by
-    group or others, size cap); ONNX protobuf parses (never following external-data references); no tensor stored
+    Checks, in order: the file (not a symlink, a regular file, size cap; with ``check_owner`` — what the model
+    watcher asks for every file it would serve — owned by root or this process's user, not writable by group or
+    others); ONNX protobuf parses (never following external-data references); no tensor stored
     as external data anywhere; only our exporter's operators and tensor kinds (``checks.check_structure``);
     ``onnx.checker``; the metadata contract; the graph's input and outputs; every model feature BY NAME in
     ``available_features`` (None skips this check, e.g. for `info`); a first session and run in a child process
@@ -213,13 +216,14 @@ def load_model(
     (:func:`probe_vectors`), every output checked against the contract.
     ``feature_owner(name) -> probe`` names the probe to enable for a missing feature (default: the registry,
     looked up lazily and only when a feature is missing).
-    ``bundled`` is for the models shipped in the package: trusted like the code beside them (no owner check, no
-    child process), and every cluster state counts as declared for mitigation (the attack-state rule).
+    ``bundled`` is for the models shipped in the package: trusted like the code beside them (no child process),
+    and every cluster state counts as declared for mitigation (the attack-state rule). A file named on a command
+    line (`otel-ebpf-model info`, the exporter's own check) is the user's choice: no owner check by default.
     """
     import onnx
 
     path = Path(path)
-    data = _read_secure(path, max_bytes, check_owner=not bundled)
+    data = _read_secure(path, max_bytes, check_owner=check_owner)
     try:
         # From bytes, so nothing on disk is followed: external-data locations are checked below, never opened.
         model = onnx.load_model_from_string(data)

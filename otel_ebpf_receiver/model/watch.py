@@ -150,7 +150,7 @@ class ModelWatcher:
         for i, path in enumerate(candidates):
             self._tried[path] = found[path]
             try:
-                new = load_model(path, self.available_features, max_bytes=self.max_bytes)
+                new = load_model(path, self.available_features, max_bytes=self.max_bytes, check_owner=True)
             except ModelError as err:
                 if self.on_reject is not None:
                     self.on_reject(path, err)

@@ -5,8 +5,9 @@ restore from the sidecar too, and mitigation builds its never-block list on them
 
 Kept current cheaply: the addresses are read once (``ip -j addr`` / ``ip -j route``, resolv.conf, the Collector's
 name) and read again only when something changed — a netlink socket per network namespace, subscribed to address
-and route changes, says when; resolv.conf files are compared by stat; and every ``recheck_every`` seconds a full
-read catches what nothing announces (the Collector's name resolving elsewhere).
+and route changes, says when ``ip`` must run again; resolv.conf files are compared by stat; and every
+``recheck_every`` seconds the Collector's name is resolved again (nothing announces that). ``ip`` never runs on a
+timer: its processes would show in the agent's own exec and file-open metrics, which the state model reads.
 
 A host whose addresses cannot be listed (``ip`` missing or failing) is not silently treated as having none:
 :attr:`ProtectedAddresses.error` says why, the CLI then refuses prefixes without ``--force`` and enforce-mode
@@ -20,6 +21,7 @@ import ipaddress
 import json
 import os
 import socket
+import struct
 import subprocess
 import time
 from typing import Callable, Sequence
@@ -34,10 +36,28 @@ RESOLVED_UPSTREAM_CONF = "/run/systemd/resolve/resolv.conf"
 LOOPBACK = (("127.0.0.0/8", "loopback"), ("::1/128", "loopback"))
 COLLECTOR_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
                            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
-# linux/rtnetlink.h multicast groups: addresses and routes, both families, and links (an interface going away).
-RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = (
-    0x1, 0x10, 0x40, 0x100, 0x400)
-WATCHED_GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+# linux/rtnetlink.h: multicast groups (addresses and routes, both families) and the message types they bring.
+RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_IFADDR, RTMGRP_IPV6_ROUTE = 0x10, 0x40, 0x100, 0x400
+WATCHED_GROUPS = RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE
+RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE, RTM_DELROUTE = 20, 21, 24, 25
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid; a struct rtmsg follows: family, dst_len, ...
+
+
+def announces_change(buffer: bytes) -> bool:
+    """Whether netlink messages change what is protected: any address, and default routes only (dst_len 0) — a
+    node that adds a route per container would otherwise run `ip` for each."""
+    offset = 0
+    while offset + NLMSGHDR.size <= len(buffer):
+        length, kind = NLMSGHDR.unpack_from(buffer, offset)[:2]
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
+            return True
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE) and offset + NLMSGHDR.size + 2 <= len(buffer) \
+                and buffer[offset + NLMSGHDR.size + 1] == 0:
+            return True
+        if length < NLMSGHDR.size:
+            break
+        offset += (length + 3) & ~3  # NLMSG_ALIGN
+    return False
 
 
 class AddressListError(Exception):
@@ -133,6 +153,7 @@ class _Watch:
         self.recheck_every = recheck_every
         self.clock = clock
         self.sockets: list[socket.socket] = []
+        self.blind = False
         for ns in netns:
             try:
                 with in_netns(ns):  # a netlink socket belongs to the namespace it was created in
@@ -141,7 +162,7 @@ class _Watch:
                 sock.bind((0, WATCHED_GROUPS))
                 self.sockets.append(sock)
             except (OSError, NetnsError):
-                self.recheck_every = min(self.recheck_every, 5.0)  # no notifications: poll more often
+                self.blind = True  # no notifications from this namespace: `ip` runs at each recheck instead
         self.stamps = self._file_stamps()
         self.last_full = clock()
 
@@ -155,14 +176,16 @@ class _Watch:
                 out.append(None)
         return tuple(out)
 
-    def changed(self) -> bool:
+    def poll(self) -> tuple[bool, bool]:
+        """(an address, route or resolver file changed, recheck_every passed) since the last poll."""
         changed = False
         for sock in self.sockets:
             while True:  # drain: the messages only say "something changed", we re-read everything anyway
                 try:
-                    if not sock.recv(65536):
+                    data = sock.recv(65536)
+                    if not data:
                         break
-                    changed = True
+                    changed = changed or announces_change(data)
                 except BlockingIOError:
                     break
                 except OSError as exc:  # ENOBUFS: more changes than the socket buffer held
@@ -172,11 +195,10 @@ class _Watch:
         if stamps != self.stamps:
             self.stamps = stamps
             changed = True
-        if self.clock() - self.last_full >= self.recheck_every:
-            changed = True
-        if changed:
+        due = self.clock() - self.last_full >= self.recheck_every
+        if due:
             self.last_full = self.clock()
-        return changed
+        return changed, due
 
     def close(self) -> None:
         for sock in self.sockets:
@@ -203,18 +225,25 @@ class ProtectedAddresses:
         self.generation = 0  # bumped whenever the entries change
         # A one-shot user (a CLI verb) reads once; a long-lived one (the agent) watches for changes.
         self._watch = _Watch(self.netns, (resolv_conf, upstream_conf), recheck_every, clock) if watch else None
-        self._read()
+        self._from_ip: list[tuple[str, str]] = []
+        self._read(run_ip=True)
 
-    def _read(self) -> None:
-        found: list[tuple[str, str]] = []  # loopback last: a refusal names the most telling address first
+    def _read(self, run_ip: bool) -> None:
+        """Everything again; ``run_ip`` False keeps the last ``ip`` answers (addresses and routes unchanged)."""
         errors: list[str] = []
-        for ns in self.netns:
-            try:
-                found += [(a, "this host's address") for a in host_addresses(ns) if not _is_loopback(a)]
-                if self.protect_gateway:
-                    found += [(g, "default gateway") for g in default_gateways(ns)]
-            except AddressListError as exc:
-                errors.append(str(exc))
+        if run_ip:
+            from_ip: list[tuple[str, str]] = []
+            for ns in self.netns:
+                try:
+                    from_ip += [(a, "this host's address") for a in host_addresses(ns) if not _is_loopback(a)]
+                    if self.protect_gateway:
+                        from_ip += [(g, "default gateway") for g in default_gateways(ns)]
+                except AddressListError as exc:
+                    errors.append(str(exc))
+            self._from_ip = from_ip
+        elif self.error:
+            errors.append(self.error)
+        found = list(self._from_ip)  # loopback last: a refusal names the most telling address first
         if self.protect_dns:
             found += [(s, "DNS resolver") for s in dns_resolvers(self.resolv_conf, self.upstream_conf)]
         found += [(a, "OpenTelemetry Collector endpoint") for a in collector_addresses()]
@@ -235,11 +264,15 @@ class ProtectedAddresses:
             self.generation += 1
 
     def refresh(self) -> bool:
-        """Re-read if something may have changed (or the last read failed); True when the entries changed."""
-        if self._watch is None or not (self._watch.changed() or self.error):
+        """Re-read what may have changed; True when the entries changed. ``ip`` runs again only on a netlink
+        notification — or, when ``ip`` failed or a namespace cannot notify, at most every ``recheck_every``."""
+        if self._watch is None:
+            return False
+        changed, due = self._watch.poll()
+        if not (changed or due):
             return False
         before = self.generation
-        self._read()
+        self._read(run_ip=changed or (due and (self.error is not None or self._watch.blind)))
         return self.generation != before
 
     def covering(self, net: Network) -> tuple[str, str] | None:
