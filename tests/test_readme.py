@@ -43,6 +43,7 @@ PROGRAMS = ("otel-ebpf-receiver", "otel-ebpf-model", "otel-ebpf-lab")
 SKIPPED = {
     r"make run\b": "starts the agent and runs until stopped",
     r"make test\b": "is this test-suite",
+    r"make stack\b": "runs until stopped; tests/test_stack.py runs the same launcher, bounded, with browser checks",
     r"otel-ebpf-(model|lab) record(-host)?\b": "records windows for minutes",
     r"otel-ebpf-model (train|export|info)\b": "works on the recordings `record` writes (test_model_export.py)",
     r"otelcol-contrib\b": "needs the user's otelcol-contrib; the merge is validated in test_collector_configs.py",

@@ -16,6 +16,10 @@ working, and the next start enforces them again). A foreign XDP program on an in
 The interfaces may live in another network namespace (setting ``netns``, e.g. the scenario lab's victim): the
 loading thread enters it only to resolve names and attach or detach; programs and maps are not per-namespace.
 A read costs ~20 ms of CPU with a full 65,536-entry per-source table, ~1 ms when it is nearly empty.
+
+Longer than usual because the probe owns both halves of its life — attaching through netlink in native or generic
+mode, adopting or refusing what is already on an interface, in another namespace — and the per-window read of three
+maps; the lists themselves live in the sibling modules. Splitting attach from read is the next step when it grows.
 """
 
 from __future__ import annotations
