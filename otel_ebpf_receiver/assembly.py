@@ -132,6 +132,7 @@ def build_agent(config: Config, *, say: Say | None = None, probes: Sequence[Prob
     loaded: list[Probe] = []
     classifier: Any = None
     cost: ProbeCost | None = None
+    mitigator: Any = None
     try:
         loaded = load_probes(list(probes) or list(config.probes), config.probe_settings, say,
                              on_event=telemetry.emit_event)
@@ -157,11 +158,15 @@ def build_agent(config: Config, *, say: Say | None = None, probes: Sequence[Prob
                       skipped_probes=skipped, on_reload=on_reload)
         if cost is not None:
             agent.closers.append(cost.close)
+        if mitigator is not None:  # its never-block list holds a netlink socket and a watcher thread
+            agent.closers.append(mitigator.close)
     except BaseException:
         for probe in loaded:
             probe.close()
         if cost is not None:
             cost.close()
+        if mitigator is not None:
+            mitigator.close()
         if classifier is not None:
             classifier.close()
         telemetry.shutdown()

@@ -186,3 +186,32 @@ def _wrong_feature_names(model_path: Path, tmp_path: Path) -> Path:
     out = tmp_path / "wrong.onnx"
     onnx.save(model, str(out))
     return out
+
+
+def test_closing_the_agent_closes_its_mitigator(monkeypatch):
+    """The mitigator's never-block list holds netlink sockets (one per watched namespace): closing the agent must
+    release them, as it does the probes. Failed before: Agent.close() never reached the mitigator."""
+    from otel_ebpf_receiver import assembly
+
+    closed: list[str] = []
+
+    class RecordingMitigator:
+        name = "mitigation"
+        metrics = ()
+
+        def act(self, verdict) -> None:
+            pass
+
+        def read(self, seconds: float):
+            from otel_ebpf_receiver.probes.base import Reading
+            return Reading()
+
+        def close(self) -> None:
+            closed.append("mitigator")
+
+    monkeypatch.setattr(assembly, "build_mitigator", lambda *args, **kwargs: RecordingMitigator())
+    h = Harness(None, probes=("exec",))
+    h.window()
+    assert closed == []
+    h.close()
+    assert closed == ["mitigator"]
