@@ -105,7 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         exported = None
         if args.onnx:
             bar.set_postfix_str("export")
-            exported = tr.export(trained, args.onnx, version=args.version, progress=show)
+            exported = tr.export(trained, args.onnx, version=args.version, progress=show,
+                                 attack_states=_attack_states(args))
             bar.update()
     print(text)
     print(f"\nwrote {out / tr.BUNDLE_FILE}, {out / tr.METADATA_FILE}, {out / tr.REPORT_FILE}, {png}")
@@ -114,6 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         print(f"next: otel-ebpf-model export {out} -o MODEL.onnx")
     return 0
+
+
+def _attack_states(args: argparse.Namespace) -> list[str]:
+    return [s.strip() for s in (args.attack_states or "").split(",") if s.strip()]
 
 
 def _print_exported(exported) -> None:  # type: ignore[no-untyped-def]
@@ -125,7 +130,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import train as tr
 
     trained = tr.load(args.directory)
-    exported = tr.export(trained, args.output, version=args.version, progress=_progress(args))
+    exported = tr.export(trained, args.output, version=args.version, progress=_progress(args),
+                         attack_states=_attack_states(args))
     _print_exported(exported)
     return 0
 
@@ -155,6 +161,11 @@ def cmd_info(args: argparse.Namespace) -> int:
               f"({t.get('labelled_rows', '?')} labelled) from {len(t.get('files', []))} file(s); "
               f"purity {t.get('purity', '?')}, silhouette {sil if sil is not None else 'n/a'}")
         print(f"states     {', '.join(model.states)}")
+        if model.attack_states:
+            print(f"attacks    {', '.join(sorted(model.attack_states))} (mitigation may block for these states when "
+                  f"the configuration lists them too)")
+        else:
+            print("attacks    none declared: this model never drives mitigation (export with --attack-states)")
         print(f"\nfeatures ({len(model.feature_names)}, in input order)")
         for i, name in enumerate(model.feature_names):
             probe = owner(name)
@@ -229,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gmm covariance type (default: full)")
     p.add_argument("--onnx", metavar="MODEL.onnx", help="also export the model (same as `export DIR -o`)")
     p.add_argument("--version", help="model_version to stamp with --onnx (default: algorithm-time-hash)")
+    p.add_argument("--attack-states", metavar="A,B",
+                   help="with --onnx: states this model declares as attacks; only those can drive mitigation "
+                        "(default: none)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_train)
 
@@ -237,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", metavar="DIR", help="directory written by `train`")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
     p.add_argument("--version", help="model_version to stamp (default: algorithm-time-hash)")
+    p.add_argument("--attack-states", metavar="A,B",
+                   help="states this model declares as attacks; only those can drive mitigation (default: none)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
 

@@ -367,12 +367,22 @@ def onnx_outputs(proto_bytes: bytes, X32: np.ndarray, progress: bool = False) ->
 
 
 def export(trained: Trained, path: str | os.PathLike[str], *, version: str | None = None,
-           progress: bool = False, on_step: Callable[[str], None] | None = None) -> Exported:
+           progress: bool = False, on_step: Callable[[str], None] | None = None,
+           attack_states: Sequence[str] = ()) -> Exported:
     """Convert, check parity on the training windows, and write ``path`` — or raise TrainError and write
     nothing. The file appears atomically (written as a dotfile, validated by the runtime's own loader, then
-    renamed), so a ModelWatcher on that directory never sees it half-written."""
+    renamed), so a ModelWatcher on that directory never sees it half-written.
+
+    ``attack_states`` are the states this model declares as attacks (metadata ``attack_states``): a model dropped
+    in the model directory drives mitigation only for states it declares (the attack-state rule, contract.py)."""
     step = on_step or (lambda _msg: None)
     out = Path(path)
+    attack_states = list(dict.fromkeys(attack_states))
+    undeclarable = [s for s in attack_states if s not in trained.cluster_states or s == runtime.UNKNOWN_STATE]
+    if undeclarable:
+        known = ", ".join(s for s in dict.fromkeys(trained.cluster_states) if s != runtime.UNKNOWN_STATE)
+        raise TrainError(f"--attack-states {','.join(undeclarable)}: not a state of this model (its states: "
+                         f"{known or 'none'}); name states it has, never 'unknown'")
     step("convert")
     proto = build_onnx(trained.pipeline, len(trained.feature_names))
     X32 = trained.X.astype(np.float32)
@@ -385,7 +395,10 @@ def export(trained: Trained, path: str | os.PathLike[str], *, version: str | Non
         digest = hashlib.sha256(proto.SerializeToString()).hexdigest()[:8]
         stamp = trained.training["created"].replace("-", "").replace(":", "")
         version = f"{trained.algorithm}-{stamp}-{digest}"
-    for key, value in metadata(trained, version).items():
+    props = metadata(trained, version)
+    if attack_states:
+        props[runtime.METADATA_ATTACK_STATES] = json.dumps(attack_states)
+    for key, value in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     from otel_ebpf_receiver import __version__

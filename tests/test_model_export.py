@@ -344,3 +344,30 @@ def test_training_without_the_train_extra_is_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().count("\n") == 0
     assert "make setup-train" in result.stderr and "sklearn" in result.stderr
+
+
+def test_export_declares_attack_states_and_only_states_the_model_has(table: w.WindowTable, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """A self-trained model drives mitigation only for the states its metadata declares (contract.py); export is
+    where the operator declares them. Failed before: there was no way to write ``attack_states``, so a model
+    trained on one's own host could never block anything."""
+    trained = tr.fit(table, tr.TrainConfig(clusters=len(STATES), seed=1))
+    tr.save(trained, tmp_path / "d")
+    assert main(["export", str(tmp_path / "d"), "-o", str(tmp_path / "plain.onnx"), "-q"]) == 0
+    assert load_model(tmp_path / "plain.onnx", NAMES).attack_states == frozenset()
+    assert main(["info", str(tmp_path / "plain.onnx")]) == 0
+    assert "attacks    none declared" in capsys.readouterr().out
+
+    assert main(["export", str(tmp_path / "d"), "-o", str(tmp_path / "armed.onnx"), "-q",
+                 "--attack-states", "network_flood, exec_storm,network_flood"]) == 0
+    capsys.readouterr()
+    assert load_model(tmp_path / "armed.onnx", NAMES).attack_states == {"exec_storm", "network_flood"}
+    assert main(["info", str(tmp_path / "armed.onnx")]) == 0
+    assert "attacks    exec_storm, network_flood" in capsys.readouterr().out
+
+    for bad in ("unknown", "no_such_state"):
+        assert main(["export", str(tmp_path / "d"), "-o", str(tmp_path / "bad.onnx"), "-q",
+                     "--attack-states", bad]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--attack-states {bad}: not a state of this model" in err, err
+        assert not (tmp_path / "bad.onnx").exists()
