@@ -105,12 +105,24 @@ def exporter_kinds(exporter: str | None, signal: str) -> tuple[str, ...]:
 def metric_exporter(kind: str) -> tuple[MetricExporter, str]:
     if kind == "console":
         return ConsoleMetricExporter(), "console"
-    protocol = otlp_protocol("metrics")
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-    else:
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-    return OTLPMetricExporter(), f"{otlp_endpoint('metrics')} ({protocol})"
+    return otlp_exporter("metrics")
+
+
+OTLP_EXPORTER_CLASSES = {"metrics": ("metric_exporter", "OTLPMetricExporter"),
+                         "logs": ("_log_exporter", "OTLPLogExporter"),
+                         "traces": ("trace_exporter", "OTLPSpanExporter")}
+
+
+def otlp_exporter(signal: str) -> tuple[Any, str]:
+    """The OTLP exporter for ``signal`` (metrics, logs, traces) over the protocol OTEL_* asks for, and its target.
+    Only the module of that signal and protocol is imported."""
+    import importlib
+
+    protocol = otlp_protocol(signal)
+    module, name = OTLP_EXPORTER_CLASSES[signal]
+    package = "grpc" if protocol == "grpc" else "http"  # http/protobuf
+    kind = getattr(importlib.import_module(f"opentelemetry.exporter.otlp.proto.{package}.{module}"), name)
+    return kind(), f"{otlp_endpoint(signal)} ({protocol})"
 
 
 def _batch_sizes(prefix: str) -> tuple[int, int]:
@@ -171,12 +183,7 @@ class Telemetry:
             if kind == "console":
                 inner, target = ConsoleLogRecordExporter(), "console"
             else:
-                protocol = otlp_protocol("logs")
-                if protocol == "grpc":
-                    from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
-                else:
-                    from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
-                inner, target = OTLPLogExporter(), f"{otlp_endpoint('logs')} ({protocol})"
+                inner, target = otlp_exporter("logs")
             queue, batch = _batch_sizes("OTEL_BLRP")
             delivery = Delivery("logs", target, queue)
             self.deliveries.append(delivery)
@@ -197,12 +204,7 @@ class Telemetry:
             if kind == "console":
                 inner, target = ConsoleSpanExporter(), "console"
             else:
-                protocol = otlp_protocol("traces")
-                if protocol == "grpc":
-                    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-                else:
-                    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-                inner, target = OTLPSpanExporter(), f"{otlp_endpoint('traces')} ({protocol})"
+                inner, target = otlp_exporter("traces")
             queue, batch = _batch_sizes("OTEL_BSP")
             delivery = Delivery("spans", target, queue)
             self.deliveries.append(delivery)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -79,6 +80,26 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
+
+
+def port_kept_for_restarts() -> int:
+    """A TCP port free on 127.0.0.1, below the kernel's ephemeral range (ip_local_port_range). For a server that is
+    stopped and restarted on the same port (an outage test): while it is down, a free_port() of another test or an
+    outgoing connection's source port comes from the ephemeral range, so neither can take this one meanwhile."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(10001, low))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise BackendError(f"no free TCP port between 10000 and {low} on {LOOPBACK}")
 
 
 @dataclass

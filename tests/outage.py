@@ -142,7 +142,10 @@ def run_outage(workdir: Path, outage_seconds: float, warmup_seconds: float = 20,
     model_dir = workdir / "models"
     model_dir.mkdir(parents=True, exist_ok=True)
     workload = Workload(workdir, model_dir)
-    with backends.start_collector(workdir / "otelcol") as col:
+    # Ports outside the ephemeral range: nothing else on the machine can take them while the Collector is down.
+    ports = {name: backends.port_kept_for_restarts()
+             for name in ("otlp_grpc", "otlp_http", "prometheus", "health", "telemetry")}
+    with backends.start_collector(workdir / "otelcol", ports=ports) as col:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update({"OTEL_EXPORTER_OTLP_ENDPOINT": col.otlp_grpc_endpoint, "OTEL_METRIC_EXPORT_INTERVAL": "1000",
                     "OTEL_BLRP_SCHEDULE_DELAY": "1000", "OTEL_BSP_SCHEDULE_DELAY": "1000"})
