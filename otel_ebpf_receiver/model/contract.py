@@ -25,12 +25,13 @@ for kmeans and birch, Mahalanobis under the component's covariance for gmm (meta
 Explanations (:attr:`Verdict.top_features`, "moved most" in the state-change event and the incident span): the
 three features that put the window in its state, largest first, signed (+ above normal, − below):
 
-* a window whose state is ``normal``: the largest ``|deviation|``, how far (in the scaled space: training
+* a window the model calls ``normal``: the largest ``|deviation|``, how far (in the scaled space: training
   standard deviations divided by the feature's weight) each feature is from the centre of its own normal cluster;
 * any other state, ``unknown`` included: the largest ``|normal_deviation|``, why the window is not normal. Its
   square is the feature's term of the squared distance to the nearest cluster whose state is ``normal``
-  (``NORMAL_STATE``; nearest by ``distances``): for euclidean models ``normal_deviation = z − c``, the scaled
-  window minus that centre, whose squares sum to the squared distance exactly. For gmm it is
+  (``NORMAL_STATE``; nearest in the model's own distance, for birch its nearest normal subcluster): for
+  euclidean models ``normal_deviation = z − c``, the scaled window minus that centre, whose squares sum to the
+  squared distance exactly. For gmm it is
   ``(z_i − μ_i)·sqrt(P_ii)``, with P the nearest normal component's precision matrix: exact for diag and
   spherical covariances; for full and tied ones an approximation that ignores the correlations between features
   (each feature in units of its standard deviation given the others).
