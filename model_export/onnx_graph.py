@@ -20,7 +20,7 @@ rather than taken from its converters, because:
   we output that label, distances[k] = distance to the nearest subcluster centre belonging to cluster k,
   and the deviation from that nearest subcluster centre.
 
-Parity (see :func:`check_parity`): labels identical, distances and deviation within
+Parity (see :func:`check_parity`): labels identical, distances, deviation and normal_deviation within
 ``|onnx − sklearn| <= ATOL + RTOL·|sklearn|`` with ATOL = RTOL = 1e-4, on the training data, with the
 scikit-learn side computed in float64 from the same float32 input the agent will feed.
 """
