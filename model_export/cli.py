@@ -136,6 +136,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    from .upgrade import upgrade
+
+    model = upgrade(args.model, args.output)
+    print(f"wrote {model.path} ({model.size} bytes, version {model.version}): label, distances and deviation "
+          f"as in {args.model}, plus normal_deviation (explanations from the nearest normal cluster)")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from otel_ebpf_receiver.model import UNKNOWN_STATE, load_model
 
@@ -166,6 +175,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                   f"the configuration lists them too)")
         else:
             print("attacks    none declared: this model never drives mitigation (export with --attack-states)")
+        print("explains   " + ("a non-normal window by its distance to the nearest normal cluster"
+                               if model.explains_from_normal else
+                               "every window by its deviation from its own cluster's centre (older file: "
+                               "`otel-ebpf-model upgrade` adds the distance to normal)"))
         print(f"\nfeatures ({len(model.feature_names)}, in input order)")
         for i, name in enumerate(model.feature_names):
             probe = owner(name)
@@ -255,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="states this model declares as attacks; only those can drive mitigation (default: none)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("upgrade", help="add the explanation output (normal_deviation) to an older kmeans model",
+                       formatter_class=fmt,
+                       epilog="example:\n  otel-ebpf-model upgrade old.onnx -o state.onnx\n\nNo retraining: the "
+                              "centres the file holds give the new output; refuses unless every other output "
+                              "stays bit-identical.\n")
+    p.add_argument("model", metavar="OLD.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL.onnx")
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("info", help="validate a model and show its metadata", epilog=EPILOG_INFO,
                        formatter_class=fmt)

@@ -357,10 +357,13 @@ def onnx_outputs(proto_bytes: bytes, X32: np.ndarray, progress: bool = False) ->
     from tqdm import tqdm
 
     session = ort.InferenceSession(proto_bytes, runtime.session_options(), providers=["CPUExecutionProvider"])
-    parts: list[list[np.ndarray]] = [[], [], []]
+    names = list(runtime.OUTPUT_NAMES)
+    if any(o.name == runtime.OUTPUT_NORMAL_DEVIATION for o in session.get_outputs()):
+        names.append(runtime.OUTPUT_NORMAL_DEVIATION)
+    parts: list[list[np.ndarray]] = [[] for _ in names]
     batches = range(0, len(X32), PARITY_BATCH)
     for start in tqdm(batches, desc="parity", unit="batch", disable=None if progress else True):
-        out = session.run(list(runtime.OUTPUT_NAMES), {runtime.INPUT_NAME: X32[start:start + PARITY_BATCH]})
+        out = session.run(names, {runtime.INPUT_NAME: X32[start:start + PARITY_BATCH]})
         for acc, part in zip(parts, out):
             acc.append(part)
     return tuple(np.concatenate(p) for p in parts)
@@ -384,10 +387,11 @@ def export(trained: Trained, path: str | os.PathLike[str], *, version: str | Non
         raise TrainError(f"--attack-states {','.join(undeclarable)}: not a state of this model (its states: "
                          f"{known or 'none'}); name states it has, never 'unknown'")
     step("convert")
-    proto = build_onnx(trained.pipeline, len(trained.feature_names))
+    proto = build_onnx(trained.pipeline, len(trained.feature_names), trained.cluster_states)
     X32 = trained.X.astype(np.float32)
     step("parity")
-    parity = check_parity(trained.pipeline, onnx_outputs(proto.SerializeToString(), X32, progress), X32)
+    parity = check_parity(trained.pipeline, onnx_outputs(proto.SerializeToString(), X32, progress), X32,
+                          trained.cluster_states)
     if not parity.ok:
         raise TrainError(f"refusing to write {out}: ONNX and scikit-learn disagree on {parity.summary()}, "
                          f"first at training row {parity.first_bad_row}; retrain (another --seed) or report it")
@@ -408,6 +412,12 @@ def export(trained: Trained, path: str | os.PathLike[str], *, version: str | Non
     proto.doc_string = (f"otel-ebpf-receiver system-state model ({trained.algorithm}); "
                         f"see otel_ebpf_receiver/model/contract.py for the contract")
     step("write")
+    write_checked(proto, out)
+    return Exported(out, parity, runtime.load_model(out, None))
+
+
+def write_checked(proto: Any, out: Path) -> None:
+    """Write atomically (a dotfile validated by the runtime's own loader, then renamed), or raise TrainError."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
@@ -419,4 +429,4 @@ def export(trained: Trained, path: str | os.PathLike[str], *, version: str | Non
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return Exported(out, parity, runtime.load_model(out, None))
+

@@ -85,6 +85,12 @@ def test_dry_run_blocks_nothing_but_says_what_it_would_block(bed, rig):
         r.wait_windows(2)
     assert event[0].attributes["mitigation.mode"] == "dry-run"
     assert event[0].attributes["mitigation.reason"].startswith("auto:")
+    # the change into the flood's state (from normal, or from the agent's initial unknown) is explained by a SYN or
+    # packet feature (model/contract.py, "Explanations")
+    left = [e.attributes for e in r.events("system.state.change") if e.attributes["system.state.to"] != "normal"]
+    assert left, f"the state never left normal: {states(r)}"
+    assert left[0]["system.state.top_feature.1"].startswith(("tcp.", "xdp.")), left[0]
+    assert left[0]["system.state.top_feature.reference"] == "nearest_normal"
     assert bed.blocklist.list() == []
     assert not r.events("mitigation.block")
     assert metric_sum(r.metrics, "otel_ebpf_receiver.xdp.dropped_packets") == 0

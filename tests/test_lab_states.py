@@ -97,3 +97,7 @@ def test_a_failing_slow_api_is_api_degraded(bed, model):
         check_condition(r, "api_degraded", lambda: api_degraded(bed, CONDITION_S))
         ok, sent = load.success(since=began, until=began + CONDITION_S)
         assert 0 < ok < sent  # the API really failed part of its requests, and answered the rest
+        # explained by an HTTP feature (model/contract.py, "Explanations"), not by whatever else moved
+        entered = [e.attributes for e in r.events("system.state.change")
+                   if e.attributes["system.state.to"] == "api_degraded"]
+        assert entered and entered[0]["system.state.top_feature.1"].startswith("http."), entered

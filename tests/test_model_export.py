@@ -65,6 +65,11 @@ def test_parity_sklearn_onnxruntime(table: w.WindowTable, tmp_path: Path, algori
     if algorithm == "kmeans":  # sklearn's own distances, not ours
         Z = trained.pipeline[0].transform(X32.astype(np.float64))
         np.testing.assert_allclose(dist, trained.pipeline[-1].transform(Z), rtol=og.RTOL, atol=og.ATOL)
+    # the explanation output (the table has a normal state): same tolerance, on seen and unseen windows
+    assert model.explains_from_normal
+    normal_dev = model.run_all(X32)[3]
+    ref_normal = og.reference_normal_deviation(trained.pipeline, X32.astype(np.float64), trained.cluster_states)
+    np.testing.assert_allclose(normal_dev, ref_normal, rtol=og.RTOL, atol=og.ATOL)
 
 
 def test_kmeans_parity_tight_clusters(tmp_path: Path) -> None:
@@ -86,10 +91,10 @@ def test_export_refuses_on_parity_failure(table: w.WindowTable, tmp_path: Path,
     real = tr.onnx_outputs
 
     def off_by_one_row(*args, **kwargs):  # type: ignore[no-untyped-def]
-        label, dist, dev = real(*args, **kwargs)
+        label, dist, dev, *explanation = real(*args, **kwargs)
         label = label.copy()
         label[7] = (label[7] + 1) % dist.shape[1]
-        return label, dist, dev
+        return (label, dist, dev, *explanation)
 
     monkeypatch.setattr(tr, "onnx_outputs", off_by_one_row)
     out = tmp_path / "refused.onnx"
@@ -98,13 +103,29 @@ def test_export_refuses_on_parity_failure(table: w.WindowTable, tmp_path: Path,
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_export_refuses_on_normal_deviation_parity_failure(table: w.WindowTable, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    trained = tr.fit(table, tr.TrainConfig())
+    real = tr.onnx_outputs
+
+    def explanation_off(*args, **kwargs):  # type: ignore[no-untyped-def]
+        label, dist, dev, normal_dev = real(*args, **kwargs)
+        normal_dev = normal_dev.copy()
+        normal_dev[11, 2] += 0.01
+        return label, dist, dev, normal_dev
+
+    monkeypatch.setattr(tr, "onnx_outputs", explanation_off)
+    with pytest.raises(tr.TrainError, match="refusing.*1 normal deviations.*row 11"):
+        tr.export(trained, tmp_path / "refused.onnx")
+
+
 def test_export_is_atomic_and_self_describing(table: w.WindowTable, tmp_path: Path) -> None:
     trained = tr.fit(table, tr.TrainConfig(percentile=95, unknown_above=2.0))
     exported = tr.export(trained, tmp_path / "a.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["a.onnx"]  # no temporary left behind
     proto = onnx.load(str(tmp_path / "a.onnx"))
     assert [i.name for i in proto.graph.input] == ["features"]
-    assert [o.name for o in proto.graph.output] == ["label", "distances", "deviation"]
+    assert [o.name for o in proto.graph.output] == ["label", "distances", "deviation", "normal_deviation"]
     assert {o.domain: o.version for o in proto.opset_import}[""] == og.TARGET_OPSET
     m = exported.model
     assert m.percentile == 95 and m.unknown_above == 2.0

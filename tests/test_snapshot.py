@@ -35,6 +35,7 @@ def test_snapshot_json_has_every_window_with_state_features_and_probe_rates():
         assert window["state"] and window["raw_state"] and window["score"] >= 0
         assert all(set(f) == {"feature", "deviation"} and f["feature"] in window["features"]
                    for f in window["top_features"])
+        assert window["top_features_from"] in ("nearest_normal", "assigned_cluster")
         assert set(window["probes"]) == set(PROBES)
         for name, probe in window["probes"].items():
             assert probe["rate"] is not None and probe["rate"] >= 0 and probe["rate_unit"].endswith("/s"), name

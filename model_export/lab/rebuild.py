@@ -19,6 +19,10 @@
    with ``--probes syscalls,file_open,exec``. Without it no bundled model would fit such a host.
    io_degraded and api_degraded are left out of every model without block_io or http features (SEEN_BY).
 
+Every model gets the explanation output ``normal_deviation`` (model/contract.py, "Explanations") from the export.
+The files in the package today were exported before it existed and gained it with ``otel-ebpf-model upgrade`` (no
+retraining: their recording is not in the repository; label, distances and deviation are unchanged).
+
 The agent serves whichever bundled model uses the most features its probes produce
 (otel_ebpf_receiver.model.watch.best_bundled_model).
 A label that ends up the majority of no cluster (a state these features cannot see, e.g. CPU saturation for the

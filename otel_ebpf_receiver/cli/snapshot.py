@@ -22,7 +22,9 @@ SNAPSHOT_EPILOG = """examples (as root, or prefix sudo):
   otel-ebpf-receiver snapshot                             the same as text (what the live view shows)
 
 The JSON document: {"agent": {...}, "windows": [{"number", "seconds", "state", "raw_state", "score",
-"model_version", "top_features", "features", "probes": {name: {"rate", "rate_unit", "top"}}}, ...]}.
+"model_version", "top_features", "top_features_from", "features", "probes": {name: {"rate", "rate_unit",
+"top"}}}, ...]}. top_features_from: nearest_normal (the features furthest from normal explain the window) or
+assigned_cluster (what differs from the centre of its own cluster: a normal window, or any with an older model).
 Nothing is exported; mitigation, if configured, only says what it would do (enforce runs as dry-run).
 """
 
@@ -44,6 +46,7 @@ def window_document(result: WindowResult) -> dict[str, Any]:
         "score": finite(verdict.score),
         "model_version": verdict.model_version,
         "top_features": [{"feature": name, "deviation": finite(deviation)} for name, deviation in verdict.top_features],
+        "top_features_from": verdict.explained_from,
         "features": {name: finite(value) for name, value in result.window.values.items()},
         "probes": {name: {"rate": finite(r.rate) if r.rate is not None else None, "rate_unit": r.rate_unit,
                           "top": [{"label": t.label, "value": finite(t.value), "unit": t.unit} for t in r.top]}

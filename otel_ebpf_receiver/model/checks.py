@@ -17,8 +17,8 @@ from .contract import (ALLOWED_DOMAINS, ALLOWED_OPERATORS, FEATURE_NAME, INPUT_N
                        METADATA_ALGORITHM, METADATA_ATTACK_STATES, METADATA_DISTANCE, METADATA_FEATURES,
                        METADATA_FORMAT, METADATA_PERCENTILE, METADATA_STATES, METADATA_THRESHOLDS,
                        METADATA_TRAINING, METADATA_UNKNOWN_ABOVE, METADATA_VERSION, MODEL_FORMAT, OUTPUT_DEVIATION,
-                       OUTPUT_DISTANCES, OUTPUT_LABEL, OUTPUT_NAMES, REQUIRED_METADATA, STATE_NAME, UNKNOWN_STATE,
-                       WORD, ModelError)
+                       OUTPUT_DISTANCES, OUTPUT_LABEL, OUTPUT_NAMES, OUTPUT_NORMAL_DEVIATION, REQUIRED_METADATA,
+                       STATE_NAME, UNKNOWN_STATE, WORD, ModelError)
 
 REEXPORT = "re-export it with `otel-ebpf-model export`"
 GRAPH_HINT = "the graph does not follow the state-model contract; " + REEXPORT
@@ -270,6 +270,8 @@ def check_graph(path: Path, model: Any, n_features: int, n_clusters: int) -> Non
         raise ModelError(path, f"graph has no output {', '.join(missing)}", GRAPH_HINT)
     expected = {OUTPUT_LABEL: (TensorProto.INT64, 1, None), OUTPUT_DISTANCES: (TensorProto.FLOAT, 2, n_clusters),
                 OUTPUT_DEVIATION: (TensorProto.FLOAT, 2, n_features)}
+    if OUTPUT_NORMAL_DEVIATION in outputs:  # optional (contract.py, "Explanations"); checked like deviation
+        expected[OUTPUT_NORMAL_DEVIATION] = (TensorProto.FLOAT, 2, n_features)
     for name, (elem, rank, width) in expected.items():
         out = outputs[name]
         kind = "int64" if elem == TensorProto.INT64 else "float32"

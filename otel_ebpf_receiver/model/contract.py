@@ -6,6 +6,8 @@ The model file is self-describing (written by ``model_export``, read here; this 
     output   label      int64   [N]               cluster id, 0 <= label < n_clusters
     output   distances  float32 [N, n_clusters]   distance from the window to every cluster (see metadata distance)
     output   deviation  float32 [N, n_features]   scaled window minus the centre it was assigned to
+    output   normal_deviation  float32 [N, n_features]   optional: each feature's signed share of the distance
+                                                  to the nearest ``normal`` cluster (below)
 
     metadata_props (all strings; JSON where noted) — see the METADATA_* constants below.
 
@@ -20,8 +22,23 @@ score is above ``unknown_above`` (metadata, default 1.5) is reported as the stat
 is nearest: the model has not seen anything like it. Distances are Euclidean in the standardised feature space
 for kmeans and birch, Mahalanobis under the component's covariance for gmm (metadata ``distance``).
 
-"Features that moved most" (:attr:`Verdict.top_features`) are the three largest ``|deviation|`` entries: how
-many training standard deviations each feature is away from the centre of the assigned cluster.
+Explanations (:attr:`Verdict.top_features`, "moved most" in the state-change event and the incident span): the
+three features that put the window in its state, largest first, signed (+ above normal, − below):
+
+* a window the model calls ``normal``: the largest ``|deviation|``, how far (in the scaled space: training
+  standard deviations divided by the feature's weight) each feature is from the centre of its own normal cluster;
+* any other state, ``unknown`` included: the largest ``|normal_deviation|``, why the window is not normal. Its
+  square is the feature's term of the squared distance to the nearest cluster whose state is ``normal``
+  (``NORMAL_STATE``; nearest in the model's own distance, for birch its nearest normal subcluster): for
+  euclidean models ``normal_deviation = z − c``, the scaled window minus that centre, whose squares sum to the
+  squared distance exactly. For gmm it is
+  ``(z_i − μ_i)·sqrt(P_ii)``, with P the nearest normal component's precision matrix: exact for diag and
+  spherical covariances; for full and tied ones an approximation that ignores the correlations between features
+  (each feature in units of its standard deviation given the others).
+
+``normal_deviation`` is optional: a model without it (exported before it existed, or without a normal cluster)
+explains every window by ``deviation`` from its assigned centre, as before. When present it is checked like the
+other outputs (declared float32 [N, n_features], no NaN).
 
 What may drive mitigation (the attack-state rule): a window's state triggers blocking only when the operator lists it
 in ``mitigation.attack_states`` AND the serving model declares it an attack state. A model declares its attack
@@ -53,6 +70,8 @@ OUTPUT_LABEL = "label"
 OUTPUT_DISTANCES = "distances"
 OUTPUT_DEVIATION = "deviation"
 OUTPUT_NAMES = (OUTPUT_LABEL, OUTPUT_DISTANCES, OUTPUT_DEVIATION)
+OUTPUT_NORMAL_DEVIATION = "normal_deviation"   # optional (see "Explanations" above)
+NORMAL_STATE = "normal"                        # the baseline state: what explanations measure from
 
 # metadata_props keys. Every one is required.
 METADATA_FORMAT = "format"                  # MODEL_FORMAT
@@ -126,8 +145,9 @@ def printable(text: str, limit: int = 300) -> str:
 
 
 def output_problem(label: Any, distances: Any, deviation: Any, rows: int, n_clusters: int, n_features: int, *,
-                   allow_nan: bool = False) -> str | None:
+                   allow_nan: bool = False, normal_deviation: Any = None) -> str | None:
     """Why the outputs of one run break the contract (shapes, label range, NaN, negative distance), or None.
+    ``normal_deviation`` is checked like ``deviation`` when the model has that output (None: it has not).
 
     Infinite distances are allowed: "infinitely far from every centre" is a valid answer (the score makes the
     window ``unknown``). NaN is allowed only with ``allow_nan`` (the input itself held NaN: a probe's fault, not
@@ -142,6 +162,11 @@ def output_problem(label: Any, distances: Any, deviation: Any, rows: int, n_clus
         return f"distances have shape {distances.shape}, expected ({rows}, {n_clusters}) float"
     if deviation.shape != (rows, n_features) or deviation.dtype.kind != "f":
         return f"deviation has shape {deviation.shape}, expected ({rows}, {n_features}) float"
+    if normal_deviation is not None and (not isinstance(normal_deviation, np.ndarray)
+                                         or normal_deviation.shape != (rows, n_features)
+                                         or normal_deviation.dtype.kind != "f"):
+        shape = getattr(normal_deviation, "shape", "?")
+        return f"normal_deviation has shape {shape}, expected ({rows}, {n_features}) float"
     if rows:
         low, high = int(label.min()), int(label.max())
         if low < 0 or high >= n_clusters:
@@ -154,4 +179,6 @@ def output_problem(label: Any, distances: Any, deviation: Any, rows: int, n_clus
         return "distances hold NaN or negative values"
     if np.isnan(deviation).any():
         return "deviation holds NaN"
+    if normal_deviation is not None and np.isnan(normal_deviation).any():
+        return "normal_deviation holds NaN"
     return None

@@ -27,11 +27,15 @@ import numpy as np
 from .checks import (attack_states, check_graph, check_metadata, check_structure, external_tensors, parse_json)
 from .contract import (DEFAULT_MAX_BYTES, METADATA_ALGORITHM, METADATA_DISTANCE, METADATA_FEATURES,
                        METADATA_PERCENTILE, METADATA_STATES, METADATA_THRESHOLDS, METADATA_TRAINING,
-                       METADATA_UNKNOWN_ABOVE, METADATA_VERSION, OUTPUT_NAMES, TOP_FEATURES, UNKNOWN_STATE,
-                       ModelError, output_problem, printable)
+                       METADATA_UNKNOWN_ABOVE, METADATA_VERSION, NORMAL_STATE, OUTPUT_NAMES,
+                       OUTPUT_NORMAL_DEVIATION, TOP_FEATURES, UNKNOWN_STATE, ModelError, output_problem, printable)
 from .sandbox import prove_bounded, session_options
 
 _NOT_NEGATIVE = (0.0).__le__   # False for NaN too
+
+
+EXPLAINED_FROM_NORMAL = "nearest_normal"     # top_features: normal_deviation, why the window is not normal
+EXPLAINED_FROM_CLUSTER = "assigned_cluster"  # top_features: deviation from the centre of the window's own cluster
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +49,14 @@ class Verdict:
     score: float                    # distance / distance_thresholds[cluster]; > 1.0 is beyond the percentile
     distance: float                 # to the assigned cluster's centre, in the model's distance metric
     model_version: str
-    top_features: list[tuple[str, float]]  # (feature, deviation in training std units), largest |deviation| first
+    # (feature, signed deviation in the scaled space), largest first: why the window is in its state (contract.py,
+    # "Explanations") — from the nearest normal cluster when not normal, from its own normal centre when normal
+    top_features: list[tuple[str, float]]
     nearest_state: str              # the cluster's state even when the model's answer is "unknown"
     raw_state: str                  # the model's answer this window: nearest_state, or "unknown" above the threshold
     fault: str = ""                 # why this window's model output broke the contract (state is then unknown)
     declared_attack: bool = False   # the serving model declares ``state`` an attack state: mitigation may act
+    explained_from: str = ""        # what top_features measure from: EXPLAINED_FROM_NORMAL or EXPLAINED_FROM_CLUSTER
 
     @classmethod
     def unknown(cls, model_version: str = "none") -> "Verdict":
@@ -65,6 +72,11 @@ def probe_vectors(n_features: int) -> list[tuple[str, np.ndarray]]:
     probes = [("zero", shaped(0.0)), ("ones", shaped(1.0)), ("large", shaped(1e3)), ("negative", shaped(-1e3))]
     probes += [(f"random #{i}", rng.uniform(0, 20, (1, n_features)).astype(np.float32)) for i in range(4)]
     return probes
+
+
+def top_indices(values: Sequence[float], n: int = TOP_FEATURES) -> list[int]:
+    """The ``n`` indices of the largest ``|value|``, largest first; NaN last (a NaN feature explains nothing)."""
+    return sorted(range(len(values)), key=lambda i: -abs(values[i]) if values[i] == values[i] else math.inf)[:n]
 
 
 class StateModel:
@@ -94,7 +106,9 @@ class StateModel:
         self._session = session
         self._input = session.get_inputs()[0].name
         self._thresholds = self.thresholds.tolist()    # Python floats: cheaper to index per window
-        self._outputs = list(OUTPUT_NAMES)
+        # the optional explanation output (contract.py, "Explanations"); models without it keep the old behaviour
+        self.explains_from_normal = any(o.name == OUTPUT_NORMAL_DEVIATION for o in session.get_outputs())
+        self._outputs = list(OUTPUT_NAMES) + ([OUTPUT_NORMAL_DEVIATION] if self.explains_from_normal else [])
         self._n_clusters = len(self.cluster_states)
         self._n_features = len(self.feature_names)
         self._distances_shape = (1, self._n_clusters)
@@ -112,8 +126,13 @@ class StateModel:
 
     def run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Raw outputs (label, distances, deviation) for a float32 batch of shape (N, n_features), unchecked."""
-        label, distances, deviation = self._session.run(self._outputs, {self._input: x})
+        label, distances, deviation = self._session.run(list(OUTPUT_NAMES), {self._input: x})
         return label, distances, deviation
+
+    def run_all(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+        """:meth:`run` plus ``normal_deviation`` (None for a model without that output), unchecked."""
+        outputs = self._session.run(self._outputs, {self._input: x})
+        return outputs[0], outputs[1], outputs[2], outputs[3] if len(outputs) > 3 else None
 
     def predict(self, values: Mapping[str, float]) -> Verdict:
         try:
@@ -126,9 +145,11 @@ class StateModel:
         """The verdict for one window (row 0 of ``x``). Never raises: outputs that break the contract (shape,
         label range, NaN; checked every window, a few microseconds) give ``unknown`` with ``fault`` set."""
         try:
-            label, distances, deviation = self._session.run(self._outputs, {self._input: x})
+            outputs = self._session.run(self._outputs, {self._input: x})
         except Exception as exc:
             return self._fault(f"inference failed ({type(exc).__name__}: {exc})")
+        label, distances, deviation = outputs[0], outputs[1], outputs[2]
+        normal_dev = outputs[3] if len(outputs) > 3 else None
         # The contract, checked in plain Python on the row we use (cheaper than numpy reductions on 1-row arrays);
         # anything unusual goes to output_problem for the exact reason.
         cluster = -1
@@ -136,33 +157,46 @@ class StateModel:
                 and type(distances) is np.ndarray and distances.shape == self._distances_shape
                 and distances.dtype.kind == "f"
                 and type(deviation) is np.ndarray and deviation.shape == self._deviation_shape
-                and deviation.dtype.kind == "f"):
+                and deviation.dtype.kind == "f"
+                and (normal_dev is None or (type(normal_dev) is np.ndarray
+                                            and normal_dev.shape == self._deviation_shape
+                                            and normal_dev.dtype.kind == "f"))):
             cluster = int(label[0])
             row = distances[0].tolist()
             dev = deviation[0].tolist()  # a handful of floats: plain Python beats numpy's per-call overhead
+            from_normal = normal_dev[0].tolist() if normal_dev is not None else None
             if not (0 <= cluster < self._n_clusters and all(map(_NOT_NEGATIVE, row))
-                    and not any(map(math.isnan, dev))):
+                    and not any(map(math.isnan, dev))
+                    and (from_normal is None or not any(map(math.isnan, from_normal)))):
                 cluster = -1
         if cluster < 0:
             rows = len(x)
-            problem = output_problem(label, distances, deviation, rows, self._n_clusters, self._n_features)
+            problem = output_problem(label, distances, deviation, rows, self._n_clusters, self._n_features,
+                                     normal_deviation=normal_dev)
             if problem is not None and not np.isfinite(x).all():
                 # a NaN feature (a probe bug) makes NaN outputs: the window is unknown, the model is not at fault
                 problem = output_problem(label, distances, deviation, rows, self._n_clusters, self._n_features,
-                                         allow_nan=True)
+                                         allow_nan=True, normal_deviation=normal_dev)
             if problem is not None or rows < 1:
                 return self._fault(problem or "empty batch")
             cluster = int(label[0])
             row = distances[0].tolist()
             dev = deviation[0].tolist()
+            from_normal = normal_dev[0].tolist() if normal_dev is not None else None
         distance = row[cluster]
         score = distance / self._thresholds[cluster]
         nearest = self.cluster_states[cluster]
         # written as "<= else unknown" so that a NaN score (a NaN feature: a probe bug) is unknown too
         state = nearest if score <= self.unknown_above else UNKNOWN_STATE
-        order = sorted(range(len(dev)), key=lambda i: -abs(dev[i]))[:TOP_FEATURES]
-        top = [(self.feature_names[i], dev[i]) for i in order]
-        return Verdict(cluster, state, score, distance, self.version, top, nearest, state)
+        # Explanations (contract.py): a normal window by what moved most from its own normal centre; any other
+        # state by what puts it furthest from normal, when the model says (normal_deviation)
+        if state != NORMAL_STATE and from_normal is not None:
+            shares, explained_from = from_normal, EXPLAINED_FROM_NORMAL
+        else:
+            shares, explained_from = dev, EXPLAINED_FROM_CLUSTER
+        top = [(self.feature_names[i], shares[i]) for i in top_indices(shares)]
+        return Verdict(cluster, state, score, distance, self.version, top, nearest, state,
+                       explained_from=explained_from)
 
     def _fault(self, problem: str) -> Verdict:
         self.faults += 1
@@ -181,6 +215,7 @@ class StateModel:
             "threshold_percentile": self.percentile,
             "unknown_above": self.unknown_above,
             "feature_names": list(self.feature_names),
+            "explanations": EXPLAINED_FROM_NORMAL if self.explains_from_normal else EXPLAINED_FROM_CLUSTER,
             "attack_states": sorted(self.attack_states),
             "clusters": [
                 {"cluster": i, "state": s, "distance_threshold": float(t)}
@@ -349,12 +384,14 @@ def _test_inference(path: Path, model: StateModel, n_features: int, n_clusters: 
     hint = "the model does not compute what its metadata says; re-export it with `otel-ebpf-model export`"
     for name, x in probe_vectors(n_features):
         try:
-            label, distances, deviation = model.run(x)
+            label, distances, deviation, normal_deviation = model.run_all(x)
         except Exception as exc:
             raise ModelError(path, f"test inference on the {name} vector failed ({exc})", hint) from None
-        problem = output_problem(label, distances, deviation, 1, n_clusters, n_features)
+        problem = output_problem(label, distances, deviation, 1, n_clusters, n_features,
+                                 normal_deviation=normal_deviation)
         if problem is not None:
             raise ModelError(path, f"test inference on the {name} vector: {problem}", hint)
 
 
-__all__ = ["StateModel", "Verdict", "load_model", "probe_vectors", "session_options"]
+__all__ = ["EXPLAINED_FROM_CLUSTER", "EXPLAINED_FROM_NORMAL", "StateModel", "Verdict", "load_model", "probe_vectors",
+           "session_options", "top_indices"]

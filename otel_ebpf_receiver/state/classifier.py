@@ -13,7 +13,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..features import FeatureWindow, feature_names
 from ..model.contract import UNKNOWN_STATE
-from ..model.runtime import Verdict
+from ..model.runtime import EXPLAINED_FROM_NORMAL, Verdict
 from ..model.watch import DEFAULT_MODEL_DIR, ModelWatcher, best_bundled_model
 from ..probes.base import COUNTER, GAUGE, Metric, Reading
 from .debounce import StateDebouncer
@@ -166,18 +166,22 @@ class StateClassifier:
         from_state, to_state = transition.from_state, transition.to_state
         self._pending.counters.append(("otel_ebpf_receiver.system_state.transitions", 1,
                                        {"system.state.from": from_state, "system.state.to": to_state}))
+        # why (model/contract.py, "Explanations"): leaving normal, the features furthest from the nearest normal
+        # cluster; back to normal, what moved most from the normal centre
         moved = ", ".join(f"{name} {dev:+.1f}σ" for name, dev in raw.top_features)
-        log.info("state %s → %s (score %.2f; moved most: %s)", from_state, to_state, raw.score, moved or "-")
+        reference = "from normal" if raw.explained_from == EXPLAINED_FROM_NORMAL else "moved most"
+        log.info("state %s → %s (score %.2f; %s: %s)", from_state, to_state, raw.score, reference, moved or "-")
         if self.telemetry is None:
             return
+        explanation: dict[str, Any] = {"system.state.top_feature.reference": raw.explained_from or "none"}
+        for rank, (name, deviation) in enumerate(raw.top_features, 1):
+            explanation[f"system.state.top_feature.{rank}"] = name
+            explanation[f"system.state.top_feature.{rank}.deviation"] = float(deviation)
         attributes = {"system.state.from": from_state, "system.state.to": to_state,
                       "system.state.anomaly_score": float(raw.score), "system.state.model": model_version,
-                      "system.state.windows": transition.windows}
-        for rank, (name, deviation) in enumerate(raw.top_features, 1):
-            attributes[f"system.state.top_feature.{rank}"] = name
-            attributes[f"system.state.top_feature.{rank}.deviation"] = float(deviation)
+                      "system.state.windows": transition.windows, **explanation}
         self.telemetry.emit_event(EVENT_STATE_CHANGE, attributes, body=f"system state {from_state} -> {to_state}")
-        self.incidents.on_transition(from_state, to_state, float(raw.score), model_version)
+        self.incidents.on_transition(from_state, to_state, float(raw.score), model_version, explanation)
 
     def read(self, seconds: float) -> Reading:
         """Metrics produced since the last window (recorded by the agent with the new state attached)."""

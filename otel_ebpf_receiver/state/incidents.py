@@ -3,9 +3,11 @@ each transition, early warning and mitigation (so Jaeger/Tempo show the incident
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
-BASELINE_STATES = ("normal",)
+from ..model.contract import NORMAL_STATE
+
+BASELINE_STATES = (NORMAL_STATE,)
 EVENT_WARNING = "system.state.warning"
 INCIDENT_SPAN = "system.state.incident"
 
@@ -51,8 +53,12 @@ class Incidents:
         if self.span is not None:
             self.peak_score = max(self.peak_score, score)
 
-    def on_transition(self, from_state: str, to_state: str, score: float, model_version: str) -> None:
-        attrs = {"system.state.from": from_state, "system.state.to": to_state, "system.state.anomaly_score": score}
+    def on_transition(self, from_state: str, to_state: str, score: float, model_version: str,
+                      explanation: Mapping[str, Any] | None = None) -> None:
+        """``explanation``: the state-change event's ``system.state.top_feature.*`` attributes, which the span's
+        transition event carries too (why the host left normal, in the trace view)."""
+        attrs = {"system.state.from": from_state, "system.state.to": to_state, "system.state.anomaly_score": score,
+                 **(explanation or {})}
         if to_state in BASELINE_STATES:
             if self.span is not None:
                 self.span.add_event("system.state.transition", attrs)
