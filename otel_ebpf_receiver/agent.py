@@ -120,7 +120,7 @@ class Agent:
         attached = [(1.0, {PROBE_NAME: p.name, PROBE_MODE: p.mode}) for p in self.probes]
         skipped = [(0.0, {PROBE_NAME: n, PROBE_MODE: "disabled"}) for n in skipped_probes]
         self._attached_gauge = {"otel_ebpf_receiver.probe.attached": attached + skipped}
-        self._export_health_seen: dict[tuple[str, str], int] = {}
+        self._export_health_seen: dict[tuple[str, ...], int] = {}
 
     @property
     def last_window(self) -> FeatureWindow | None:
@@ -248,15 +248,21 @@ class Agent:
             self.sink.set_gauges(values, dict(key))
 
     def _export_delivery_health(self, state: dict[str, str]) -> None:
-        """Failed exports (per signal) and log records / spans that were dropped (per signal and reason) since the
-        last window, from the telemetry's cumulative counts."""
+        """Failed exports (per signal) and log records / spans that were dropped (per signal, reason and event
+        name) since the last window, from the telemetry's cumulative counts."""
         for (what, kind), total in self.telemetry.export_health().items():
+            if what != "failures":
+                continue
             increase = total - self._export_health_seen.get((what, kind), 0)
             self._export_health_seen[(what, kind)] = total
-            if increase and what == "failures":
+            if increase:
                 self.sink.add("otel_ebpf_receiver.export.failures", increase, {"signal": kind}, state)
-            elif increase:
-                self.sink.add("otel_ebpf_receiver.export.dropped", increase, {"signal": kind, "reason": what}, state)
+        for (kind, reason, name), total in self.telemetry.dropped_events().items():
+            increase = total - self._export_health_seen.get((kind, reason, name), 0)
+            self._export_health_seen[(kind, reason, name)] = total
+            if increase:
+                attributes = {"signal": kind, "reason": reason} | ({"event.name": name} if name else {})
+                self.sink.add("otel_ebpf_receiver.export.dropped", increase, attributes, state)
 
     @staticmethod
     def state_attributes(verdict: Verdict) -> dict[str, str]:

@@ -10,6 +10,9 @@ per retry and we silence them. :class:`Delivery` counts every such record per si
     export_failed  the export of its batch failed (Collector unreachable, refused, timed out)
     shutdown       still queued or in flight when the agent stopped and the flush deadline passed
 
+and, for log records, per event name (``event.name``), so what was lost is known: a few state changes, or the
+block events of an attack.
+
 The queue bound is ours, applied before the SDK's: the SDK's own queue (a deque with a maximum length) drops the
 oldest record without telling anyone, and what it drops is visible only through private fields. So
 :class:`AdmittingLogProcessor` / :class:`AdmittingSpanProcessor` refuse (and count) a record when
@@ -75,8 +78,9 @@ class ReportingExporter(MetricExporter):
 
 
 class Delivery:
-    """The fate of one signal's records (``logs`` or ``spans``): accepted, exported, dropped per reason. Says once
-    when records start being lost and once when export works again (with how many were lost meanwhile)."""
+    """The fate of one signal's records (``logs`` or ``spans``): accepted, exported, dropped per reason and per
+    event name (a log record's ``event_name``; spans have none). Says once when records start being lost and once
+    when export works again (with how many were lost meanwhile)."""
 
     def __init__(self, signal: str, target: str, max_queue: int) -> None:
         self.signal = signal
@@ -85,9 +89,10 @@ class Delivery:
         self.accepted = 0
         self.exported = 0
         self.failures = 0            # export calls that failed
-        self.dropped: Counter[str] = Counter()
-        self.queued = 0              # accepted, not yet handed to the exporter
-        self.in_flight = 0           # handed to the exporter, result not known yet
+        self.dropped: Counter[str] = Counter()                   # by reason
+        self.dropped_events: Counter[tuple[str, str]] = Counter()  # by (reason, event name)
+        self.queued: Counter[str] = Counter()      # accepted, not yet handed to the exporter, by event name
+        self.in_flight: Counter[str] = Counter()   # handed to the exporter, result not known yet, by event name
         self.failing = False
         self._dropped_when_failing_began = 0
         self._lock = threading.Lock()
@@ -96,26 +101,33 @@ class Delivery:
     def dropped_total(self) -> int:
         return sum(self.dropped.values())
 
-    def admit(self) -> bool:
-        """A record is about to be queued: False (and counted as dropped) when the queue is full."""
+    def admit(self, name: str = "") -> bool:
+        """A record (of event ``name``) is about to be queued: False (and counted as dropped) when the queue is
+        full."""
         with self._lock:
-            if self.queued >= self.max_queue:
-                self._drop("queue_full", 1, "its queue is full")
+            if self.queued.total() >= self.max_queue:
+                self._drop("queue_full", [name], "its queue is full")
                 return False
-            self.queued += 1
+            self.queued[name] += 1
             self.accepted += 1
             return True
 
-    def handed(self, count: int) -> None:
+    def handed(self, names: Sequence[str]) -> None:
         with self._lock:
-            self.queued = max(0, self.queued - count)
-            self.in_flight += count
+            for name in names:
+                if self.queued[name] > 0:
+                    self.queued[name] -= 1
+                self.in_flight[name] += 1
+            self.queued += Counter()  # drops zero entries
 
-    def finished(self, count: int, ok: bool, reason: str = "") -> None:
+    def finished(self, names: Sequence[str], ok: bool, reason: str = "") -> None:
         with self._lock:
-            self.in_flight = max(0, self.in_flight - count)
+            for name in names:
+                if self.in_flight[name] > 0:
+                    self.in_flight[name] -= 1
+            self.in_flight += Counter()
             if ok:
-                self.exported += count
+                self.exported += len(names)
                 if self.failing:
                     lost = self.dropped_total - self._dropped_when_failing_began
                     log.warning("%s export to %s recovered; %d %s were lost meanwhile (counted in "
@@ -124,29 +136,38 @@ class Delivery:
                 self.failing = False
             else:
                 self.failures += 1
-                self._drop("export_failed", count, reason or "not reachable or refused")
+                self._drop("export_failed", names, reason or "not reachable or refused")
 
     def abandon(self) -> int:
         """At the end of shutdown: whatever is still queued or in flight will not be delivered. Returns it."""
         with self._lock:
             left = self.queued + self.in_flight
-            if left:
-                self.dropped["shutdown"] += left
-            self.queued = self.in_flight = 0
-            return left
+            for name, count in left.items():
+                self.dropped["shutdown"] += count
+                self.dropped_events[("shutdown", name)] += count
+            self.queued, self.in_flight = Counter(), Counter()
+            return left.total()
 
     @property
     def _name(self) -> str:
         return {"logs": "log", "spans": "span"}[self.signal]
 
-    def _drop(self, reason: str, count: int, why: str) -> None:
+    def _drop(self, reason: str, names: Sequence[str], why: str) -> None:
         """Called with the lock held."""
         if not self.failing:
             self._dropped_when_failing_began = self.dropped_total
             log.warning("%s export to %s failed (%s); %s are dropped until it works again, counted in "
                         "otel_ebpf_receiver.export.dropped", self._name, self.target, why, RECORD_NAMES[self.signal])
             self.failing = True
-        self.dropped[reason] += count
+        self.dropped[reason] += len(names)
+        for name in names:
+            self.dropped_events[(reason, name)] += 1
+
+
+def event_name(record: Any) -> str:
+    """The event name of a log record as the SDK hands it to processors and exporters ("" when it has none)."""
+    inner = getattr(record, "log_record", record)
+    return getattr(inner, "event_name", None) or ""
 
 
 def _outcome(call: Callable[[], Any], success: Any) -> tuple[Any, bool, str]:
@@ -163,9 +184,10 @@ def accounted_log_exporter(inner: Any, delivery: Delivery) -> Any:
 
     class AccountedLogExporter(LogRecordExporter):
         def export(self, batch: Sequence[Any]) -> LogRecordExportResult:
-            delivery.handed(len(batch))
+            names = [event_name(record) for record in batch]
+            delivery.handed(names)
             result, ok, reason = _outcome(lambda: inner.export(batch), LogRecordExportResult.SUCCESS)
-            delivery.finished(len(batch), ok, reason)
+            delivery.finished(names, ok, reason)
             return result if result is not None else LogRecordExportResult.FAILURE
 
         def shutdown(self) -> None:
@@ -182,9 +204,10 @@ def accounted_span_exporter(inner: Any, delivery: Delivery) -> Any:
 
     class AccountedSpanExporter(SpanExporter):
         def export(self, spans: Sequence[Any]) -> SpanExportResult:
-            delivery.handed(len(spans))
+            names = [""] * len(spans)
+            delivery.handed(names)
             result, ok, reason = _outcome(lambda: inner.export(spans), SpanExportResult.SUCCESS)
-            delivery.finished(len(spans), ok, reason)
+            delivery.finished(names, ok, reason)
             return result if result is not None else SpanExportResult.FAILURE
 
         def shutdown(self) -> None:
@@ -202,7 +225,7 @@ def admitting_log_processor(inner: Any, delivery: Delivery) -> Any:
 
     class AdmittingLogProcessor(LogRecordProcessor):
         def on_emit(self, log_record: Any) -> None:
-            if delivery.admit():
+            if delivery.admit(event_name(log_record)):
                 inner.on_emit(log_record)
 
         def shutdown(self) -> None:

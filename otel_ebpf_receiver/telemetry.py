@@ -55,8 +55,9 @@ SELF_METRICS = (
            "Exports that failed, per signal (metrics, logs, spans).", ("signal",)),
     Metric("otel_ebpf_receiver.export.dropped", COUNTER, "{record}",
            "Log records and spans that never reached the Collector, per signal and reason (queue_full, "
-           "export_failed, shutdown). Metrics are cumulative and lose nothing to a failed export.",
-           ("signal", "reason")),
+           "export_failed, shutdown), and per event name for log records (event.name: system.state.change, "
+           "mitigation.block, ...). Metrics are cumulative and lose nothing to a failed export.",
+           ("signal", "reason", "event.name")),
 )
 
 
@@ -228,6 +229,15 @@ class Telemetry:
             for reason, count in delivery.dropped.items():
                 health[(reason, delivery.signal)] = health.get((reason, delivery.signal), 0) + count
         return health
+
+    def dropped_events(self) -> dict[tuple[str, str, str], int]:
+        """Cumulative drops by (signal, reason, event name); the event name is "" for spans."""
+        dropped: dict[tuple[str, str, str], int] = {}
+        for delivery in self.deliveries:
+            for (reason, name), count in delivery.dropped_events.items():
+                key = (delivery.signal, reason, name)
+                dropped[key] = dropped.get(key, 0) + count
+        return dropped
 
     def emit_event(self, name: str, attributes: Mapping[str, Any], body: str | None = None,
                    severity: str = "INFO") -> None:

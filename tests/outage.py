@@ -65,7 +65,7 @@ class OutageRun:
     recovery_seconds: float = -1         # from the Collector's restart to the exact exec count in it
     rejections_emitted: float = -1       # the model_rejections counter, as delivered after the outage
     rejections_delivered: int = -1       # `system.state.model.rejected` records in the Collector's logs.jsonl
-    dropped_logs: float = -1             # export.dropped{signal=logs}, as delivered after the outage
+    dropped_logs: float = -1             # export.dropped{signal=logs, event.name=<rejected>}, as delivered after
     failures: dict[str, float] = field(default_factory=dict)
     samples: list[tuple[float, str, int]] = field(default_factory=list)
     stderr: str = ""
@@ -202,7 +202,8 @@ def run_outage(workdir: Path, outage_seconds: float, warmup_seconds: float = 20,
             time.sleep(8)  # the rejection counter and the drop counter of the last rewrites: a few more exports
             page = col.scrape()
             result.rejections_emitted = scraped_sum(page, "otel_ebpf_receiver_system_state_model_rejections_total")
-            result.dropped_logs = scraped_sum(page, "otel_ebpf_receiver_export_dropped_total", signal="logs")
+            result.dropped_logs = scraped_sum(page, "otel_ebpf_receiver_export_dropped_total", signal="logs",
+                                              event_name="system.state.model.rejected")
             for kind in ("metrics", "logs", "spans"):
                 result.failures[kind] = scraped_sum(page, "otel_ebpf_receiver_export_failures_total", signal=kind)
             result.rejections_delivered = sum(1 for r in col.records("logs")

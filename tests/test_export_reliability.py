@@ -60,7 +60,7 @@ def test_log_records_lost_to_a_dead_collector_are_counted_said_once_and_exported
                 telemetry.export_health()
         agent.step(1.0)
         assert metric_sum(reader, "otel_ebpf_receiver.export.dropped",
-                          {"signal": "logs", "reason": "export_failed"}) == 5
+                          {"signal": "logs", "reason": "export_failed", "event.name": "test.event"}) == 5
         assert metric_sum(reader, "otel_ebpf_receiver.export.failures", {"signal": "logs"}) >= 1
         failed = [r.getMessage() for r in caplog.records if "log export to" in r.getMessage()]
         assert len(failed) == 1 and "failed" in failed[0] and "otel_ebpf_receiver.export.dropped" in failed[0], failed
@@ -83,6 +83,12 @@ def test_full_queue_drops_are_counted_and_every_record_is_accounted_for(dead_col
     assert delivery.exported == 0
     assert delivery.dropped_total == emitted, dict(delivery.dropped)
     assert lost == {"logs": emitted}
+    # ... and every one under its event name, whatever the reason: an SRE can tell which events were lost.
+    by_name = {name: 0 for _, name in delivery.dropped_events}
+    for (_, name), count in delivery.dropped_events.items():
+        by_name[name] += count
+    assert by_name == {"test.event": emitted}, dict(delivery.dropped_events)
+    assert delivery.dropped_events[("queue_full", "test.event")] == delivery.dropped["queue_full"]
 
 
 def test_spans_lost_to_a_dead_collector_are_counted(dead_collector):
