@@ -62,6 +62,7 @@ class OutageRun:
     execs_before: int = 0
     execs_during: int = 0
     execs_seen_after: float = -1
+    reconnect_seconds: float = -1        # from the Collector's restart to the agent saying metric export recovered
     recovery_seconds: float = -1         # from the Collector's restart to the exact exec count in it
     rejections_emitted: float = -1       # the model_rejections counter, as delivered after the outage
     rejections_delivered: int = -1       # `system.state.model.rejected` records in the Collector's logs.jsonl
@@ -90,6 +91,7 @@ class OutageRun:
                 ("growth over its second half", f"{(during[-1] - during[len(during) // 2]) / 1024:+.1f} MiB"),
                 ("execs before / during", f"{self.execs_before} / {self.execs_during}"),
                 ("execs in the Collector after", f"{self.execs_seen_after:.0f}"),
+                ("from restart to first metric export", f"{self.reconnect_seconds:.1f} s"),
                 ("from restart to exact count", f"{self.recovery_seconds:.0f} s"),
                 ("rejection events emitted", f"{self.rejections_emitted:.0f}"),
                 ("  delivered / counted as dropped", f"{self.rejections_delivered} / {self.dropped_logs:.0f}"),
@@ -182,6 +184,14 @@ def run_outage(workdir: Path, outage_seconds: float, warmup_seconds: float = 20,
             col.start()
             restarted = time.monotonic()
             say("collector up again")
+            # The agent says "metric export ... recovered" after its first export that reaches the Collector.
+            ends = restarted + RECOVERY_TIMEOUT
+            while result.reconnect_seconds < 0 and time.monotonic() < ends:
+                if EXPORT_RECOVERED_METRICS.search(stderr_path.read_text(errors="replace")):
+                    result.reconnect_seconds = time.monotonic() - restarted
+                else:
+                    alive()
+                    time.sleep(0.25)
             hold("after", 10)
             workload.stop()
             result.execs_during = workload.execs - result.execs_before
@@ -224,3 +234,4 @@ def run_outage(workdir: Path, outage_seconds: float, warmup_seconds: float = 20,
 
 EXPORT_FAILED = re.compile(r"^otel-ebpf-receiver: (metric|log|span) export to .* failed", re.M)
 EXPORT_RECOVERED = re.compile(r"^otel-ebpf-receiver: (metric|log|span) export to .* recovered", re.M)
+EXPORT_RECOVERED_METRICS = re.compile(r"^otel-ebpf-receiver: metric export to .* recovered", re.M)
