@@ -38,5 +38,7 @@ def test_five_minute_outage_memory_bounded_counts_exact_drops_counted(otelcol, t
     assert 0 <= run.reconnect_seconds <= RECONNECT_BOUND_SECONDS, run.table()
     said_failed = EXPORT_FAILED.findall(run.stderr)
     said_recovered = EXPORT_RECOVERED.findall(run.stderr)
-    assert sorted(said_failed) == ["log", "metric"], f"failure not said once per signal:\n{run.stderr[-3000:]}"
-    assert sorted(said_recovered) == ["log", "metric"], f"recovery not said once per signal:\n{run.stderr[-3000:]}"
+    # Metrics and logs fail for sure; spans too if the state flipped meanwhile (an incident ended): each once.
+    assert len(said_failed) == len(set(said_failed)) and {"log", "metric"} <= set(said_failed), \
+        f"failure not said once per signal:\n{run.stderr[-3000:]}"
+    assert sorted(said_recovered) == sorted(said_failed), f"recovery not said once per signal:\n{run.stderr[-3000:]}"
