@@ -9,6 +9,7 @@ reading into OpenTelemetry with the current ``system.state`` attached, so the pr
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
@@ -187,10 +188,14 @@ class Probe:
     # the C constants (enum values, array indexes) Python relies on, with Python's values.
     maps: ClassVar[Mapping[str, MapContract]] = {}
     c_constants: ClassVar[Mapping[str, int]] = {}
+    # A part of the syscall hub (probes/syscall_hub.py): its .bpf.c defines <name>_on_syscall_exit under
+    # SYSCALL_HUB and its classic tracepoints otherwise; its settings have force_tracepoint.
+    syscall_hub: ClassVar[bool] = False
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = {**self.defaults, **dict(settings or {})}
         self.bpf: Any = None
+        self.hub: Any = None  # the SyscallHub whose program this probe shares, when it does
         self.mode = ""  # how it attached, e.g. "raw_tracepoint" — shown by `probes` and the live view
         # Set by the assembly: on_event(name, attributes) turns probe events (blocklist changes) into OTel logs.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
@@ -241,6 +246,15 @@ class Probe:
 
         from ..errors import ProbeError
 
+        if self.syscall_hub and not self.settings.get("force_tracepoint"):
+            from . import syscall_hub
+
+            if syscall_hub.unavailable_reason() is None:
+                try:
+                    syscall_hub.SyscallHub([self]).load()
+                    return
+                except ProbeError as exc:  # the classic tracepoints may still work: say why they are used
+                    logging.getLogger("otel_ebpf_receiver").warning("%s; trying classic tracepoints", exc)
         where = f"bpf/{self.name}.bpf.c"
         if self.c_constants and "CHECK_PYTHON_CONSTANTS" not in self.source_path().read_text():
             raise ProbeError(f"probe {self.name} disabled: {where} does not end with CHECK_PYTHON_CONSTANTS, so "
@@ -262,6 +276,31 @@ class Probe:
             raise ProbeError(f"probe {self.name} disabled: {where} and Python disagree: {exc}") from None
         if not self.mode:
             self.mode = "tracepoint"
+        self.on_loaded()
+
+    def join_hub(self, hub: Any) -> None:
+        """Read this probe's maps from the syscall hub's program (probes/syscall_hub.py) instead of its own."""
+        from ..errors import ProbeError
+
+        self.hub, self.bpf = hub, hub.bpf
+        try:
+            self.check_maps()
+        except LayoutError as exc:
+            raise ProbeError(f"probe {self.name} disabled: bpf/{self.name}.bpf.c and Python disagree: {exc}") from None
+        self.mode = hub.mode
+        self.on_loaded()
+
+    def on_loaded(self) -> None:
+        """Once the program is loaded, alone or as a part of the syscall hub: map snapshots, settings maps."""
+
+    def table(self, name: str) -> Any:
+        """A map of this probe's program by its name in the probe's .bpf.c (the hub renames the private ones)."""
+        if self.hub is not None:
+            from .syscall_hub import PRIVATE_NAMES, private_name
+
+            if name in PRIVATE_NAMES:
+                return self.bpf[private_name(self.name, name)]
+        return self.bpf[name]
 
     def contract_maps(self) -> Mapping[str, MapContract]:
         """The maps of ``maps`` this program has with these settings (some are compiled in by a setting)."""
@@ -270,18 +309,28 @@ class Probe:
     def check_maps(self) -> None:
         """Each map Python reads against bcc's types and the kernel's sizes (raises contract.LayoutError)."""
         for map_name, contract in self.contract_maps().items():
-            check_map(map_name, self.bpf[map_name], contract)
+            check_map(map_name, self.table(map_name), contract)
 
     def program_fds(self) -> dict[str, int]:
         """Function name -> fd of every program this probe loaded (what probe_cost.py reads run times from).
         bcc keeps a function in ``funcs`` once it loaded it: the ones it attached by itself and the ones a probe
         loaded to attach (the XDP program). Empty when the probe is not loaded."""
+        if self.hub is not None:
+            return self.hub.program_fds()
         if self.bpf is None:
             return {}
         return {str(name.decode() if isinstance(name, bytes) else name): fn.fd for name, fn in self.bpf.funcs.items()}
 
+    def cost_name(self) -> str:
+        """Whose programs program_fds() are: this probe's name, or the syscall hub's (``syscalls+file_open``):
+        the probes sharing one program share its cost, which cannot be split between them."""
+        return self.hub.name if self.hub is not None else self.name
+
     def close(self) -> None:
-        """Detach every program and close the maps."""
+        """Detach every program and close the maps (a hub's program when the last probe sharing it closes)."""
+        if self.hub is not None:
+            self.hub.release(self)
+            self.hub, self.bpf = None, None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
