@@ -25,7 +25,9 @@ struct syscall_exit {
 };
 
 // A 32-bit task's syscall numbers are another table (its read is x86_64's close): the classic per-syscall
-// tracepoints ignore those calls, and so do the parts that interpret arguments.
+// tracepoints ignore those calls, and so do the parts that interpret arguments. Told by the code segment, which
+// misses one rare case: a 64-bit task calling `int $0x80` (the kernel's TS_COMPAT flag would tell, but it sits in
+// task_struct, whose layout the generic headers bcc compiles against do not promise).
 #define SYSCALL_HUB_USER32_CS 0x23  // __USER32_CS: GDT_ENTRY_DEFAULT_USER32_CS (4) * 8 + 3, a fixed x86_64 ABI value
 static __always_inline int compat_syscall(const struct syscall_exit *call) {
     return call->cs == SYSCALL_HUB_USER32_CS;
