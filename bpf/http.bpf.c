@@ -9,12 +9,12 @@
 // here against "METHOD " and "HTTP/1.x NNN" and only counters leave the kernel — never payload bytes.
 //
 // Cost: in the syscall hub (SYSCALL_HUB, bpf/syscall_hub.bpf.c: one raw sys_exit program for all syscall-based
-// probes) a read/write-family call of any process pays one hash lookup at exit ("is (tgid, fd) an accepted
-// connection?") and an untracked descriptor returns right there; every other syscall pays a few compares. The
-// arguments (fd, buffer) are still in the saved registers at exit. With the classic tracepoints (fallback) the
-// lookup happens at entry and the buffer is remembered until exit. A connection whose first payload, in either
-// direction, is not HTTP/1.x (TLS, HTTP/2, a database protocol...) is forgotten at once, so it costs a lookup
-// miss from then on.
+// probes) every other syscall pays a few compares; a read/write-family call or a close pays one array load
+// ("does any process hashing to this slot hold a tracked connection?", see servers) and, only when the answer is
+// maybe, one hash lookup ("is (tgid, fd) an accepted connection?"); an untracked descriptor returns right there.
+// The arguments (fd, buffer) are still in the saved registers at exit. With the classic tracepoints (fallback)
+// the same check happens at entry and the buffer is remembered until exit. A connection whose first payload, in
+// either direction, is not HTTP/1.x (TLS, HTTP/2, a database protocol...) is forgotten at once.
 //
 // Latency: from the recv that returned a request line to the send that starts the response (status line) on the
 // same (tgid, fd): the server's time to first response byte, not including sending the body.
@@ -86,6 +86,12 @@ struct response_val {
 };
 
 BPF_TABLE("lru_hash", struct conn_key, struct conn_val, conns, MAX_CONNS);
+// Most processes never accept a connection: their reads, writes and closes should not pay a hash lookup. servers
+// counts the conns entries of the processes whose tgid falls in each slot, an upper bound (an entry the LRU
+// evicts or an accept overwrites is never subtracted), so 0 proves "no tracked connection here" with one array
+// load, which the JIT inlines; anything else falls through to the conns lookup.
+#define SERVER_SLOTS 4096
+BPF_ARRAY(servers, u32, SERVER_SLOTS);
 #ifndef SYSCALL_HUB
 // thread -> the tracked recv/send it is in; thread -> listening fd of the accept it is in. Entries live for one
 // syscall; LRU so that one left behind by an unusual exit path can never fill them. (The hub reads both from the
@@ -104,6 +110,23 @@ BPF_HASH(comm_filter, struct http_comm_key, u8, 64);  // filled by user space be
 #endif
 
 // ---- accept / close: which (tgid, fd) are server connections --------------------------------------------------
+static __always_inline struct conn_val *tracked_conn(struct conn_key *key) {
+    u32 slot = key->tgid & (SERVER_SLOTS - 1);
+    u32 *servers_here = servers.lookup(&slot);
+    if (!servers_here || !*servers_here)
+        return NULL;  // no process hashing here holds a tracked connection
+    return conns.lookup(key);
+}
+
+static __always_inline void forget_conn(struct conn_key *key) {
+    if (conns.delete(key) != 0)
+        return;
+    u32 slot = key->tgid & (SERVER_SLOTS - 1);
+    u32 *servers_here = servers.lookup(&slot);
+    if (servers_here && *servers_here)
+        __sync_fetch_and_add(servers_here, -1);  // a race to below 0 wraps to "maybe": costs a lookup, never a miss
+}
+
 static __always_inline int track_accept(u64 id, u32 listen_fd, long ret) {
     if (ret < 0)
         return 0;
@@ -115,10 +138,16 @@ static __always_inline int track_accept(u64 id, u32 listen_fd, long ret) {
 #endif
     struct conn_key key = {.tgid = id >> 32, .fd = (u32)ret};
     struct conn_val val = {.listen_fd = listen_fd, .accept_ts = bpf_ktime_get_ns(), .accept_tid = (u32)id};
-    if (conns.update(&key, &val) == 0)
+    if (conns.update(&key, &val) == 0) {
+        // Counted before accept returns: no read of the new descriptor can come first.
+        u32 slot = key.tgid & (SERVER_SLOTS - 1);
+        u32 *servers_here = servers.lookup(&slot);
+        if (servers_here)
+            __sync_fetch_and_add(servers_here, 1);
         bump_stat(STAT_CONNS_TRACKED);
-    else
+    } else {
         bump_stat(STAT_UPDATE_FAILED);
+    }
     return 0;
 }
 
@@ -237,7 +266,7 @@ static __always_inline int inspect_io(struct conn_key *key, struct conn_val *con
         return 0;
 
     if (!conn) {
-        conn = conns.lookup(key);
+        conn = tracked_conn(key);
         if (!conn)
             return 0;  // closed meanwhile by another thread
     }
@@ -257,7 +286,7 @@ static __always_inline int inspect_io(struct conn_key *key, struct conn_val *con
     }
     if (!conn->is_http) {
         // The first payload of this connection is not HTTP/1.x: stop looking at it.
-        conns.delete(key);
+        forget_conn(key);
         bump_stat(STAT_CONNS_NOT_HTTP);
     }
     return 0;
@@ -275,12 +304,12 @@ static __always_inline int inspect_io(struct conn_key *key, struct conn_val *con
 // other is the closed connection's. (The classic path deletes at sys_enter_close, before the number is free.)
 static __always_inline void close_exit(u64 id, u32 fd) {
     struct conn_key key = {.tgid = id >> 32, .fd = fd};
-    struct conn_val *conn = conns.lookup(&key);
+    struct conn_val *conn = tracked_conn(&key);
     if (!conn)
         return;  // the common case: not an accepted connection
     if (conn->accept_tid != (u32)id && !conn->is_http && bpf_ktime_get_ns() - conn->accept_ts < CLOSE_RACE_NS)
         return;
-    conns.delete(&key);
+    forget_conn(&key);
 }
 
 static __always_inline void http_on_syscall_exit(const struct syscall_exit *call) {
@@ -336,7 +365,7 @@ static __always_inline void http_on_syscall_exit(const struct syscall_exit *call
         return;
     }
     struct conn_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = io.fd};
-    struct conn_val *conn = conns.lookup(&key);
+    struct conn_val *conn = tracked_conn(&key);
     if (!conn)
         return;  // the common case: not an accepted connection, nothing more to do
     inspect_io(&key, conn, io, call->ret);
@@ -370,7 +399,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     struct conn_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = (u32)args->fd};
-    conns.delete(&key);
+    if (tracked_conn(&key))
+        forget_conn(&key);
     return 0;
 }
 
@@ -378,7 +408,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
 static __always_inline int io_enter(u64 fd, const void *buf, u16 kind, u16 sending) {
     u64 id = bpf_get_current_pid_tgid();
     struct conn_key key = {.tgid = id >> 32, .fd = (u32)fd};
-    if (!conns.lookup(&key))
+    if (!tracked_conn(&key))
         return 0;  // the common case: not an accepted connection
     struct pending p = {.buf = (u64)buf, .fd = (u32)fd, .kind = kind, .sending = sending};
     in_io.update(&id, &p);

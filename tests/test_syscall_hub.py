@@ -202,7 +202,7 @@ def test_reads_and_writes_on_untracked_descriptors_leave_the_http_maps_untouched
         def state():
             stats = percpu_array_u64(http.table("stats"))
             return (len(http.bpf["conns"]), len(http.bpf["requests"]), len(http.bpf["responses"]),
-                    [int(s) for s in stats])
+                    [int(s) for s in stats], sum(v.value for v in http.bpf["servers"].values()))
 
         before = state()
         subprocess.run([PYTHON, "-c", UNTRACKED, comm, "5000"], check=True, timeout=60, capture_output=True)
@@ -210,7 +210,9 @@ def test_reads_and_writes_on_untracked_descriptors_leave_the_http_maps_untouched
     finally:
         for p in probes:
             p.close()
-    conns, requests, responses, stats = after
+    conns, requests, responses, stats, servers = after
+    # The per-slot count that lets untracked processes skip the conns lookup went up at accept, down at close.
+    assert servers == before[4] == 0
     assert (conns, requests, responses) == (0, 0, 0)  # the accepted one was forgotten at close
     tracked = HttpProbe.c_constants["STAT_PROBE"]
     assert stats[tracked] - before[3][tracked] == 1  # exactly one connection was tracked: the accepted one
