@@ -52,6 +52,7 @@ WORKLOADS = (("getppid", "getppid_loop.c", 1_000_000, "call"),
              ("read 1 B", "read_loop.c", 1_000_000, "call"),
              ("ctx switch", "pipe_pingpong.c", 100_000, "switch"))
 NOTHING, SYSCOUNT = "nothing attached", "bcc syscount-bpfcc"
+SYSCALL_PROBES = ("syscalls", "file_open", "http")  # the syscall hub's parts (probes/syscall_hub.py)
 # The floor: any program on sys_exit sends every syscall down the kernel's slow exit path.
 EMPTY_SYS_EXIT = """
 import signal, sys, time
@@ -161,6 +162,9 @@ def conditions(probe_names: list[str]) -> list[Condition]:
             Condition("empty raw sys_exit program (the floor)", [sys.executable, "-c", EMPTY_SYS_EXIT], "attached"),
             Condition(SYSCOUNT, ["syscount-bpfcc", "-i", "3600"], "Tracing syscalls"),
             *[Condition(f"agent: {name} only", AGENT + ["--probes", name], "attached ") for name in probe_names],
+            # The syscall-based probes together: one shared raw sys_exit program (the syscall hub) where it runs.
+            *([Condition(f"agent: {','.join(hub)} (syscall hub)", AGENT + ["--probes", ",".join(hub)], "attached ")]
+              if len(hub := [n for n in probe_names if n in SYSCALL_PROBES]) > 1 else []),
             Condition("agent: every probe (default)", AGENT, "attached "),
             Condition("agent: syscalls only, bpf_stats on", AGENT + ["--probes", "syscalls"], "attached ", stats_on),
             Condition("agent: every probe, bpf_stats on", AGENT, "attached ", stats_on)]

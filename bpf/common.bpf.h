@@ -24,14 +24,6 @@ enum common_stat {
     STAT_SLOTS = 8,
 };
 
-BPF_PERCPU_ARRAY(stats, u64, STAT_SLOTS);
-
-static __always_inline void bump_stat(u32 index) {
-    u64 *v = stats.lookup(&index);
-    if (v)
-        (*v)++;
-}
-
 // ---- latency histograms -----------------------------------------------------------------------------------------
 #ifndef LATENCY_SLOTS
 #define LATENCY_SLOTS 28  // log2 of microseconds; the last slot is the overflow (see kernel/log2hist.py)
@@ -45,3 +37,15 @@ static __always_inline u32 latency_slot(u64 ns) {
 }
 
 #endif  // OTEL_EBPF_COMMON_BPF_H
+
+// ---- per program part, outside the include guard --------------------------------------------------------------
+// When the syscall hub (probes/syscall_hub.py) composes several probes into one program, each probe's part gets
+// its own copy of what follows, renamed <probe>_stats / <probe>_bump_stat by the loader: the same index means
+// the same counter in every probe, but each probe keeps its own counters.
+BPF_PERCPU_ARRAY(stats, u64, STAT_SLOTS);
+
+static __always_inline void bump_stat(u32 index) {
+    u64 *v = stats.lookup(&index);
+    if (v)
+        (*v)++;
+}

@@ -1,11 +1,13 @@
 // file_open: file opens and failed opens per process name, and the most-opened paths.
 //
-// The path pointer is saved at sys_enter and the string read at sys_exit, when we know whether the open
-// succeeded; user memory is still mapped then. Paths are unbounded keys, so they live in an LRU map and
+// The path is read at sys_exit, when we know whether the open succeeded; user memory is still mapped then. In the
+// syscall hub (SYSCALL_HUB, bpf/syscall_hub.bpf.c) the path pointer is still in the saved registers at exit; with
+// the classic tracepoints it is saved at sys_enter. Paths are unbounded keys, so they live in an LRU map and
 // user space counts what was evicted (new keys inserted minus entries present).
 #include <linux/sched.h>
 
 #include "common.bpf.h"
+#include "syscall_hub.bpf.h"
 
 #ifndef MAX_INFLIGHT
 #define MAX_INFLIGHT 10240
@@ -31,26 +33,14 @@ struct path_key {
     char path[PATH_BYTES];
 };
 
+#ifndef SYSCALL_HUB
 BPF_HASH(inflight, u64, const char *, MAX_INFLIGHT);
+#endif
 BPF_PERCPU_HASH(comm_counts, struct comm_key, struct open_counts, MAX_COMMS);
 BPF_TABLE("lru_hash", struct path_key, u64, path_counts, MAX_PATHS);
 BPF_PERCPU_ARRAY(path_scratch, struct path_key, 1);  // too large for the 512-byte BPF stack
 
-static __always_inline int on_enter(const char *filename) {
-    u64 id = bpf_get_current_pid_tgid();
-    if (inflight.update(&id, &filename) != 0)
-        bump_stat(STAT_UPDATE_FAILED);
-    return 0;
-}
-
-static __always_inline int on_exit(long ret) {
-    u64 id = bpf_get_current_pid_tgid();
-    const char **filename = inflight.lookup(&id);
-    if (!filename)
-        return 0;  // entered before we attached
-    const char *path = *filename;
-    inflight.delete(&id);
-
+static __always_inline int count_open(const char *path, long ret) {
     struct comm_key ck = {};
     bpf_get_current_comm(&ck.comm, sizeof(ck.comm));
     struct open_counts *counts = comm_counts.lookup(&ck);
@@ -89,6 +79,48 @@ static __always_inline int on_exit(long ret) {
     return 0;
 }
 
+#ifdef SYSCALL_HUB
+static __always_inline void file_open_on_syscall_exit(const struct syscall_exit *call) {
+    const char *path;
+    switch (call->nr) {
+    case __NR_openat:  // (dirfd, path, flags, mode)
+        path = (const char *)call->si;
+        break;
+#ifdef __NR_openat2  // Linux >= 5.6: (dirfd, path, how, size)
+    case __NR_openat2:
+        path = (const char *)call->si;
+        break;
+#endif
+#ifdef __NR_open  // not on arm64 and other newer arches: (path, flags, mode)
+    case __NR_open:
+        path = (const char *)call->di;
+        break;
+#endif
+    default:
+        return;
+    }
+    if (compat_syscall(call))
+        return;
+    count_open(path, call->ret);
+}
+#else
+static __always_inline int on_enter(const char *filename) {
+    u64 id = bpf_get_current_pid_tgid();
+    if (inflight.update(&id, &filename) != 0)
+        bump_stat(STAT_UPDATE_FAILED);
+    return 0;
+}
+
+static __always_inline int on_exit(long ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    const char **filename = inflight.lookup(&id);
+    if (!filename)
+        return 0;  // entered before we attached
+    const char *path = *filename;
+    inflight.delete(&id);
+    return count_open(path, ret);
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_openat) { return on_enter(args->filename); }
 TRACEPOINT_PROBE(syscalls, sys_exit_openat) { return on_exit(args->ret); }
 
@@ -101,5 +133,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_open) { return on_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_openat2) { return on_enter(args->filename); }
 TRACEPOINT_PROBE(syscalls, sys_exit_openat2) { return on_exit(args->ret); }
 #endif
+#endif  // SYSCALL_HUB
 
 CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

@@ -8,15 +8,20 @@
 // What is read: at most PREFIX bytes at the start of a recv/send buffer, into the BPF stack; they are matched
 // here against "METHOD " and "HTTP/1.x NNN" and only counters leave the kernel — never payload bytes.
 //
-// Cost: read/write-family syscalls of every process pay one hash lookup at entry ("is this fd an accepted
-// connection?") and one at exit. A connection whose first payload, in either direction, is not HTTP/1.x (TLS,
-// HTTP/2, a database protocol...) is forgotten at once, so it costs a lookup miss from then on.
+// Cost: in the syscall hub (SYSCALL_HUB, bpf/syscall_hub.bpf.c: one raw sys_exit program for all syscall-based
+// probes) every other syscall pays a few compares; a read/write-family call or a close pays one array load
+// ("does any process hashing to this slot hold a tracked connection?", see servers) and, only when the answer is
+// maybe, one hash lookup ("is (tgid, fd) an accepted connection?"); an untracked descriptor returns right there.
+// The arguments (fd, buffer) are still in the saved registers at exit. With the classic tracepoints (fallback)
+// the same check happens at entry and the buffer is remembered until exit. A connection whose first payload, in
+// either direction, is not HTTP/1.x (TLS, HTTP/2, a database protocol...) is forgotten at once.
 //
 // Latency: from the recv that returned a request line to the send that starts the response (status line) on the
 // same (tgid, fd): the server's time to first response byte, not including sending the body.
 #include <uapi/linux/ptrace.h>
 
 #include "common.bpf.h"
+#include "syscall_hub.bpf.h"
 
 #ifndef MAX_CONNS
 #define MAX_CONNS 16384
@@ -51,6 +56,8 @@ struct conn_key {
 };
 struct conn_val {
     u64 request_ts;  // when the pending request was read, 0 when none is pending
+    u64 accept_ts;   // when it was accepted (see close_exit)
+    u32 accept_tid;  // the thread that accepted it
     u32 listen_fd;   // the listening socket it was accepted from: user space resolves the port from it
     u16 method;      // of the pending request
     u16 is_http;     // 1 once a request was seen: from then on non-matching data are bodies, not a verdict
@@ -79,73 +86,68 @@ struct response_val {
 };
 
 BPF_TABLE("lru_hash", struct conn_key, struct conn_val, conns, MAX_CONNS);
+// Most processes never accept a connection: their reads, writes and closes should not pay a hash lookup. servers
+// counts the conns entries of the processes whose tgid falls in each slot, an upper bound (an entry the LRU
+// evicts or an accept overwrites is never subtracted), so 0 proves "no tracked connection here" with one array
+// load, which the JIT inlines; anything else falls through to the conns lookup.
+#define SERVER_SLOTS 4096
+BPF_ARRAY(servers, u32, SERVER_SLOTS);
+#ifndef SYSCALL_HUB
 // thread -> the tracked recv/send it is in; thread -> listening fd of the accept it is in. Entries live for one
-// syscall; LRU so that one left behind by an unusual exit path can never fill them.
+// syscall; LRU so that one left behind by an unusual exit path can never fill them. (The hub reads both from the
+// registers at exit and needs neither.)
 BPF_TABLE("lru_hash", u64, struct pending, in_io, MAX_THREADS_IN_IO);
 BPF_TABLE("lru_hash", u64, u32, accepting, MAX_THREADS_IN_IO);
+#endif
 BPF_TABLE("lru_percpu_hash", struct request_key, u64, requests, MAX_KEYS);
 BPF_TABLE("lru_percpu_hash", struct response_key, struct response_val, responses, MAX_KEYS);
 BPF_PERCPU_ARRAY(zero_response, struct response_val, 1);
 #ifdef FILTER_COMMS
-struct comm_key {
+struct http_comm_key {
     char comm[16];
 };
-BPF_HASH(comm_filter, struct comm_key, u8, 64);  // filled by user space before attaching
+BPF_HASH(comm_filter, struct http_comm_key, u8, 64);  // filled by user space before attaching
 #endif
 
 // ---- accept / close: which (tgid, fd) are server connections --------------------------------------------------
-static __always_inline int accept_enter(int listen_fd) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 fd = listen_fd;
-    accepting.update(&id, &fd);
-    return 0;
+static __always_inline struct conn_val *tracked_conn(struct conn_key *key) {
+    u32 slot = key->tgid & (SERVER_SLOTS - 1);
+    u32 *servers_here = servers.lookup(&slot);
+    if (!servers_here || !*servers_here)
+        return NULL;  // no process hashing here holds a tracked connection
+    return conns.lookup(key);
 }
 
-static __always_inline int accept_exit(long ret) {
-    u64 id = bpf_get_current_pid_tgid();
-    u32 *listen_fd = accepting.lookup(&id);
-    if (!listen_fd)
-        return 0;
-    u32 lfd = *listen_fd;
-    accepting.delete(&id);
+static __always_inline void forget_conn(struct conn_key *key) {
+    if (conns.delete(key) != 0)
+        return;
+    u32 slot = key->tgid & (SERVER_SLOTS - 1);
+    u32 *servers_here = servers.lookup(&slot);
+    if (servers_here && *servers_here)
+        __sync_fetch_and_add(servers_here, -1);  // a race to below 0 wraps to "maybe": costs a lookup, never a miss
+}
+
+static __always_inline int track_accept(u64 id, u32 listen_fd, long ret) {
     if (ret < 0)
         return 0;
 #ifdef FILTER_COMMS
-    struct comm_key ck = {};
+    struct http_comm_key ck = {};
     bpf_get_current_comm(&ck.comm, sizeof(ck.comm));
     if (!comm_filter.lookup(&ck))
         return 0;
 #endif
     struct conn_key key = {.tgid = id >> 32, .fd = (u32)ret};
-    struct conn_val val = {.listen_fd = lfd};
-    if (conns.update(&key, &val) == 0)
+    struct conn_val val = {.listen_fd = listen_fd, .accept_ts = bpf_ktime_get_ns(), .accept_tid = (u32)id};
+    if (conns.update(&key, &val) == 0) {
+        // Counted before accept returns: no read of the new descriptor can come first.
+        u32 slot = key.tgid & (SERVER_SLOTS - 1);
+        u32 *servers_here = servers.lookup(&slot);
+        if (servers_here)
+            __sync_fetch_and_add(servers_here, 1);
         bump_stat(STAT_CONNS_TRACKED);
-    else
+    } else {
         bump_stat(STAT_UPDATE_FAILED);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return accept_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
-#ifdef HAVE_ACCEPT
-TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return accept_enter(args->fd); }
-TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
-#endif
-
-TRACEPOINT_PROBE(syscalls, sys_enter_close) {
-    struct conn_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = (u32)args->fd};
-    conns.delete(&key);
-    return 0;
-}
-
-// ---- recv / send: remember the buffer at entry when the fd is a tracked connection -----------------------------
-static __always_inline int io_enter(u64 fd, const void *buf, u16 kind, u16 sending) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct conn_key key = {.tgid = id >> 32, .fd = (u32)fd};
-    if (!conns.lookup(&key))
-        return 0;  // the common case: not an accepted connection
-    struct pending p = {.buf = (u64)buf, .fd = (u32)fd, .kind = kind, .sending = sending};
-    in_io.update(&id, &p);
+    }
     return 0;
 }
 
@@ -233,13 +235,10 @@ static __always_inline void count_response(struct conn_key *key, struct conn_val
     r->slots[slot]++;
 }
 
-static __always_inline int io_exit(long ret) {
-    u64 id = bpf_get_current_pid_tgid();
-    struct pending *p = in_io.lookup(&id);
-    if (!p)
-        return 0;
-    struct pending io = *p;
-    in_io.delete(&id);
+// What a recv or send on a tracked connection transferred: match its first bytes, count, or forget the
+// connection when its first payload is not HTTP/1.x. `conn` may be NULL: then (tgid, fd) is looked up once the
+// payload is read (the classic path, whose entry lookup may be stale by now).
+static __always_inline int inspect_io(struct conn_key *key, struct conn_val *conn, struct pending io, long ret) {
     if (ret <= 0)
         return 0;  // EAGAIN, error or end of stream: nothing was transferred
 
@@ -266,30 +265,165 @@ static __always_inline int io_exit(long ret) {
     if (n == 0 || n > PREFIX || bpf_probe_read_user(b, n, (void *)addr) != 0)
         return 0;
 
-    struct conn_key key = {.tgid = id >> 32, .fd = io.fd};
-    struct conn_val *conn = conns.lookup(&key);
-    if (!conn)
-        return 0;  // closed meanwhile by another thread
+    if (!conn) {
+        conn = tracked_conn(key);
+        if (!conn)
+            return 0;  // closed meanwhile by another thread
+    }
     u64 now = bpf_ktime_get_ns();
     if (!io.sending) {
         u16 method = match_method(b);
         if (method) {
-            count_request(&key, conn, method, now);
+            count_request(key, conn, method, now);
             return 0;
         }
     } else if (conn->request_ts) {
         u16 status = match_status(b);
         if (status) {
-            count_response(&key, conn, status, now);
+            count_response(key, conn, status, now);
             return 0;
         }
     }
     if (!conn->is_http) {
         // The first payload of this connection is not HTTP/1.x: stop looking at it.
-        conns.delete(&key);
+        forget_conn(key);
         bump_stat(STAT_CONNS_NOT_HTTP);
     }
     return 0;
+}
+
+#ifdef SYSCALL_HUB
+// ---- the syscall hub's part: everything at sys_exit, arguments from the saved registers -------------------------
+#ifndef CLOSE_RACE_NS
+#define CLOSE_RACE_NS 20000
+#endif
+
+// close() releases the descriptor number before its sys_exit, so another thread of the process may accept a new
+// connection on the same number in between, and its entry must survive this close. An entry the closing thread
+// did not insert itself, inserted within CLOSE_RACE_NS and with no payload seen yet, is that connection's; any
+// other is the closed connection's. (The classic path deletes at sys_enter_close, before the number is free.)
+static __always_inline void close_exit(u64 id, u32 fd) {
+    struct conn_key key = {.tgid = id >> 32, .fd = fd};
+    struct conn_val *conn = tracked_conn(&key);
+    if (!conn)
+        return;  // the common case: not an accepted connection
+    if (conn->accept_tid != (u32)id && !conn->is_http && bpf_ktime_get_ns() - conn->accept_ts < CLOSE_RACE_NS)
+        return;
+    forget_conn(&key);
+}
+
+static __always_inline void http_on_syscall_exit(const struct syscall_exit *call) {
+    struct pending io = {.buf = call->si, .fd = (u32)call->di, .kind = BUF_PLAIN, .sending = 0};
+    switch (call->nr) {
+    case __NR_accept4:  // (listen fd, addr, addrlen, flags) -> the new fd
+#ifdef __NR_accept
+    case __NR_accept:
+#endif
+        if (!compat_syscall(call))
+            track_accept(bpf_get_current_pid_tgid(), (u32)call->di, call->ret);
+        return;
+    case __NR_close:
+        close_exit(bpf_get_current_pid_tgid(), (u32)call->di);
+        return;
+    case __NR_read:  // (fd, buf, count)
+        break;
+    case __NR_write:
+        io.sending = 1;
+        break;
+#ifdef __NR_recvfrom
+    case __NR_recvfrom:  // (fd, buf, len, flags, addr, addrlen)
+        break;
+#endif
+#ifdef __NR_sendto
+    case __NR_sendto:
+        io.sending = 1;
+        break;
+#endif
+#ifdef __NR_recvmsg
+    case __NR_recvmsg:  // (fd, msghdr, flags)
+        io.kind = BUF_MSGHDR;
+        break;
+#endif
+#ifdef __NR_sendmsg
+    case __NR_sendmsg:
+        io.kind = BUF_MSGHDR;
+        io.sending = 1;
+        break;
+#endif
+#ifdef __NR_readv
+    case __NR_readv:  // (fd, iovec, count)
+        io.kind = BUF_IOVEC;
+        break;
+#endif
+#ifdef __NR_writev
+    case __NR_writev:
+        io.kind = BUF_IOVEC;
+        io.sending = 1;
+        break;
+#endif
+    default:
+        return;
+    }
+    struct conn_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = io.fd};
+    struct conn_val *conn = tracked_conn(&key);
+    if (!conn)
+        return;  // the common case: not an accepted connection, nothing more to do
+    inspect_io(&key, conn, io, call->ret);
+}
+
+#else
+// ---- classic tracepoints: remember at entry, match at exit ------------------------------------------------------
+static __always_inline int accept_enter(int listen_fd) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 fd = listen_fd;
+    accepting.update(&id, &fd);
+    return 0;
+}
+
+static __always_inline int accept_exit(long ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 *listen_fd = accepting.lookup(&id);
+    if (!listen_fd)
+        return 0;
+    u32 lfd = *listen_fd;
+    accepting.delete(&id);
+    return track_accept(id, lfd, ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return accept_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
+#ifdef HAVE_ACCEPT
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return accept_enter(args->fd); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
+#endif
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    struct conn_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = (u32)args->fd};
+    if (tracked_conn(&key))
+        forget_conn(&key);
+    return 0;
+}
+
+// recv / send: remember the buffer at entry when the fd is a tracked connection.
+static __always_inline int io_enter(u64 fd, const void *buf, u16 kind, u16 sending) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct conn_key key = {.tgid = id >> 32, .fd = (u32)fd};
+    if (!tracked_conn(&key))
+        return 0;  // the common case: not an accepted connection
+    struct pending p = {.buf = (u64)buf, .fd = (u32)fd, .kind = kind, .sending = sending};
+    in_io.update(&id, &p);
+    return 0;
+}
+
+static __always_inline int io_exit(long ret) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct pending *p = in_io.lookup(&id);
+    if (!p)
+        return 0;
+    struct pending io = *p;
+    in_io.delete(&id);
+    struct conn_key key = {.tgid = id >> 32, .fd = io.fd};
+    return inspect_io(&key, NULL, io, ret);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { return io_enter(args->fd, args->buf, BUF_PLAIN, 0); }
@@ -320,5 +454,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_readv) { return io_exit(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_enter_writev) { return io_enter(args->fd, args->vec, BUF_IOVEC, 1); }
 TRACEPOINT_PROBE(syscalls, sys_exit_writev) { return io_exit(args->ret); }
 #endif
+#endif  // SYSCALL_HUB
 
 CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

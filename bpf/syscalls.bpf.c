@@ -1,13 +1,15 @@
 // syscalls: system calls per syscall number, failures per (syscall, errno), calls per process.
 //
 // One hook, sys_exit: it carries both the syscall number and the return value, so counting there halves the
-// work compared with pairing sys_enter/sys_exit (bcc's syscount counts at sys_exit too). Where the kernel
-// supports raw tracepoints and the arch is known we attach the raw one: it skips building the trace record.
+// work compared with pairing sys_enter/sys_exit (bcc's syscount counts at sys_exit too). Where the syscall hub
+// can run (raw tracepoints, x86_64) this file is a part of its one raw sys_exit program (SYSCALL_HUB, see
+// bpf/syscall_hub.bpf.c), which skips building the trace record; elsewhere it attaches the classic tracepoint.
 // All hot counters are per-CPU: no atomic instructions, no cache-line bouncing between cores.
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>
 
 #include "common.bpf.h"
+#include "syscall_hub.bpf.h"
 
 #ifndef MAX_SYSCALLS
 #define MAX_SYSCALLS 1024
@@ -70,18 +72,10 @@ static __always_inline int count_exit(u32 nr, long ret) {
     return 0;
 }
 
-#ifdef USE_RAW_TRACEPOINT
-// The x86_64 pt_regs frame is a stable layout (it is the saved-register frame), so the generic headers we
-// compile against describe it correctly even on a newer kernel.
-#include <asm/ptrace.h>
-// raw_syscalls:sys_exit(struct pt_regs *regs, long ret); the syscall number is in orig_ax (x86_64 only).
-RAW_TRACEPOINT_PROBE(sys_exit) {
-    struct pt_regs *regs = (struct pt_regs *)ctx->args[0];
-    long nr = -1;
-    bpf_probe_read_kernel(&nr, sizeof(nr), &regs->orig_ax);
-    if (nr < 0)
-        return 0;
-    return count_exit((u32)nr, (long)ctx->args[1]);
+#ifdef SYSCALL_HUB
+// Every syscall number counts: no switch.
+static __always_inline void syscalls_on_syscall_exit(const struct syscall_exit *call) {
+    count_exit((u32)call->nr, call->ret);
 }
 #else
 TRACEPOINT_PROBE(raw_syscalls, sys_exit) {

@@ -47,7 +47,10 @@ def load_probes(wanted: Sequence[str | Probe], settings: dict[str, dict[str, Any
     """Instantiate (names) and attach; a probe that cannot run here is skipped with one line, never a crash.
     ``wanted`` holds probe names or probe objects not yet loaded; empty means every registered probe.
     ``on_event(name, attributes)`` receives probe events (blocklist changes) as OTel log events."""
+    from .probes.syscall_hub import load_shared
+
     loaded: list[Probe] = []
+    candidates: list[Probe] = []
     try:
         for item in wanted or list(REGISTRY):
             probe = item if isinstance(item, Probe) else None
@@ -58,6 +61,17 @@ def load_probes(wanted: Sequence[str | Probe], settings: dict[str, dict[str, Any
                 continue
             probe = probe or cls(settings.get(cls.name))
             probe.on_event = on_event
+            candidates.append(probe)
+        # The syscall-based probes first, as one program (probes/syscall_hub.py); those it could not take load
+        # alone below, on their classic tracepoints.
+        shared = [p for p in candidates if p.syscall_hub]
+        if shared:
+            load_shared(shared, say)
+        for probe in candidates:
+            cls = type(probe)
+            if probe.hub is not None:
+                loaded.append(probe)
+                continue
             try:
                 probe.load()
             except ProbeError as exc:
@@ -72,8 +86,9 @@ def load_probes(wanted: Sequence[str | Probe], settings: dict[str, dict[str, Any
                 continue
             loaded.append(probe)
     except BaseException:
-        for probe in loaded:
-            probe.close()
+        for probe in candidates:
+            if probe in loaded or probe.hub is not None:
+                probe.close()
         raise
     if not loaded:
         what = ", ".join(p if isinstance(p, str) else p.name for p in wanted) if wanted else "any probe"

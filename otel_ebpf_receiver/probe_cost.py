@@ -107,18 +107,22 @@ class ProbeCost:
         self.totals(record=True)  # baseline: the first window reports that window, not everything since load
 
     def totals(self, record: bool = False) -> dict[str, tuple[int, int]]:
-        """probe name -> (run time ns, runs) increase since the last call, summed over its programs."""
+        """probe name -> (run time ns, runs) increase since the last call, summed over its programs. Probes that
+        share one program (the syscall hub) share one name, ``syscalls+file_open+http``: counted once."""
         out: dict[str, tuple[int, int]] = {}
         for probe in self.probes:
+            name = probe.cost_name()
+            if name in out:
+                continue
             time_ns = runs = 0
             for function, fd in probe.program_fds().items():
                 try:
                     run_time, count = self.prog_stats(fd)
                 except OSError:  # the program went away (probe closed): nothing more to count
                     continue
-                time_ns += self._time.delta((probe.name, function), run_time)
-                runs += self._runs.delta((probe.name, function), count)
-            out[probe.name] = (time_ns, runs)
+                time_ns += self._time.delta((name, function), run_time)
+                runs += self._runs.delta((name, function), count)
+            out[name] = (time_ns, runs)
         return out
 
     def read(self, seconds: float) -> Reading:

@@ -47,6 +47,9 @@ class FakeProbe:
     def program_fds(self) -> dict[str, int]:
         return self.fds
 
+    def cost_name(self) -> str:
+        return self.name
+
 
 def test_each_window_reports_the_increase_summed_over_a_probes_programs():
     kernel = {10: (1_000, 5), 11: (2_000, 7), 20: (500, 1)}  # fd -> cumulative (run time ns, runs)

@@ -52,8 +52,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if bcc_ok:
         from bcc import BPF
 
-        _check(results, bool(BPF.support_raw_tracepoint()), False, "raw tracepoints (cheaper syscalls probe)",
-               "the syscalls probe falls back to the classic tracepoint")
+        from ..probes import syscall_hub
+
+        _check(results, bool(BPF.support_raw_tracepoint()), False, "raw tracepoints", "")
+        hub_problem = syscall_hub.unavailable_reason()
+        hub_probes = ", ".join(name for name, cls in REGISTRY.items() if cls.syscall_hub)
+        _check(results, hub_problem is None, False,
+               f"syscall hooks: {hub_probes} share one raw sys_exit program (syscall hub)" if hub_problem is None
+               else f"syscall hooks: classic per-syscall tracepoints for {hub_probes} ({hub_problem})",
+               "every system call then pays the kernel's perf syscall handlers, in both directions, once per probe")
     available = 0
     for name, cls in REGISTRY.items():
         reason = cls.unavailable_reason()

@@ -35,8 +35,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.ebpf:
         from ..probes import REGISTRY
 
-        for name in args.probes.split(",") if args.probes else REGISTRY:
+        from ..probes.syscall_hub import HUB_SOURCE
+
+        names = args.probes.split(",") if args.probes else list(REGISTRY)
+        for name in names:
             print(f"// ---- bpf/{name}.bpf.c\n{REGISTRY[name].source_path().read_text()}")
+        if any(REGISTRY[name].syscall_hub for name in names if name in REGISTRY):
+            print(f"// ---- bpf/{HUB_SOURCE.name}: the one sys_exit program the syscall probes above share\n"
+                  f"{HUB_SOURCE.read_text()}")
         return 0
     flags = {"config": args.config, "interval": args.interval, "probes": args.probes, "exporter": args.exporter,
              "model_dir": args.model_dir, "live": args.live, "log_level": args.log_level,

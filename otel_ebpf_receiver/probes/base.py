@@ -8,21 +8,17 @@ reading into OpenTelemetry with the current ``system.state`` attached, so the pr
 
 from __future__ import annotations
 
-import contextlib
+import logging
 import math
-import os
-import sys
-import tempfile
 import platform
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Hashable, Iterable, Mapping
 
 from .contract import LayoutError, MapContract, check_map, constant_checks, constant_mismatch
+from .loader import (BPF_SOURCE_DIR, TRACEFS_CANDIDATES, Hook, captured_stderr, first_error_line, hook_exists,  # noqa: F401
+                     program_text, tracefs_root, tracepoint_fields, tracepoint_has_field)
 
-TRACEFS_CANDIDATES = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
-BPF_SOURCE_DIR = Path(__file__).resolve().parent.parent / "bpf"
 
 COUNTER = "counter"          # monotonic; recorded as deltas so each system.state series sums to the total
 GAUGE = "gauge"              # last value of the window
@@ -47,62 +43,6 @@ class Feature:
 
     name: str
     description: str
-
-
-@dataclass(frozen=True)
-class Hook:
-    """A kernel hook point, named as in tracefs: ``category:event``."""
-
-    tracepoint: str
-
-    @property
-    def category(self) -> str:
-        return self.tracepoint.split(":", 1)[0]
-
-    @property
-    def event(self) -> str:
-        return self.tracepoint.split(":", 1)[1]
-
-
-def tracefs_root() -> Path | None:
-    for candidate in TRACEFS_CANDIDATES:
-        if os.path.isdir(os.path.join(candidate, "events")):
-            return Path(candidate)
-    return None
-
-
-def hook_exists(hook: Hook) -> bool:
-    root = tracefs_root()
-    return root is not None and (root / "events" / hook.category / hook.event / "format").exists()
-
-
-def tracepoint_fields(hook: Hook) -> dict[str, tuple[int, int]]:
-    """name -> (offset, size) from the tracepoint's format file ({} when it is missing).
-    Tracepoint layouts change between kernels (sched_process_exit gained group_dead in 6.x): read, don't assume."""
-    root = tracefs_root()
-    fields: dict[str, tuple[int, int]] = {}
-    if root is None:
-        return fields
-    try:
-        text = (root / "events" / hook.category / hook.event / "format").read_text()
-    except OSError:
-        return fields
-    for line in text.splitlines():
-        line = line.strip()
-        if not line.startswith("field:"):
-            continue
-        parts = dict(p.strip().split(":", 1) for p in line.split(";") if ":" in p)
-        decl = parts.get("field", "").strip()
-        name = decl.split()[-1].split("[", 1)[0] if decl else ""
-        try:
-            fields[name] = (int(parts["offset"]), int(parts["size"]))
-        except (KeyError, ValueError):
-            continue
-    return fields
-
-
-def tracepoint_has_field(hook: Hook, field_name: str) -> bool:
-    return field_name in tracepoint_fields(hook)
 
 
 @dataclass(frozen=True)
@@ -187,10 +127,14 @@ class Probe:
     # the C constants (enum values, array indexes) Python relies on, with Python's values.
     maps: ClassVar[Mapping[str, MapContract]] = {}
     c_constants: ClassVar[Mapping[str, int]] = {}
+    # A part of the syscall hub (probes/syscall_hub.py): its .bpf.c defines <name>_on_syscall_exit under
+    # SYSCALL_HUB and its classic tracepoints otherwise; its settings have force_tracepoint.
+    syscall_hub: ClassVar[bool] = False
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings = {**self.defaults, **dict(settings or {})}
         self.bpf: Any = None
+        self.hub: Any = None  # the SyscallHub whose program this probe shares, when it does
         self.mode = ""  # how it attached, e.g. "raw_tracepoint" — shown by `probes` and the live view
         # Set by the assembly: on_event(name, attributes) turns probe events (blocklist changes) into OTel logs.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
@@ -241,6 +185,15 @@ class Probe:
 
         from ..errors import ProbeError
 
+        if self.syscall_hub and not self.settings.get("force_tracepoint"):
+            from . import syscall_hub
+
+            if syscall_hub.unavailable_reason() is None:
+                try:
+                    syscall_hub.SyscallHub([self]).load()
+                    return
+                except ProbeError as exc:  # the classic tracepoints may still work: say why they are used
+                    logging.getLogger("otel_ebpf_receiver").warning("%s; trying classic tracepoints", exc)
         where = f"bpf/{self.name}.bpf.c"
         if self.c_constants and "CHECK_PYTHON_CONSTANTS" not in self.source_path().read_text():
             raise ProbeError(f"probe {self.name} disabled: {where} does not end with CHECK_PYTHON_CONSTANTS, so "
@@ -262,6 +215,31 @@ class Probe:
             raise ProbeError(f"probe {self.name} disabled: {where} and Python disagree: {exc}") from None
         if not self.mode:
             self.mode = "tracepoint"
+        self.on_loaded()
+
+    def join_hub(self, hub: Any) -> None:
+        """Read this probe's maps from the syscall hub's program (probes/syscall_hub.py) instead of its own."""
+        from ..errors import ProbeError
+
+        self.hub, self.bpf = hub, hub.bpf
+        try:
+            self.check_maps()
+        except LayoutError as exc:
+            raise ProbeError(f"probe {self.name} disabled: bpf/{self.name}.bpf.c and Python disagree: {exc}") from None
+        self.mode = hub.mode
+        self.on_loaded()
+
+    def on_loaded(self) -> None:
+        """Once the program is loaded, alone or as a part of the syscall hub: map snapshots, settings maps."""
+
+    def table(self, name: str) -> Any:
+        """A map of this probe's program by its name in the probe's .bpf.c (the hub renames the private ones)."""
+        if self.hub is not None:
+            from .syscall_hub import PRIVATE_NAMES, private_name
+
+            if name in PRIVATE_NAMES:
+                return self.bpf[private_name(self.name, name)]
+        return self.bpf[name]
 
     def contract_maps(self) -> Mapping[str, MapContract]:
         """The maps of ``maps`` this program has with these settings (some are compiled in by a setting)."""
@@ -270,18 +248,28 @@ class Probe:
     def check_maps(self) -> None:
         """Each map Python reads against bcc's types and the kernel's sizes (raises contract.LayoutError)."""
         for map_name, contract in self.contract_maps().items():
-            check_map(map_name, self.bpf[map_name], contract)
+            check_map(map_name, self.table(map_name), contract)
 
     def program_fds(self) -> dict[str, int]:
         """Function name -> fd of every program this probe loaded (what probe_cost.py reads run times from).
         bcc keeps a function in ``funcs`` once it loaded it: the ones it attached by itself and the ones a probe
         loaded to attach (the XDP program). Empty when the probe is not loaded."""
+        if self.hub is not None:
+            return self.hub.program_fds()
         if self.bpf is None:
             return {}
         return {str(name.decode() if isinstance(name, bytes) else name): fn.fd for name, fn in self.bpf.funcs.items()}
 
+    def cost_name(self) -> str:
+        """Whose programs program_fds() are: this probe's name, or the syscall hub's (``syscalls+file_open``):
+        the probes sharing one program share its cost, which cannot be split between them."""
+        return self.hub.name if self.hub is not None else self.name
+
     def close(self) -> None:
-        """Detach every program and close the maps."""
+        """Detach every program and close the maps (a hub's program when the last probe sharing it closes)."""
+        if self.hub is not None:
+            self.hub.release(self)
+            self.hub, self.bpf = None, None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
@@ -289,51 +277,3 @@ class Probe:
     # -- each window ---------------------------------------------------------------------------------------
     def read(self, seconds: float) -> Reading:
         raise NotImplementedError
-
-
-_SHARED_INCLUDE = re.compile(r'^#include "(?P<name>[\w.-]+\.bpf\.h)"[^\n]*$', re.M)
-
-
-def program_text(path: Path) -> str:
-    """A program as bcc must see it: with bpf/*.bpf.h spliced in where it is included.
-
-    bcc rewrites map calls (``stats.lookup(&i)``) into BPF helper calls only in the main file: in an included file
-    it leaves them alone and the program fails to load, inside a macro it refuses them. The shared helpers
-    (bpf/common.bpf.h) do call maps, so the loader includes them itself, textually and once, keeping file names
-    and line numbers for the compiler's messages."""
-    seen: set[str] = set()
-
-    def splice(match: re.Match) -> str:
-        name = match["name"]
-        if name in seen:
-            return ""
-        seen.add(name)
-        line = text.count("\n", 0, match.start()) + 2
-        return f'#line 1 "bpf/{name}"\n{(BPF_SOURCE_DIR / name).read_text()}\n#line {line} "bpf/{path.name}"'
-
-    text = path.read_text()
-    return f'#line 1 "bpf/{path.name}"\n' + _SHARED_INCLUDE.sub(splice, text)
-
-
-@contextlib.contextmanager
-def captured_stderr():
-    """libbcc and clang write straight to fd 2; keep that out of the user's terminal and keep it for errors."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+") as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield sink
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-
-
-def first_error_line(text: str) -> str:
-    for line in text.splitlines():
-        low = line.lower()
-        # bcc first tries the in-kernel headers module and says so even when the headers on disk then work.
-        if ("error" in low or "fatal" in low) and "kheaders" not in low:
-            return line.strip()
-    return ""

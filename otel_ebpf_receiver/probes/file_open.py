@@ -32,11 +32,13 @@ class FileOpenProbe(Probe):
         Feature("file_open.top_path_share", "share of successful opens that went to the most-opened path"),
     )
 
-    defaults = {"top_paths": 5, "max_paths": 8192}
+    # force_tracepoint: the classic openat/open/openat2 tracepoints even where the syscall hub works.
+    defaults = {"top_paths": 5, "max_paths": 8192, "force_tracepoint": False}
     maps = {"comm_counts": MapContract(key={"comm": None}, value={"opens": U64, "failed": U64}),
             "path_counts": MapContract(key={"path": None}, value=U64),
             "stats": MapContract(value=U64)}
     c_constants = COMMON_STATS
+    syscall_hub = True
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -54,12 +56,12 @@ class FileOpenProbe(Probe):
                 flags.append(f"-D{define}")
         return flags
 
-    def load(self) -> None:
-        super().load()
+    def on_loaded(self) -> None:
         self._comm_snapshot = MapSnapshot(self.bpf["comm_counts"])
         self._path_snapshot = MapSnapshot(self.bpf["path_counts"])
-        self.mode = "tracepoint (" + ", ".join(
-            ["openat"] + [s for d, s in OPTIONAL_HOOKS.items() if f"-D{d}" in self.cflags()]) + ")"
+        if self.hub is None:
+            self.mode = "tracepoint (" + ", ".join(
+                ["openat"] + [s for d, s in OPTIONAL_HOOKS.items() if f"-D{d}" in self.cflags()]) + ")"
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
@@ -90,7 +92,7 @@ class FileOpenProbe(Probe):
             reading.top.append(TopItem(path, rate, "opens/s"))
             reading.gauges.append(("otel_ebpf_receiver.file_opens.top_path.rate", rate, {"file.path": path}))
 
-        stats = percpu_array_u64(self.bpf["stats"])
+        stats = percpu_array_u64(self.table("stats"))
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
         reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n)
         reading.rate, reading.rate_unit = total_opens / seconds, "opens/s"

@@ -114,13 +114,15 @@ class HttpProbe(Probe):
     )
     # comms: comma-separated process names whose accepted connections are watched ("" = every process). Applied
     # in the kernel at accept time, so it also removes the per-connection cost of everything else.
-    defaults = {"comms": "", "max_connections": 16384, "max_keys": 4096}
+    # force_tracepoint: the 16 classic syscall tracepoints even where the syscall hub works.
+    defaults = {"comms": "", "max_connections": 16384, "max_keys": 4096, "force_tracepoint": False}
     maps = {"requests": MapContract(key={"tgid": U32, "listen_fd": U32, "method": U32}, value=U64),
             "responses": MapContract(key={"tgid": U32, "listen_fd": U32, "method": "<u2", "status": "<u2"},
                                      value={"count": U64, "sum_ns": U64, "slots": f"({SLOTS},)<u8"}),
             "stats": MapContract(value=U64)}
     c_constants = {**COMMON_STATS, "M_NONE": 0, **{f"M_{m}": i for i, m in enumerate(METHODS) if i},
                    "LATENCY_SLOTS": SLOTS}
+    syscall_hub = True
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -140,16 +142,16 @@ class HttpProbe(Probe):
             flags.append("-DFILTER_COMMS")
         return flags
 
-    def load(self) -> None:
-        super().load()
+    def on_loaded(self) -> None:
         if self.comms:
             table = self.bpf["comm_filter"]
             for comm in self.comms:
                 key = table.Key()
                 key.comm = comm.encode()
                 table[key] = ct.c_uint8(1)
-        hooked = ["read", "write"] + [OPTIONAL_SYSCALLS[d] for d in self.optional_defines()]
-        self.mode = "tracepoint (" + ", ".join(h for h in hooked if not h.startswith("accept")) + ")"
+        if self.hub is None:
+            hooked = ["read", "write"] + [OPTIONAL_SYSCALLS[d] for d in self.optional_defines()]
+            self.mode = "tracepoint (" + ", ".join(h for h in hooked if not h.startswith("accept")) + ")"
         self._request_snapshot = MapSnapshot(self.bpf["requests"])
         self._response_snapshot = MapSnapshot(self.bpf["responses"])
         self._request_key = dtype(self.bpf["requests"].Key)
@@ -220,7 +222,7 @@ class HttpProbe(Probe):
                                            comm, port, **{"http.request.method": method_name(method),
                                                           STATUS_CLASS: f"{klass}xx"})))
 
-        stats = percpu_array_u64(self.bpf["stats"])
+        stats = percpu_array_u64(self.table("stats"))
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
         reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n - entries)
 

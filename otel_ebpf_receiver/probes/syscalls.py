@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import math
 import os
-import platform
 
 import numpy as np
 
@@ -62,7 +61,7 @@ class SyscallsProbe(Probe):
         Feature("syscalls.active_processes_log1p", "log1p(processes that made a call this interval)"),
     )
 
-    # force_tracepoint: use the classic tracepoint even where the cheaper raw tracepoint works.
+    # force_tracepoint: use the classic tracepoint even where the syscall hub's raw tracepoint works.
     # process_sample_shift: per-process counts are sampled every 2^shift calls (0 = count every call, exact).
     defaults = {"top_processes": 5, "max_processes": 10240, "force_tracepoint": False, "process_sample_shift": 6}
     maps = {"syscall_counts": MapContract(value=U64),
@@ -70,6 +69,7 @@ class SyscallsProbe(Probe):
             "process_counts": MapContract(key=U32, value=U64),
             "stats": MapContract(value=U64)}
     c_constants = COMMON_STATS
+    syscall_hub = True
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -84,23 +84,10 @@ class SyscallsProbe(Probe):
         self._ncpu = os.cpu_count() or 1
 
     def cflags(self) -> list[str]:
-        flags = [f"-DMAX_SYSCALLS={MAX_SYSCALLS}", f"-DMAX_PROCESSES={self.max_processes}",
-                 f"-DPROCESS_SAMPLE_SHIFT={self.settings['process_sample_shift']}"]
-        if self._raw_tracepoint_usable():
-            flags.append("-DUSE_RAW_TRACEPOINT")
-        return flags
+        return [f"-DMAX_SYSCALLS={MAX_SYSCALLS}", f"-DMAX_PROCESSES={self.max_processes}",
+                f"-DPROCESS_SAMPLE_SHIFT={self.settings['process_sample_shift']}"]
 
-    def _raw_tracepoint_usable(self) -> bool:
-        # The raw variant reads the syscall number from pt_regs->orig_ax, which exists on x86_64 only.
-        if self.settings["force_tracepoint"] or platform.machine() != "x86_64":
-            return False
-        from bcc import BPF
-
-        return bool(BPF.support_raw_tracepoint())
-
-    def load(self) -> None:
-        super().load()
-        self.mode = "raw_tracepoint" if "-DUSE_RAW_TRACEPOINT" in self.cflags() else "tracepoint"
+    def on_loaded(self) -> None:
         self._snapshots = {name: MapSnapshot(self.bpf[name]) for name in ("syscall_errors", "process_counts")}
 
     def syscall_name(self, nr: int) -> str:
@@ -143,7 +130,7 @@ class SyscallsProbe(Probe):
             reading.gauges.append(("otel_ebpf_receiver.syscalls.top_process.rate", rate,
                                    {"process.pid": pid, "process.executable.name": command}))
 
-        stats = percpu_array_u64(self.bpf["stats"])
+        stats = percpu_array_u64(self.table("stats"))
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
         reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n)
 
