@@ -1,5 +1,5 @@
 """How long after a long Collector outage the first OTLP/gRPC export gets through, with gRPC's default channel
-options and with the agent's (otel_ebpf_receiver.telemetry.GRPC_CHANNEL_OPTIONS), in the same run.
+options and with the agent's (otel_ebpf_receiver.otel_env.GRPC_CHANNEL_OPTIONS), in the same run.
 
     .venv/bin/python bench/bench_grpc_reconnect.py [--minutes 6] [--rounds 4]
 
@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
 
-from otel_ebpf_receiver.telemetry import GRPC_CHANNEL_OPTIONS  # noqa: E402
+from otel_ebpf_receiver.otel_env import GRPC_CHANNEL_OPTIONS  # noqa: E402
 
 VARIANTS = {"gRPC defaults": None, "agent's options": GRPC_CHANNEL_OPTIONS}
 GIVE_UP_SECONDS = 300

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Mapping
+from typing import Any, Mapping
 from urllib.parse import urlparse
 
 from .errors import ConfigError
@@ -171,3 +171,30 @@ def check(env: Mapping[str, str] | None = None) -> None:
         value = _get(env, name)
         if value is not None and (not value.isdigit() or int(value) < 1):
             raise ConfigError(f"{name}={value!r} must be a positive whole number")
+
+
+# The SDK's gRPC exporter replaces its channel after an UNAVAILABLE error, but gRPC keeps a connection's reconnect
+# backoff in the subchannel, and by default subchannels live in a process-wide pool shared by every channel to the
+# same target with the same options. Our three exporters (metrics, logs, spans) share one Collector, so one of them
+# always holds the shared subchannel and a new channel inherits its backoff, which grows to gRPC's ceiling of
+# 120 s (±20 %) during a long outage. Measured before this (tests/outage.py, README "Reliability"): the first
+# export reached a restarted Collector 76 s after it came back from a 15-minute outage. A pool per channel and a
+# 5 s ceiling make it seconds; one connection attempt per 5 s to a Collector that is away costs nothing.
+GRPC_CHANNEL_OPTIONS = (("grpc.use_local_subchannel_pool", 1), ("grpc.max_reconnect_backoff_ms", 5000))
+
+OTLP_EXPORTER_CLASSES = {"metrics": ("metric_exporter", "OTLPMetricExporter"),
+                         "logs": ("_log_exporter", "OTLPLogExporter"),
+                         "traces": ("trace_exporter", "OTLPSpanExporter")}
+
+
+def otlp_exporter(signal: str) -> tuple[Any, str]:
+    """The OTLP exporter for ``signal`` (metrics, logs, traces) over the protocol OTEL_* asks for, and its target.
+    Only the module of that signal and protocol is imported."""
+    import importlib
+
+    protocol = otlp_protocol(signal)
+    module, name = OTLP_EXPORTER_CLASSES[signal]
+    package = "grpc" if protocol == "grpc" else "http"  # http/protobuf
+    kind = getattr(importlib.import_module(f"opentelemetry.exporter.otlp.proto.{package}.{module}"), name)
+    exporter = kind(channel_options=GRPC_CHANNEL_OPTIONS) if protocol == "grpc" else kind()
+    return exporter, f"{otlp_endpoint(signal)} ({protocol})"
