@@ -26,9 +26,9 @@
 //
 // Per-source sampling. The per-source update (LRU hash lookup + three atomic adds) costs ~25 ns, as much as the
 // rest of the pass path together, and it is paid per packet exactly when packets are many. So the agent sets
-// xdp_config.sample_shift = k each window from the packet rate of the window before (probe.py: k = 0 below
-// per_source_exact_below packets/s, else the smallest k that brings the updates under that rate). With k = 0
-// every packet is accounted exactly, as before. With k > 0 a passed packet updates its source when
+// xdp_config.sample_shift = k each window from the passed-packet rate of the window before (probes/xdp/sources.py:
+// k = 0 at or below per_source_exact_below packets/s, else the smallest k that brings the updates under that rate).
+// With k = 0 every packet is accounted exactly, as before. With k > 0 a passed packet updates its source when
 //   - its source is in the hash sample: the top k bits of a multiplicative hash of the address are zero (one
 //     source in 2^k; every packet of such a source counts with weight 1 — the distinct-source count is the
 //     number of hash-sampled sources seen x 2^k), or else

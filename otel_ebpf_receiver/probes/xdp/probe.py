@@ -420,7 +420,8 @@ class XdpProbe(Probe):
 
         distinct, top_share = self._read_sources(closed_epoch, closed_shift, seconds, reading, inserts)
         if self.settings["per_source"] and seconds > 0:
-            self._shift = sample_shift(sums["packets"] / seconds, float(self.settings["per_source_exact_below"]))
+            passed = sums["packets"] - sums["drop"]  # only passed packets update the per-source table
+            self._shift = sample_shift(passed / seconds, float(self.settings["per_source_exact_below"]))
             if self._shift != closed_shift:
                 self._write_config()
         reading.map_update_failures = int(self._delta(("src_failures",), failures))
