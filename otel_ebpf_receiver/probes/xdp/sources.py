@@ -56,7 +56,7 @@ def in_hash_sample(keys: np.ndarray, shift: int) -> np.ndarray:
     """Which struct addr16 keys (n x 16 bytes) are in the hash sample of shift k, as the C file decides it."""
     if shift <= 0:
         return np.ones(len(keys), dtype=bool)
-    words = np.ascontiguousarray(keys).view(np.uint32).reshape(len(keys), 4)  # the kernel's u32 loads (x86: LE)
+    words = np.ascontiguousarray(keys).view(np.uint32).reshape(len(keys), 4)  # native order, as the kernel loads them
     folded = (words[:, 0] ^ words[:, 1] ^ words[:, 2] ^ words[:, 3]).astype(np.uint64)
     with np.errstate(over="ignore"):
         hashed = folded * HASH_MULTIPLIER
