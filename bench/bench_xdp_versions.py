@@ -79,8 +79,10 @@ def main() -> int:
             with Blocklist(pin, str(work / f"state{n}")) as bl:
                 bl.import_file(str(work / f"list{n}.txt"))
             for version, src in sources.items():
+                known = {k: v for k, v in xdp.C_CONSTANTS.items() if k in src.read_text()}
                 cflags = [f"-I{src.parent}", f'-DPIN_DIR="{pin}"', "-DIFACE_SLOTS=2", "-DIFACE_SLOT(i)=(0)",
-                          f"-DCHECK_PYTHON_CONSTANTS={contract.constant_checks(xdp.C_CONSTANTS)}"]
+                          # an older file may lack constants added since: check the ones it has
+                          f"-DCHECK_PYTHON_CONSTANTS={contract.constant_checks(known)}"]
                 b = BPF(text=program_text(src), cflags=cflags)
                 loaded.append(b)
                 programs[(label, version)] = prog_id_of_fd(b.load_func(xdp.PROGRAM, BPF.XDP).fd)

@@ -27,6 +27,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -143,6 +144,15 @@ def map_info(fd: int) -> MapInfo:
 def prog_fd_by_id(prog_id: int) -> int:
     """fd of a loaded program (the caller closes it)."""
     return _bpf(BPF_PROG_GET_FD_BY_ID, _attr("=III", prog_id, 0, 0))
+
+
+def prog_test_run(fd: int, data: bytes, repeat: int = 1) -> int:
+    """Run a loaded program ``repeat`` times on one packet (BPF_PROG_TEST_RUN, as ``bpftool prog run``): its
+    return value. Its maps are updated as by real traffic; used by the XDP bench and tests."""
+    buf = ctypes.create_string_buffer(data, len(data))
+    attr = _attr("=IIIIQQI", fd, 0, len(data), 0, _addr(buf), 0, repeat)
+    _bpf(BPF_PROG_TEST_RUN, attr)
+    return struct.unpack_from("=I", attr, 4)[0]
 
 
 def prog_info(fd: int) -> ProgInfo:

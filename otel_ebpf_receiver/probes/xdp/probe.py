@@ -4,7 +4,9 @@ The C side is bpf/xdp.bpf.c (read its header for the per-packet path). This side
 interfaces — native (driver) mode first, generic (skb) mode when the driver has no XDP — and each interval:
 
 * bumps the epoch in ``xdp_config`` (per-source windows; list TTLs run on the kernel's clock, see the C file),
-* reads the per-interface totals (per-CPU) and the per-source table (one batch read into numpy),
+* reads the per-interface totals (per-CPU) and the per-source table (one batch read into numpy; what the windows
+  mean, and how they are sampled under floods, is in sources.py),
+* sets the per-source sampling shift of the next window from this window's packet rate,
 * expires blocklist entries whose TTL passed, and reports how many entries each list holds.
 
 Attachments and pins. The program is attached through netlink, so it stays attached if the agent dies without
@@ -19,7 +21,7 @@ A read costs ~20 ms of CPU with a full 65,536-entry per-source table, ~1 ms when
 
 Longer than usual because the probe owns both halves of its life — attaching through netlink in native or generic
 mode, adopting or refusing what is already on an interface, in another namespace — and the per-window read of three
-maps; the lists themselves live in the sibling modules. Splitting attach from read is the next step when it grows.
+maps; the lists and the per-source windows live in the sibling modules.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import json
 import socket
 import struct
 import subprocess
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -39,6 +40,7 @@ from ...kernel.maps import MapSnapshot
 from ...kernel.netns import NetnsError, in_netns
 from ..base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, TopItem, log1p_rate,
                     ratio)
+from .sources import SourceRate, SourceWindows, sample_shift, source_address  # noqa: F401 (re-exported)
 from ..contract import U32, U64, MapContract, check_struct_offsets, dtype, value_type
 from .blocklist import Blocklist
 from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
@@ -57,6 +59,8 @@ TCP_FLAGS = ("syn", "syn_ack", "rst", "fin")  # FLAG_*
 VERDICTS = ("pass", "drop", "allow")  # VERDICT_*
 PROTO_SLOTS = len(FAMILIES) * len(TRANSPORTS)  # packets and bytes per family x transport: slot = fam * 4 + l4
 SIZE_SLOTS = 17
+SIZE16_SLOTS = 128  # struct totals' size16[i] (lengths [16 i, 16 i + 16)) belongs to log2 slot floor(log2(16 i)) + 1
+_SIZE16_TO_LOG2 = np.array([0] + [(16 * i).bit_length() for i in range(1, SIZE16_SLOTS)])
 # Attributes with no semantic-convention equivalent, in our namespace.
 TCP_FLAG = "otel_ebpf_receiver.tcp.flag"
 XDP_VERDICT = "otel_ebpf_receiver.xdp.verdict"
@@ -66,7 +70,7 @@ C_CONSTANTS = {
     **{f"L4_{name.upper()}": i for i, name in enumerate(TRANSPORTS)},
     **{f"FLAG_{name.replace('_', '').upper()}": i for i, name in enumerate(TCP_FLAGS)},
     **{f"VERDICT_{name.upper()}": i for i, name in enumerate(VERDICTS)},
-    "PROTO_SLOTS": PROTO_SLOTS, "SIZE_SLOTS": SIZE_SLOTS,
+    "PROTO_SLOTS": PROTO_SLOTS, "SIZE_SLOTS": SIZE_SLOTS, "SIZE16_SLOTS": SIZE16_SLOTS,
 }
 # struct totals (per interface slot and CPU), struct src_stats and struct config, as Python reads them: the layouts
 # themselves come from bcc's types (see load()).
@@ -74,36 +78,16 @@ MAPS = {
     "xdp_totals": MapContract(value={
         "packets": f"({PROTO_SLOTS},)<u8", "bytes": f"({PROTO_SLOTS},)<u8", "tcp_flags": f"({len(TCP_FLAGS)},)<u8",
         "size_log2": f"({SIZE_SLOTS},)<u8", "verdicts": f"({len(VERDICTS)},)<u8", "malformed": U64,
-        "src_inserts": U64, "src_update_failures": U64}),
+        "src_inserts": U64, "src_update_failures": U64, "src_sampled": U64, "size16": f"({SIZE16_SLOTS},)<u8"}),
     "per_source": MapContract(key="(16,)u1",  # struct addr16, read as bytes
                               value={"win": (2, {"packets": U64, "bytes": U64, "syns": U64, "epoch": U32})}),
-    "xdp_config": MapContract(value={"epoch": U32}),
+    "xdp_config": MapContract(value={"epoch": U32, "sample_shift": U32}),
 }
-_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
 def protocol_attributes(slot: int) -> dict[str, str]:
     """A packets/bytes slot of struct totals (fam * 4 + l4) -> network.type and network.transport."""
     return {"network.type": FAMILIES[slot // len(TRANSPORTS)], "network.transport": TRANSPORTS[slot % len(TRANSPORTS)]}
-
-
-@dataclass(frozen=True)
-class SourceRate:
-    """One source's traffic in the last window (passed traffic; blocked sources count on their list entry)."""
-
-    address: str
-    packets_per_s: float
-    bytes_per_s: float
-    syn_share: float          # SYNs / packets from this source
-    bytes_per_packet: float
-    share: float              # of all packets from all sources this window
-
-
-def source_address(raw: bytes) -> str:
-    """A struct addr16 (IPv4 as ::ffff:a.b.c.d) -> source.address as users write it."""
-    if raw[:12] == _V4_MAPPED:
-        return socket.inet_ntop(socket.AF_INET, raw[12:16])
-    return socket.inet_ntop(socket.AF_INET6, raw[:16])
 
 
 class XdpProbe(Probe):
@@ -155,7 +139,8 @@ class XdpProbe(Probe):
         "interfaces": [],            # names, e.g. ["eth0"]; required
         "mode": "auto",              # auto | native | generic
         "netns": "",                 # the interfaces live in this network namespace (ip netns name or path)
-        "per_source": True,          # per-source table (~25 ns/packet); off: no top sources, no distinct count
+        "per_source": True,          # per-source table; off: no top sources, no distinct count
+        "per_source_exact_below": 50000,  # packets/s: above, per-source updates are sampled (sources.py); 0: never
         "per_source_entries": 65536,
         "blocklist_entries": DEFAULT_BLOCKLIST_ENTRIES,
         "allowlist_entries": DEFAULT_ALLOWLIST_ENTRIES,
@@ -174,11 +159,12 @@ class XdpProbe(Probe):
         self._attached: list[tuple[str, int, int]] = []  # (interface, flags, program id)
         self._ifindex: dict[str, int] = {}
         self._epoch = 1
+        self._shift = 0  # per-source sampling shift of the current epoch (sources.py)
         self._ncpu = 1
         self._snapshot: MapSnapshot | None = None
         self._deltas = CounterDeltas()
         self._evictions_total = 0
-        self._window: tuple[np.ndarray, np.ndarray, float] | None = None  # keys, windows, seconds
+        self._window: SourceWindows | None = None  # the last closed window's sources
         self._totals_dtype: np.dtype | None = None  # struct totals, from bcc's type for xdp_totals
         self._window_dtype: np.dtype | None = None  # struct src_window, from bcc's type for per_source
         self.expired_at_start: list[str] = []
@@ -359,6 +345,7 @@ class XdpProbe(Probe):
         table = self.bpf["xdp_config"]
         value = table.Leaf()
         value.epoch = self._epoch
+        value.sample_shift = self._shift
         table[ct.c_int(0)] = value
 
     def _totals(self) -> list[dict[str, np.ndarray]]:
@@ -371,12 +358,14 @@ class XdpProbe(Probe):
         for slot in range(len(self.interfaces) + 1):
             raw = bpfsys.map_lookup(table.map_fd, struct.pack("=I", slot), size)
             values = np.frombuffer(raw, dtype=totals) if raw is not None else np.zeros(self._ncpu, dtype=totals)
-            out.append({name: np.atleast_1d(values[name].sum(axis=0)).astype(np.float64) for name in totals.names})
+            f = {name: np.atleast_1d(values[name].sum(axis=0)).astype(np.float64) for name in totals.names}
+            f["size_log2"] += np.bincount(_SIZE16_TO_LOG2, weights=f["size16"], minlength=SIZE_SLOTS)
+            out.append(f)
         return out
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
-        closed_epoch = self._epoch
+        closed_epoch, closed_shift = self._epoch, self._shift
         self._epoch += 1
         self._write_config()  # from now on the kernel writes the other slot: ours is complete and stable
 
@@ -429,7 +418,12 @@ class XdpProbe(Probe):
             inserts += f["src_inserts"][0]
             failures += f["src_update_failures"][0]
 
-        distinct, top_share = self._read_sources(closed_epoch, seconds, reading, inserts)
+        distinct, top_share = self._read_sources(closed_epoch, closed_shift, seconds, reading, inserts)
+        if self.settings["per_source"] and seconds > 0:
+            passed = sums["packets"] - sums["drop"]  # only passed packets update the per-source table
+            self._shift = sample_shift(passed / seconds, float(self.settings["per_source_exact_below"]))
+            if self._shift != closed_shift:
+                self._write_config()
         reading.map_update_failures = int(self._delta(("src_failures",), failures))
 
         if self.blocklist is not None:
@@ -458,7 +452,8 @@ class XdpProbe(Probe):
     def _delta(self, key: Any, cumulative: float) -> float:
         return self._deltas.delta(key, float(cumulative))
 
-    def _read_sources(self, epoch: int, seconds: float, reading: Reading, inserts_total: float) -> tuple[float, float]:
+    def _read_sources(self, epoch: int, shift: int, seconds: float, reading: Reading,
+                      inserts_total: float) -> tuple[float, float]:
         """Per-source windows of the epoch that just closed → top-N gauges, distinct count, top share."""
         if self._snapshot is None:
             self._window = None
@@ -467,55 +462,35 @@ class XdpProbe(Probe):
         keys = np.frombuffer(self._snapshot.keys, dtype=np.uint8, count=n * 16).reshape(n, 16)
         wins = np.frombuffer(self._snapshot.values, dtype=self._window_dtype, count=n * 2).reshape(n, 2)[:, epoch & 1]
         live = (wins["epoch"] == (epoch & 0xFFFFFFFF)) & (wins["packets"] > 0)
-        keys, wins = keys[live].copy(), wins[live].copy()
+        self._window = SourceWindows(keys[live].copy(), wins[live].copy(), seconds, shift)
         # Evictions: every key ever inserted is either still in the table or was evicted (we never delete).
         evictions_total = max(0.0, inserts_total - n)
         reading.map_evictions = int(max(0.0, evictions_total - self._evictions_total))
         inserted_now = self._delta(("src_inserts",), inserts_total)
         self._evictions_total = max(self._evictions_total, evictions_total)
-        self._window = (keys, wins, seconds)
         # A flood of new sources larger than the table evicts sources of this same window: every insertion is a
         # source new to the table, so the insert count bounds the distinct count from below.
-        distinct = float(max(len(wins), inserted_now))
+        distinct = max(self._window.distinct(), inserted_now)
         reading.gauges.append(("otel_ebpf_receiver.xdp.sources", distinct, {}))
-        total = float(wins["packets"].sum())
         for src in self.top_sources(self.settings["top_sources"]):
             reading.gauges.append(("otel_ebpf_receiver.xdp.top_source.packet_rate", src.packets_per_s,
                                    {"source.address": src.address}))
-        top_share = float(wins["packets"].max()) / total if total > 0 else 0.0
-        return distinct, top_share
+        return distinct, self._window.top_share()
 
     def top_sources(self, n: int = 10) -> list[SourceRate]:
         """The n busiest sources of the last window (for a per-source verdict), busiest first."""
-        if self._window is None or n <= 0:
-            return []
-        keys, wins, seconds = self._window
-        if not len(wins):
-            return []
-        total = float(wins["packets"].sum())
-        k = min(n, len(wins))
-        idx = np.argpartition(-wins["packets"].astype(np.int64), k - 1)[:k]
-        idx = idx[np.argsort(-wins["packets"][idx].astype(np.int64), kind="stable")]
-        out = []
-        for i in idx:
-            packets, nbytes, syns = float(wins["packets"][i]), float(wins["bytes"][i]), float(wins["syns"][i])
-            out.append(SourceRate(source_address(keys[i].tobytes()), packets / seconds if seconds > 0 else 0.0,
-                                  nbytes / seconds if seconds > 0 else 0.0, ratio(syns, packets),
-                                  ratio(nbytes, packets), ratio(packets, total)))
-        return out
+        return self._window.top(n) if self._window is not None else []
 
     def source_window(self, address: str) -> SourceRate | None:
         """One source's numbers in the last window (None when it sent nothing that passed)."""
-        if self._window is None:
-            return None
-        keys, wins, seconds = self._window
-        packed = socket.inet_pton(socket.AF_INET6 if ":" in address else socket.AF_INET, address)
-        raw = np.frombuffer(_V4_MAPPED + packed if len(packed) == 4 else packed, dtype=np.uint8)
-        match = np.nonzero((keys == raw).all(axis=1))[0]
-        if not len(match):
-            return None
-        i = int(match[0])
-        total = float(wins["packets"].sum())
-        packets, nbytes, syns = float(wins["packets"][i]), float(wins["bytes"][i]), float(wins["syns"][i])
-        return SourceRate(address, packets / seconds if seconds > 0 else 0.0, nbytes / seconds if seconds > 0 else 0.0,
-                          ratio(syns, packets), ratio(nbytes, packets), ratio(packets, total))
+        return self._window.find(address) if self._window is not None else None
+
+    @property
+    def per_source_shift(self) -> int:
+        """The per-source sampling shift in effect (0: every packet counted exactly; sources.py)."""
+        return self._shift
+
+    def set_sample_shift(self, shift: int) -> None:
+        """Force the shift until the next read (bench and tests; the agent sets it from the packet rate)."""
+        self._shift = shift
+        self._write_config()
