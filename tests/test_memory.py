@@ -60,6 +60,25 @@ def test_release_drops_the_compiler_pages_and_a_later_compile_still_counts():
             probe.close()
 
 
+def test_without_madv_pageout_the_pages_are_still_dropped(monkeypatch, caplog):
+    """A kernel before 5.4 answers MADV_PAGEOUT with EINVAL (so does this one for an advice it does not know):
+    the release says so in one debug line and unmaps the pages with MADV_DONTNEED alone."""
+    from otel_ebpf_receiver.assembly import load_probes
+
+    loaded = load_probes(["exec"], {}, say=print)
+    try:
+        before = memory.droppable_resident(COMPILER)
+        assert before > 20 * MIB
+        monkeypatch.setattr(memory, "MADV_PAGEOUT", 0x7FFF)  # no kernel has this advice: EINVAL
+        with caplog.at_level("DEBUG", logger="otel_ebpf_receiver"):
+            assert memory.drop_library_pages(COMPILER) == "dontneed"
+        assert memory.droppable_resident(COMPILER) < before / 10
+        assert [r.message for r in caplog.records if "MADV_PAGEOUT" in r.message] != []
+    finally:
+        for probe in loaded:
+            probe.close()
+
+
 # A fresh interpreter: the agent exactly as `run` builds it (every probe this kernel has, the classifier, the
 # bundled model), with nothing imported before by other tests.
 _BUILT_AGENT = r"""
