@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from .agent import Agent, MetricSource
 from .config import Config
 from .errors import AgentError, PrivilegeError, ProbeError
+from .memory import release_after_load
 from .otel_env import export_interval_ms
 from .probe_cost import ProbeCost, build_probe_cost
 from .probes import REGISTRY
@@ -173,8 +174,10 @@ def build_agent(config: Config, *, say: Say | None = None, probes: Sequence[Prob
                       skipped_probes=skipped, on_reload=on_reload)
         if cost is not None:
             agent.closers.append(cost.close)
-        if mitigator is not None:  # its never-block list holds a netlink socket and a watcher thread
+        if mitigator is not None:  # its never-block list holds netlink sockets
             agent.closers.append(mitigator.close)
+        # Every program is compiled and the model loaded: give back what compiling and loading left resident.
+        release_after_load()
     except BaseException:
         for probe in loaded:
             probe.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -240,6 +242,34 @@ def test_graph_not_following_contract(trained: tr.Trained, model_path: Path, tmp
     bad = tmp_path / "plain.onnx"
     bad.write_bytes(proto.SerializeToString())
     reject(bad)
+    reject(bad, "inputs are", bundled=True)  # the bundled path reads inputs and outputs from the session
+
+
+@pytest.mark.parametrize("path", mm.BUNDLED, ids=lambda p: p.name)
+def test_every_bundled_model_passes_every_check_and_loads_the_same_without_onnx(path: Path) -> None:
+    """The agent loads bundled models without onnx (runtime.load_model): the ONNX-level checks they skip there
+    run here, on every bundled file, and both paths give the same model."""
+    full = load_model(path)  # every check, the sandboxed first run included
+    bundled = load_model(path, bundled=True)
+    assert (bundled.version, bundled.feature_names, bundled.metadata) == (full.version, full.feature_names,
+                                                                          full.metadata)
+    window = {name: float(i % 7) for i, name in enumerate(full.feature_names)}
+    assert bundled.predict(window) == full.predict(window)
+
+
+def test_loading_the_bundled_models_does_not_import_onnx() -> None:
+    code = ("import json, sys\n"
+            "from otel_ebpf_receiver.model.watch import best_bundled_model\n"
+            "model = best_bundled_model([], lambda line: None)\n"
+            "from otel_ebpf_receiver.model.runtime import load_model\n"
+            "from otel_ebpf_receiver.model.watch import BUNDLED_MODEL_DIR\n"
+            "versions = [load_model(p, bundled=True).version for p in sorted(BUNDLED_MODEL_DIR.glob('*.onnx'))]\n"
+            "print(json.dumps([versions, sorted(m for m in sys.modules if m.split('.')[0] == 'onnx')]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    versions, onnx_modules = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(versions) == len(mm.BUNDLED) and onnx_modules == []
 
 
 # -- hostile files (issue 14): every refusal is a ModelError line, never another exception ---------------------

@@ -134,12 +134,21 @@ def run_isolated(code: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# What the agent must never carry: our training and lab, and the libraries only they use (each costs the agent tens
+# of MB resident; memory.py and bench/bench_memory.py say where the agent's memory goes).
+TRAINING_PACKAGES = ("model_export", "sklearn", "skl2onnx", "matplotlib", "scipy", "pandas")
+
+
 def test_importing_every_runtime_module_loads_no_training_or_lab_module():
+    """Every runtime module — assembly, the CLI's `run` path, all of them — imported in one fresh interpreter loads
+    neither our training/lab code nor scikit-learn, skl2onnx, matplotlib, scipy or pandas. (What `run` imports
+    lazily while it builds the agent is checked on a real agent in test_memory.py.)"""
     names = sorted(n for n in project_modules() if n.startswith("otel_ebpf_receiver") and not n.endswith("__main__"))
+    assert "otel_ebpf_receiver.assembly" in names and "otel_ebpf_receiver.cli.run" in names
     loaded = run_isolated(
         "import importlib, json, sys\n"
         f"for name in {names!r}:\n    importlib.import_module(name)\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'model_export')))\n")
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {TRAINING_PACKAGES!r})))\n")
     assert loaded == []
 
 

@@ -284,3 +284,36 @@ def check_graph(path: Path, model: Any, n_features: int, n_clusters: int) -> Non
                                       and odims[1].dim_value != width):
                 raise ModelError(path, f"output {name!r} is declared with {len(odims)} dimension(s), expected "
                                        f"{rank}" + (f" with width {width}" if width else ""), GRAPH_HINT)
+
+
+def check_session_io(path: Path, session: Any, n_features: int, n_clusters: int) -> None:
+    """:func:`check_graph`'s input and output rules, read from an onnxruntime session instead of the ONNX graph:
+    for bundled models, which the agent loads without importing onnx (see ``runtime.load_model``)."""
+    inputs = session.get_inputs()
+    if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        raise ModelError(path, f"inputs are {[i.name[:40] for i in inputs[:5]]}, expected one named "
+                               f"{INPUT_NAME!r}", GRAPH_HINT)
+    if inputs[0].type != "tensor(float)":
+        raise ModelError(path, f"input {INPUT_NAME!r} is not float32", GRAPH_HINT)
+    dims = inputs[0].shape or []
+    if len(dims) != 2 or (isinstance(dims[1], int) and dims[1] != n_features):
+        width = dims[1] if len(dims) == 2 else "?"
+        raise ModelError(path, f"input is {len(dims)}-D with width {width}, metadata names {n_features} features",
+                         GRAPH_HINT)
+    outputs = {o.name: o for o in session.get_outputs()}
+    missing = [o for o in OUTPUT_NAMES if o not in outputs]
+    if missing:
+        raise ModelError(path, f"graph has no output {', '.join(missing)}", GRAPH_HINT)
+    expected = {OUTPUT_LABEL: ("tensor(int64)", 1, None), OUTPUT_DISTANCES: ("tensor(float)", 2, n_clusters),
+                OUTPUT_DEVIATION: ("tensor(float)", 2, n_features)}
+    for name, (kind, rank, width) in expected.items():
+        out = outputs[name]
+        if out.type != kind:
+            raise ModelError(path, f"output {name!r} is not a {'int64' if 'int' in kind else 'float32'} tensor",
+                             GRAPH_HINT)
+        odims = out.shape  # None when the graph declares no shape: as check_graph, nothing to compare
+        if odims is None:
+            continue
+        if len(odims) != rank or (width is not None and isinstance(odims[1], int) and odims[1] != width):
+            raise ModelError(path, f"output {name!r} is declared with {len(odims)} dimension(s), expected "
+                                   f"{rank}" + (f" with width {width}" if width else ""), GRAPH_HINT)

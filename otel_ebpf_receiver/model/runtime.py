@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .checks import (attack_states, check_graph, check_metadata, check_structure, external_tensors, parse_json)
+from .checks import (attack_states, check_graph, check_metadata, check_session_io, check_structure, external_tensors,
+                     parse_json)
 from .contract import (DEFAULT_MAX_BYTES, METADATA_ALGORITHM, METADATA_DISTANCE, METADATA_FEATURES,
                        METADATA_PERCENTILE, METADATA_STATES, METADATA_THRESHOLDS, METADATA_TRAINING,
                        METADATA_UNKNOWN_ABOVE, METADATA_VERSION, NORMAL_STATE, OUTPUT_NAMES,
@@ -252,13 +253,19 @@ def load_model(
     ``feature_owner(name) -> probe`` names the probe to enable for a missing feature (default: the registry,
     looked up lazily and only when a feature is missing).
     ``bundled`` is for the models shipped in the package: trusted like the code beside them (no child process),
-    and every cluster state counts as declared for mitigation (the attack-state rule). A file named on a command
-    line (`otel-ebpf-model info`, the exporter's own check) is the user's choice: no owner check by default.
+    and every cluster state counts as declared for mitigation (the attack-state rule). Their ONNX-level checks
+    (parse, structure, ``onnx.checker``) run where the code is tested (tests/test_model_runtime.py loads every
+    bundled file with all checks), not in the agent: importing onnx and building its checker's operator schemas
+    would cost the agent ~9 MB resident for its whole life (bench/bench_memory.py); inputs and outputs are then
+    checked on the session. A file named on a command line (`otel-ebpf-model info`, the exporter's own check) is
+    the user's choice: no owner check by default.
     """
-    import onnx
-
     path = Path(path)
     data = _read_secure(path, max_bytes, check_owner=check_owner)
+    if bundled:
+        return _load_bundled(path, data, available_features, feature_owner)
+    import onnx
+
     try:
         # From bytes, so nothing on disk is followed: external-data locations are checked below, never opened.
         model = onnx.load_model_from_string(data)
@@ -290,6 +297,24 @@ def load_model(
     session = _open_session(path, data)
     digest = hashlib.sha256(data).hexdigest()
     state_model = StateModel(path, session, meta, digest=digest, size=len(data), bundled=bundled)
+    _test_inference(path, state_model, len(names), n_clusters)
+    return state_model
+
+
+def _load_bundled(path: Path, data: bytes, available_features: Sequence[str] | None,
+                  feature_owner: Callable[[str], str | None] | None) -> StateModel:
+    """:func:`load_model` for a file of the package, without onnx: the metadata contract, the session's inputs
+    and outputs, the features, the test inference."""
+    session = _open_session(path, data)
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    check_metadata(path, meta)
+    names = json.loads(meta[METADATA_FEATURES])
+    n_clusters = len(json.loads(meta[METADATA_STATES]))
+    check_session_io(path, session, len(names), n_clusters)
+    if available_features is not None:
+        _check_features(path, names, available_features, feature_owner)
+    state_model = StateModel(path, session, meta, digest=hashlib.sha256(data).hexdigest(), size=len(data),
+                             bundled=True)
     _test_inference(path, state_model, len(names), n_clusters)
     return state_model
 
