@@ -47,9 +47,9 @@ struct sched_stats {
     u64 involuntary;     // a runnable task was switched out (preempted or yielded)
     u64 latency_sum_ns;  // sum of the (sampled) run-queue latencies in the histogram
     u64 update_failed;
+    u64 slots[LATENCY_SLOTS];
     u64 tick;            // the jiffy `timed` counts in (sampling only)
     u64 timed;           // wakeups timed exactly in that jiffy
-    u64 slots[LATENCY_SLOTS];
 };
 
 // thread -> when it became runnable, 0 once it ran. Entries are written in place and never deleted: an update plus
