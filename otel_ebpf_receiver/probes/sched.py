@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from ..kernel import btf, log2hist
-from ..kernel.maps import MapSnapshot
+from ..kernel.maps import MapSnapshot, top_indices
 from .base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
                    ratio, tracefs_root)
 from .contract import U32, U64, MapContract, dtype, value_type
@@ -121,7 +121,6 @@ class SchedProbe(Probe):
         self._raw_checked = False
         self._deltas = CounterDeltas()
         self._last_slots: np.ndarray | None = None
-        self._last_wait: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.uint32), np.zeros(0, np.uint64))
         self._ncpu = os.cpu_count() or 1
         self._owners: dict[int, tuple[float, int, str]] = {}  # tid -> (looked up at, tgid, comm)
 
@@ -176,33 +175,25 @@ class SchedProbe(Probe):
                           f"then 1 in {1 << self.sample_shift}")
         self._stats_snapshot = MapSnapshot(self.bpf["cpu_stats"])
         self._stats_dtype = dtype(value_type(self.bpf["cpu_stats"]))
+        fields = self._stats_dtype.fields
+        self._counter_words = [fields[name][1] // 8 for name in COUNTER_FIELDS]
+        self._slots_word = fields["slots"][1] // 8
         self._wait_snapshot = MapSnapshot(self.bpf["thread_wait"]) if self.top_n else None
 
     def _top_threads(self, seconds: float, reading: Reading) -> None:
-        """Rank threads by run-queue wait this interval (vectorised: a busy host has thousands of threads)."""
+        """Rank threads by run-queue wait this interval. The map is drained each window (it holds only the threads
+        that waited since the last read), so no per-thread deltas are kept and the read is as small as the
+        window's activity; an increment racing the drain is lost, which a top-N share can afford."""
         snap = self._wait_snapshot
-        n = snap.read()
-        tids = np.frombuffer(snap.keys, dtype=np.uint32, count=n).copy()
-        ncpu = len(snap.values[0]) if n else 1
+        n = snap.drain()
+        if not n or seconds <= 0:
+            return
+        ncpu = len(snap.values[0])
         wait = snap.u64_values(n, ncpu)  # weighted in the kernel: a sampled wait counts 2^k times
-        order = np.argsort(tids)
-        tids, wait = tids[order], wait[order]
-        last_tids, last_wait = self._last_wait
-        self._last_wait = (tids, wait)
-        previous = np.zeros_like(wait)
-        if len(last_tids):
-            at = np.searchsorted(last_tids, tids).clip(max=len(last_tids) - 1)
-            known = last_tids[at] == tids
-            previous[known] = last_wait[at[known]]
-        # A thread evicted and re-inserted restarts from zero: its whole value is new.
-        delta = np.where(wait >= previous, wait - previous, wait).astype(np.int64)
-        top = np.argsort(delta)[::-1][: self.top_n]
-        for i in top:
-            if delta[i] <= 0 or seconds <= 0:
-                break
-            tid = int(tids[i])
+        for i in top_indices(wait, self.top_n):
+            tid = int(snap.keys[i])
             pid, comm = self._owner(tid)
-            share = float(min(1.0, delta[i] / 1e9 / seconds))
+            share = float(min(1.0, wait[i] / 1e9 / seconds))
             reading.top.append(TopItem(f"{comm} (tid {tid})", share * 100, "% of the window waiting"))
             reading.gauges.append(("otel_ebpf_receiver.sched.top_thread.runqueue.wait", share,
                                    {"thread.id": tid, "process.pid": pid, "process.executable.name": comm}))
@@ -211,10 +202,12 @@ class SchedProbe(Probe):
         reading = Reading()
         snap = self._stats_snapshot
         n = snap.read()
-        ncpu = ct.sizeof(snap.table.Leaf) // self._stats_dtype.itemsize
-        values = np.frombuffer(snap.values, dtype=self._stats_dtype, count=n * ncpu)
-        counters = np.array([values[name].sum() for name in COUNTER_FIELDS], dtype=np.uint64)
-        slots = values["slots"].sum(axis=0) if n else np.zeros(SLOTS, dtype=np.uint64)
+        # struct sched_stats is all u64: sum the CPUs' rows once, then pick the fields at their (checked) offsets.
+        words = self._stats_dtype.itemsize // 8
+        totals = np.frombuffer(snap.values, dtype=np.uint64, count=n * (ct.sizeof(snap.table.Leaf) // 8)) \
+            .reshape(-1, words).sum(axis=0) if n else np.zeros(words, dtype=np.uint64)
+        counters = totals[self._counter_words]
+        slots = totals[self._slots_word:self._slots_word + SLOTS]
         switches = self._deltas.delta("switches", int(counters[SWITCHES]))
         involuntary = self._deltas.delta("involuntary", int(counters[INVOLUNTARY]))
         latency_ns = self._deltas.delta("latency_ns", int(counters[LATENCY_SUM_NS]))
