@@ -40,15 +40,20 @@ def main() -> int:
     probes, classifier = agent.probes, agent.classifier
     per_probe: dict[str, list[float]] = {p.name: [] for p in probes}
     infer: list[float] = []
+    record: list[float] = []
     whole: list[float] = []
     try:
         agent.step(1.0)
         for _ in range(args.windows):
             time.sleep(args.gap)
+            readings = {}
             for probe in probes:  # the parts, measured separately (each read consumes its own delta)
                 t0 = time.perf_counter()
-                probe.read(1.0)
+                readings[probe.name] = probe.read(1.0)
                 per_probe[probe.name].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            agent.export(readings, agent.verdict, 1.0)  # into the SDK (in memory; recorded once more, a bench)
+            record.append(time.perf_counter() - t0)
             window = FeatureWindow(time.time(), agent.last_window.values)
             model = classifier.watcher.model
             if model is not None:
@@ -69,6 +74,8 @@ def main() -> int:
     if infer:
         print(f"| state model inference (onnxruntime) | {statistics.median(infer) * 1e6:.0f} | "
               f"{pct(infer, 0.99) * 1e6:.0f} |")
+    print(f"| record into the SDK (counters, gauges, histograms, self-metrics) | {statistics.median(record) * 1e6:.0f} | "
+          f"{pct(record, 0.99) * 1e6:.0f} |")
     print(f"| **whole window** (read + features + infer + record) | **{statistics.median(whole) * 1e6:.0f}** | "
           f"{pct(whole, 0.99) * 1e6:.0f} |")
     share = statistics.median(whole) / config.interval * 100

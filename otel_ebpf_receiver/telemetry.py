@@ -5,6 +5,9 @@ readings into instruments with ``system.state`` on every data point.
 OTEL_EXPORTER_OTLP_[METRICS_|LOGS_|TRACES_]{ENDPOINT,HEADERS,TIMEOUT,PROTOCOL,INSECURE,CERTIFICATE,COMPRESSION},
 OTEL_{METRICS,LOGS,TRACES}_EXPORTER, OTEL_SDK_DISABLED, OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME,
 OTEL_METRIC_EXPORT_INTERVAL. *What* gets lost on the way is counted in delivery.py.
+
+Longer than usual because the sink's three instrument kinds (counters kept as totals, latest-value gauges, bulk
+log2 histograms) belong with the views and the provider that give them their cardinality limit and aggregation.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from bisect import bisect_left
 from typing import Any, Iterable, Mapping, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Observation
-from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableGauge
+from opentelemetry.sdk.metrics import Counter, Histogram, MeterProvider, ObservableCounter, ObservableGauge
 from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, MetricExporter, PeriodicExportingMetricReader
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
@@ -37,6 +40,7 @@ SCOPE = "otel_ebpf_receiver"
 STATE_ATTRIBUTE = "system.state"
 MODEL_ATTRIBUTE = "system.state.model"
 OVERFLOW_ATTRIBUTES = {"otel.metric.overflow": True}  # the spec's (and the SDK's) overflow series
+OVERFLOW_KEY = frozenset(OVERFLOW_ATTRIBUTES.items())
 DEFAULT_CARDINALITY_LIMIT = 2000  # series per metric; the spec's and the SDK's default
 FLUSH_DEADLINE_SECONDS = 3.0      # the final flush at stop, whatever the Collector does
 BATCH_QUEUE_DEFAULT = 2048        # OTEL_BLRP_MAX_QUEUE_SIZE / OTEL_BSP_MAX_QUEUE_SIZE when unset (the SDK's)
@@ -122,6 +126,7 @@ def cardinality_views(limit: int) -> list[View]:
     return [View(instrument_type=Histogram, meter_name=SCOPE, aggregation=Log2BucketHistogramAggregation(),
                  aggregation_cardinality_limit=limit),
             View(instrument_type=Counter, meter_name=SCOPE, aggregation_cardinality_limit=limit),
+            View(instrument_type=ObservableCounter, meter_name=SCOPE, aggregation_cardinality_limit=limit),
             View(instrument_type=ObservableGauge, meter_name=SCOPE, aggregation_cardinality_limit=limit)]
 
 
@@ -349,8 +354,13 @@ def histogram_boundaries(metric: Metric) -> tuple[float, ...]:
 class MetricSink:
     """Creates one instrument per declared metric and records readings with the state attributes.
 
-    Counters are synchronous and receive per-window increases, so each ``system.state`` series accumulates exactly
-    what happened while the host was in that state and their sum is the kernel's total. Gauges are observable:
+    Counters receive per-window increases, so each ``system.state`` series accumulates exactly what happened while
+    the host was in that state and their sum is the kernel's total. They are observable counters over totals the
+    sink keeps itself: a window adds to a dict entry, and the SDK sees the totals only when a reader collects (once
+    per export interval), instead of one synchronous ``Counter.add`` per series per window through the SDK's
+    attribute checks and aggregation (the biggest share of a window's export). Past ``cardinality_limit`` series a
+    metric's further attribute sets add to one ``otel.metric.overflow=true`` series, as the SDK does. Gauges are
+    observable:
     the callback reports only the latest window's values, so a process that left the top N stops being exported
     (a synchronous gauge would repeat its last value forever).
     """
@@ -359,7 +369,7 @@ class MetricSink:
                  cardinality_limit: int = DEFAULT_CARDINALITY_LIMIT) -> None:
         self.meter = meter
         self.cardinality_limit = cardinality_limit
-        self._counters: dict[str, Any] = {}
+        self._counters: dict[str, dict[frozenset, list]] = {}  # name -> attribute set -> [attributes, total]
         self._histograms: dict[str, Any] = {}
         self._latest: dict[str, list[tuple[float, dict[str, Any]]]] = {}
         self._lock = threading.Lock()
@@ -370,7 +380,9 @@ class MetricSink:
         if metric.name in self._counters or metric.name in self._latest or metric.name in self._histograms:
             raise ValueError(f"metric {metric.name!r} declared twice")
         if metric.kind == COUNTER:
-            self._counters[metric.name] = self.meter.create_counter(metric.name, metric.unit, metric.description)
+            self._counters[metric.name] = {}
+            self.meter.create_observable_counter(metric.name, [self._totals_callback(metric.name)], metric.unit,
+                                                 metric.description)
         elif metric.kind == GAUGE:
             self._latest[metric.name] = []
             self.meter.create_observable_gauge(metric.name, [self._callback(metric.name)], metric.unit,
@@ -389,9 +401,31 @@ class MetricSink:
 
         return observe
 
+    def _totals_callback(self, name: str):
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            with self._lock:
+                return [Observation(total, attrs) for attrs, total in self._counters[name].values()]
+
+        return observe
+
     def add(self, name: str, value: float, attributes: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-        if value:
-            self._counters[name].add(value, {**attributes, **state})
+        if not value:
+            return
+        if value < 0:  # what the SDK's Counter.add does with one: drop it, say so
+            log.warning("counter %s: negative increase %r dropped", name, value)
+            return
+        merged = {**attributes, **state}
+        key = frozenset(merged.items())
+        with self._lock:
+            series = self._counters[name]
+            entry = series.get(key)
+            if entry is None:
+                if len(series) >= self.cardinality_limit:  # as the SDK: the limit, then one overflow series
+                    key, merged = OVERFLOW_KEY, dict(OVERFLOW_ATTRIBUTES)
+                    entry = series.get(key)
+                if entry is None:
+                    entry = series[key] = [merged, 0]
+            entry[1] += value
 
     def set_gauges(self, values: Mapping[str, list[tuple[float, Mapping[str, Any]]]], state: Mapping[str, Any]) -> None:
         """Replace the latest values of the given gauges (each list is this window's complete set). A gauge keeps

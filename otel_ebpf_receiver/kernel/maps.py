@@ -38,14 +38,30 @@ class MapSnapshot:
                 self._batch_supported = False  # old kernel: fall back to key iteration once and for all
         return self._read_iter()
 
-    def _read_batch(self) -> int:
+    def drain(self) -> int:
+        """Fill the buffers and delete what was read (BPF_MAP_LOOKUP_AND_DELETE_BATCH, kernel >= 5.6): the map then
+        holds only what the next window adds, and no per-key deltas are needed. For hash maps whose values may
+        lose an increment made between the kernel's lookup and its delete (a top-N view, not an exact count)."""
+        if self._batch_supported:
+            try:
+                return self._read_batch(delete=True)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUPP if hasattr(errno, "ENOTSUPP") else 524):
+                    raise
+                self._batch_supported = False
+        n = self._read_iter()  # old kernel: read, then clear (one delete per key)
+        self.table.clear()
+        return n
+
+    def _read_batch(self, delete: bool = False) -> int:
+        batch = self._lib.bpf_lookup_and_delete_batch if delete else self._lib.bpf_lookup_batch
         key_size, leaf_size = ct.sizeof(self.table.Key), ct.sizeof(self.table.Leaf)
         in_batch = ct.c_uint32(0)
         out_batch = ct.c_uint32(0)
         total = 0
         while total < self.capacity:
             count = ct.c_uint32(self.capacity - total)
-            res = self._lib.bpf_lookup_batch(
+            res = batch(
                 self.table.map_fd,
                 ct.byref(in_batch) if total else None,
                 ct.byref(out_batch),
@@ -58,7 +74,7 @@ class MapSnapshot:
             if res != 0:
                 if err == errno.ENOENT:
                     break  # reached the end
-                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH on {self.table.name!r}")
+                raise OSError(err, f"BPF_MAP_LOOKUP{'_AND_DELETE' if delete else ''}_BATCH on {self.table.name!r}")
             if count.value == 0:
                 break
             in_batch.value = out_batch.value

@@ -1,5 +1,12 @@
 """sched: run-queue latency (how long runnable threads wait for a CPU) and context switches, voluntary and
-involuntary — the CPU-contention view that load averages blur."""
+involuntary — the CPU-contention view that load averages blur. Kernel side: bpf/sched.bpf.c.
+
+Cost (README, "Scheduler probe cost"): raw tracepoints where the kernel's BTF shows the expected TP_PROTO, classic
+tracepoints otherwise. Switch counts (voluntary, involuntary) are exact. Run-queue waits are timed exactly up to
+``latency_exact_per_tick`` per CPU per jiffy; beyond that 1 in 2^``latency_sample_shift`` is timed, at random, and
+weighs 2^k in the histogram, its sum and the per-thread waits (unbiased estimates; the kernel applies the weights,
+so the maps read as before). A quiet host is thus timed exactly, a busy one by a sample of thousands a second.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +18,8 @@ import time
 
 import numpy as np
 
-from ..kernel import log2hist
-from ..kernel.maps import MapSnapshot
+from ..kernel import btf, log2hist
+from ..kernel.maps import MapSnapshot, top_indices
 from .base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
                    ratio, tracefs_root)
 from .contract import U32, U64, MapContract, dtype, value_type
@@ -22,6 +29,9 @@ SLOTS = log2hist.LATENCY_SLOTS
 COUNTER_FIELDS = ("switches", "involuntary", "latency_sum_ns", "update_failed")
 SWITCHES, INVOLUNTARY, LATENCY_SUM_NS, UPDATE_FAILED = range(len(COUNTER_FIELDS))  # positions in COUNTER_FIELDS
 SWITCH_HOOK = Hook("sched:sched_switch")
+# The raw tracepoints' TP_PROTO as argument sizes in bytes: sched_switch(bool preempt, struct task_struct *prev,
+# struct task_struct *next, unsigned int prev_state) since Linux 5.18; sched_wakeup(_new)(struct task_struct *p).
+RAW_SIGNATURES = {"sched_switch": (1, 8, 8, 4), "sched_wakeup": (8,), "sched_wakeup_new": (8,)}
 DEFAULT_STATE_MASK = 0xFF  # TASK_REPORT_MAX - 1 since Linux 4.14
 OWNER_CACHE_SECONDS = 10.0  # a thread's name can change (exec, prctl): looked up again after this
 
@@ -95,17 +105,22 @@ class SchedProbe(Probe):
                 "log1p(99th percentile run-queue latency in microseconds, this interval)"),
     )
     # top_threads: how many of the threads that waited most are reported (0 compiles per-thread accounting out).
-    defaults = {"max_queued_threads": 10240, "top_threads": 5, "max_threads": 10240}
+    # latency_sample_shift: beyond latency_exact_per_tick wakeups/preemptions per CPU per jiffy, time 1 in 2^k
+    # (0: time every one). force_tracepoint: 1 keeps the classic tracepoints where raw ones would do.
+    defaults = {"max_queued_threads": 10240, "top_threads": 5, "max_threads": 10240, "latency_sample_shift": 3,
+                "latency_exact_per_tick": 8, "force_tracepoint": 0}
     maps = {"cpu_stats": MapContract(value={**{name: U64 for name in COUNTER_FIELDS}, "slots": f"({SLOTS},)<u8"}),
-            "thread_wait": MapContract(key=U32, value={"wait_ns": U64})}  # compiled in when top_threads > 0
+            "thread_wait": MapContract(key=U32, value=U64)}  # compiled in when top_threads > 0
     c_constants = {"LATENCY_SLOTS": SLOTS}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
         self.top_n = self.settings["top_threads"]
+        self.sample_shift = min(int(self.settings["latency_sample_shift"]), 15)  # 4 bits in the kernel's stamp
+        self._raw_pid_offset: int | None = None  # task_struct.pid, when the raw tracepoints are usable
+        self._raw_checked = False
         self._deltas = CounterDeltas()
         self._last_slots: np.ndarray | None = None
-        self._last_wait: tuple[np.ndarray, np.ndarray] = (np.zeros(0, np.uint32), np.zeros(0, np.uint64))
         self._ncpu = os.cpu_count() or 1
         self._owners: dict[int, tuple[float, int, str]] = {}  # tid -> (looked up at, tgid, comm)
 
@@ -123,9 +138,28 @@ class SchedProbe(Probe):
         self._owners[tid] = (now, pid, comm)
         return pid, comm
 
+    def raw_tracepoints_usable(self) -> bool:
+        """True when this kernel's BTF shows the TP_PROTOs bpf/sched.bpf.c reads (and task_struct.pid's offset)."""
+        if not self._raw_checked:
+            self._raw_checked = True
+            self._raw_pid_offset = None
+            if not self.settings["force_tracepoint"]:
+                from bcc import BPF
+
+                facts = btf.read_facts((("task_struct", "pid"),), tuple(RAW_SIGNATURES)) \
+                    if BPF.support_raw_tracepoint() else None
+                if facts and all(facts.tracepoint_args[tp] == sig for tp, sig in RAW_SIGNATURES.items()):
+                    self._raw_pid_offset = facts.member_offsets[("task_struct", "pid")]
+        return self._raw_pid_offset is not None
+
     def cflags(self) -> list[str]:
         flags = [f"-DMAX_QUEUED={self.settings['max_queued_threads']}", f"-DLATENCY_SLOTS={SLOTS}",
-                 f"-DTASK_STATE_MASK={task_state_mask():#x}"]
+                 f"-DLATENCY_SAMPLE_SHIFT={self.sample_shift}",
+                 f"-DEXACT_PER_TICK={self.settings['latency_exact_per_tick']}"]
+        if self.raw_tracepoints_usable():
+            flags += ["-DUSE_RAW_TRACEPOINT", f"-DTASK_PID_OFFSET={self._raw_pid_offset}"]
+        else:
+            flags.append(f"-DTASK_STATE_MASK={task_state_mask():#x}")
         if self.top_n:
             flags += ["-DPER_THREAD", f"-DMAX_THREADS={self.settings['max_threads']}"]
         return flags
@@ -135,36 +169,31 @@ class SchedProbe(Probe):
 
     def load(self) -> None:
         super().load()
+        self.mode = "raw_tracepoint" if self.raw_tracepoints_usable() else "tracepoint"
+        if self.sample_shift:
+            self.mode += (f", waits timed exactly up to {self.settings['latency_exact_per_tick']}/CPU/jiffy, "
+                          f"then 1 in {1 << self.sample_shift}")
         self._stats_snapshot = MapSnapshot(self.bpf["cpu_stats"])
         self._stats_dtype = dtype(value_type(self.bpf["cpu_stats"]))
+        fields = self._stats_dtype.fields
+        self._counter_words = [fields[name][1] // 8 for name in COUNTER_FIELDS]
+        self._slots_word = fields["slots"][1] // 8
         self._wait_snapshot = MapSnapshot(self.bpf["thread_wait"]) if self.top_n else None
-        self._wait_dtype = dtype(value_type(self.bpf["thread_wait"])) if self.top_n else None
 
     def _top_threads(self, seconds: float, reading: Reading) -> None:
-        """Rank threads by run-queue wait this interval (vectorised: a busy host has thousands of threads)."""
+        """Rank threads by run-queue wait this interval. The map is drained each window (it holds only the threads
+        that waited since the last read), so no per-thread deltas are kept and the read is as small as the
+        window's activity; an increment racing the drain is lost, which a top-N share can afford."""
         snap = self._wait_snapshot
-        n = snap.read()
-        tids = np.frombuffer(snap.keys, dtype=np.uint32, count=n).copy()
-        ncpu = len(snap.values[0]) if n else 1
-        wait = np.frombuffer(snap.values, dtype=self._wait_dtype, count=n * ncpu).reshape(n, ncpu)["wait_ns"].sum(axis=1)
-        order = np.argsort(tids)
-        tids, wait = tids[order], wait[order]
-        last_tids, last_wait = self._last_wait
-        self._last_wait = (tids, wait)
-        previous = np.zeros_like(wait)
-        if len(last_tids):
-            at = np.searchsorted(last_tids, tids).clip(max=len(last_tids) - 1)
-            known = last_tids[at] == tids
-            previous[known] = last_wait[at[known]]
-        # A thread evicted and re-inserted restarts from zero: its whole value is new.
-        delta = np.where(wait >= previous, wait - previous, wait).astype(np.int64)
-        top = np.argsort(delta)[::-1][: self.top_n]
-        for i in top:
-            if delta[i] <= 0 or seconds <= 0:
-                break
-            tid = int(tids[i])
+        n = snap.drain()
+        if not n or seconds <= 0:
+            return
+        ncpu = len(snap.values[0])
+        wait = snap.u64_values(n, ncpu)  # weighted in the kernel: a sampled wait counts 2^k times
+        for i in top_indices(wait, self.top_n):
+            tid = int(snap.keys[i])
             pid, comm = self._owner(tid)
-            share = float(min(1.0, delta[i] / 1e9 / seconds))
+            share = float(min(1.0, wait[i] / 1e9 / seconds))
             reading.top.append(TopItem(f"{comm} (tid {tid})", share * 100, "% of the window waiting"))
             reading.gauges.append(("otel_ebpf_receiver.sched.top_thread.runqueue.wait", share,
                                    {"thread.id": tid, "process.pid": pid, "process.executable.name": comm}))
@@ -173,10 +202,12 @@ class SchedProbe(Probe):
         reading = Reading()
         snap = self._stats_snapshot
         n = snap.read()
-        ncpu = ct.sizeof(snap.table.Leaf) // self._stats_dtype.itemsize
-        values = np.frombuffer(snap.values, dtype=self._stats_dtype, count=n * ncpu)
-        counters = np.array([values[name].sum() for name in COUNTER_FIELDS], dtype=np.uint64)
-        slots = values["slots"].sum(axis=0) if n else np.zeros(SLOTS, dtype=np.uint64)
+        # struct sched_stats is all u64: sum the CPUs' rows once, then pick the fields at their (checked) offsets.
+        words = self._stats_dtype.itemsize // 8
+        totals = np.frombuffer(snap.values, dtype=np.uint64, count=n * (ct.sizeof(snap.table.Leaf) // 8)) \
+            .reshape(-1, words).sum(axis=0) if n else np.zeros(words, dtype=np.uint64)
+        counters = totals[self._counter_words]
+        slots = totals[self._slots_word:self._slots_word + SLOTS]
         switches = self._deltas.delta("switches", int(counters[SWITCHES]))
         involuntary = self._deltas.delta("involuntary", int(counters[INVOLUNTARY]))
         latency_ns = self._deltas.delta("latency_ns", int(counters[LATENCY_SUM_NS]))
