@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="otel-ebpf-lab", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{list,record,record-host,report,rebuild}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{list,record,record-host,report,rebuild,holdout}",
+                                required=True)
 
     p = sub.add_parser("list", help="the scenarios, their labels and the training plan")
     p.set_defaults(handler=cmd_list)
@@ -202,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description=rebuild.__doc__, formatter_class=fmt)
     rebuild.add_arguments(p)
     p.set_defaults(handler=_one_line_errors(rebuild.rebuild))
+
+    from . import holdout
+
+    p = sub.add_parser("holdout", help="leave-one-family-out evaluation of a recording (offline, no root)",
+                       description=holdout.__doc__, formatter_class=fmt)
+    holdout.add_arguments(p)
+    p.set_defaults(handler=_one_line_errors(holdout.run))
     return parser
 
 
