@@ -126,7 +126,8 @@ def test_debounced_alarms_count_like_the_agent() -> None:
 def test_held_out_evaluation_end_to_end(tmp_path: Path) -> None:
     main = write(tmp_path / "main.csv", recording())
     split = holdout.load_split(str(main))
-    result = holdout.evaluate(split, margin=0.25, say=lambda _line: None)
+    reference = tr.export(tr.fit(recording(), tr.TrainConfig(clusters=4)), tmp_path / "ref.onnx").model
+    result = holdout.evaluate(split, margin=0.25, say=lambda _line: None, reference=reference)
     subtle = result["families"]["subtle"]
     # the whole-vector distance dilutes 3 moved features of 40; the benign bounds do not
     assert subtle["held_out_distance"] < 0.5 and subtle["held_out_novelty"] > 0.9
@@ -135,7 +136,8 @@ def test_held_out_evaluation_end_to_end(tmp_path: Path) -> None:
         assert row["in_sample_named_distance"] > 0.9 and row["held_out_novelty"] > 0.9
     assert result["benign"]["hold-out of the main recording (calibration)"]["windows"] == split.held_benign.sum()
     text = holdout.markdown(result, "main.csv")
-    assert "| subtle | 120 |" in text and "baseline" in text
+    assert "| subtle | 120 |" in text and "baseline" in text and "bundled network.onnx" in text
+    assert result["families"]["exec_storm"]["bundled_named"] > 0.9   # a model trained on it, scored beside
 
 
 def test_the_cli_says_one_line_for_a_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,6 +23,8 @@ trained on every family raises no more benign hold-out windows of the main recor
 independent measure). The in-sample columns come from that all-family model on the windows it was trained on.
 The per-metric two-means baseline (model_export/baseline.py) is trained on the same benign training windows
 and scored on the same windows; F1 counts each family's windows as positives and the benign hold-out as negatives.
+The bundled ``network.onnx`` is scored beside (``--no-bundled``: not): it was trained on another recording of the
+same plan, so its column says how the shipped model does on a new recording of scenarios it knows.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from otel_ebpf_receiver.model import NORMAL_STATE, load_model
+from otel_ebpf_receiver.model import NORMAL_STATE, ModelError, load_model
 from otel_ebpf_receiver.model.runtime import StateModel
+from otel_ebpf_receiver.model.watch import BUNDLED_MODEL_DIR
 from otel_ebpf_receiver.state.debounce import StateDebouncer
 from otel_ebpf_receiver.state.incidents import BASELINE_STATES
 
@@ -195,14 +198,17 @@ def f1(tp: int, fp: int, positives: int) -> tuple[float, float]:
 VARIANTS = ("distance", "novelty")
 
 
-def evaluate(split: Split, margin: float | None = None, say: Callable[[str], None] = print) -> dict:
-    """Every number of the held-out table (see the module docstring)."""
+def evaluate(split: Split, margin: float | None = None, say: Callable[[str], None] = print,
+             reference: StateModel | None = None) -> dict:
+    """Every number of the held-out table (see the module docstring). ``reference``: a model to score beside
+    (the bundled network.onnx: trained on another recording of the same plan)."""
     table, labels = split.table, split.table.labels
     benign = split.held_benign | split.extra_benign
     benign_training = split.training(None) & (labels == NORMAL_STATE)
     baseline = TwoMeansBaseline().fit(table.values[benign_training], split.runs[benign_training])
     base_flags = baseline.flags(table.values, split.runs)
-    states: dict[str | None, dict[str, np.ndarray]] = {}   # model (held-out family, None: all) -> variant -> states
+    # model (held-out family; None: all; "bundled": reference) -> variant -> states
+    states: dict[str | None, dict[str, np.ndarray]] = {}
     with tempfile.TemporaryDirectory(prefix="holdout-") as tmp:
         for family in [None, *split.families]:
             say(f"training without {family}" if family else "training on every family")
@@ -216,7 +222,10 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
                 out = np.full(len(table), NORMAL_STATE, dtype=object)
                 out[mask] = score(model, table.values[mask])
                 states[family][variant] = out
-    result: dict = {"margin": margin, "families": {}, "benign": {}}
+    if reference is not None:   # the bundled model: trained on another recording of the same plan
+        columns = [list(table.names).index(n) for n in reference.feature_names]
+        states["bundled"] = {variant: score(reference, table.values[:, columns]) for variant in VARIANTS}
+    result: dict = {"margin": margin, "families": {}, "benign": {}, "reference": reference is not None}
     for family in split.families:
         positive = labels == family
         row: dict = {"windows": int(positive.sum())}
@@ -229,6 +238,9 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
             precision, f = f1(tp, fp, int(positive.sum()))
             row.update({f"held_out_{variant}": tp / positive.sum(), f"fp_{variant}": fp,
                         f"precision_{variant}": precision, f"f1_{variant}": f})
+        if reference is not None:
+            row["bundled_not_normal"] = float(np.mean(states["bundled"]["distance"][positive] != NORMAL_STATE))
+            row["bundled_named"] = float(np.mean(states["bundled"]["distance"][positive] == family))
         tp, fp = int(base_flags[positive].sum()), int(base_flags[benign].sum())
         precision, f = f1(tp, fp, int(positive.sum()))
         row.update({"baseline_recall": tp / positive.sum(), "fp_baseline": fp, "precision_baseline": precision,
@@ -243,13 +255,17 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
         for variant in VARIANTS:
             per_model = [(int(np.sum(by[variant][mask] != NORMAL_STATE)),
                           debounced_alarms(by[variant][mask], split.runs[mask]), family or "all")
-                         for family, by in states.items()]
+                         for family, by in states.items() if family != "bundled"]
             worst_raw = max(per_model)
             worst_deb = max(per_model, key=lambda t: t[1])
             entry[variant] = {"raw_per_hour_all": per_model[0][0] / hours,
                               "debounced_per_hour_all": per_model[0][1] / hours,
                               "raw_per_hour_worst": worst_raw[0] / hours, "worst_raw_model": worst_raw[2],
                               "debounced_per_hour_worst": worst_deb[1] / hours, "worst_debounced_model": worst_deb[2]}
+        if reference is not None:
+            bundled = states["bundled"]["distance"][mask]
+            entry["bundled"] = {"raw_per_hour": int(np.sum(bundled != NORMAL_STATE)) / hours,
+                                "debounced_per_hour": debounced_alarms(bundled, split.runs[mask]) / hours}
         flagged = np.where(base_flags[mask], "anomalous", NORMAL_STATE).astype(object)
         entry["baseline"] = {"raw_per_hour": int(base_flags[mask].sum()) / hours,
                              "debounced_per_hour": debounced_alarms(flagged, split.runs[mask]) / hours}
@@ -270,23 +286,31 @@ def markdown(result: dict, source: str) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     fams = result["families"]
+    if result["reference"]:
+        lines[2] += " bundled network.onnx not normal / named |"
+        lines[3] += "---:|"
     for family, r in fams.items():
+        extra = f" {pct(r['bundled_not_normal'])} / {pct(r['bundled_named'])} |" if result["reference"] else ""
         lines.append(f"| {family} | {r['windows']} | {pct(r['in_sample_not_normal_novelty'])} | "
                      f"{pct(r['in_sample_named_novelty'])} | {pct(r['held_out_distance'])} | "
                      f"{pct(r['held_out_novelty'])} | {pct(r['baseline_recall'])} | {pct(r['f1_distance'])} | "
                      f"{pct(r['f1_novelty'])} | {pct(r['f1_baseline'])} | "
-                     f"{pct(r['precision_novelty'])} / {pct(r['precision_baseline'])} |")
+                     f"{pct(r['precision_novelty'])} / {pct(r['precision_baseline'])} |" + extra)
     mean = lambda key: sum(r[key] for r in fams.values()) / len(fams)  # noqa: E731
     lines.append(f"| **mean** | | {pct(mean('in_sample_not_normal_novelty'))} | {pct(mean('in_sample_named_novelty'))} "
                  f"| {pct(mean('held_out_distance'))} | {pct(mean('held_out_novelty'))} | "
                  f"{pct(mean('baseline_recall'))} | {pct(mean('f1_distance'))} | {pct(mean('f1_novelty'))} | "
-                 f"{pct(mean('f1_baseline'))} | |")
+                 f"{pct(mean('f1_baseline'))} | |"
+                 + (f" {pct(mean('bundled_not_normal'))} / {pct(mean('bundled_named'))} |" if result["reference"] else ""))
     lines += ["", "Benign false alarms per hour (raw: windows not `normal`; debounced: state changes away from "
               "`normal` after the agent's debounce). all: the model trained on every family; worst: the worst "
               "of the leave-one-out models.", "",
               "| benign | windows | minutes | distance raw all / worst | distance debounced all / worst | "
               "+novelty raw all / worst | +novelty debounced all / worst | baseline raw | baseline debounced |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if result["reference"]:
+        lines[-2] += " bundled network.onnx raw / debounced |"
+        lines[-1] += "---:|"
     for name, e in result["benign"].items():
         d, n, b = e["distance"], e["novelty"], e["baseline"]
         lines.append(f"| {name} | {e['windows']} | {e['minutes']:.1f} | "
@@ -294,7 +318,9 @@ def markdown(result: dict, source: str) -> str:
                      f"{d['debounced_per_hour_all']:.0f} / {d['debounced_per_hour_worst']:.0f} | "
                      f"{n['raw_per_hour_all']:.0f} / {n['raw_per_hour_worst']:.0f} | "
                      f"{n['debounced_per_hour_all']:.0f} / {n['debounced_per_hour_worst']:.0f} | "
-                     f"{b['raw_per_hour']:.0f} | {b['debounced_per_hour']:.0f} |")
+                     f"{b['raw_per_hour']:.0f} | {b['debounced_per_hour']:.0f} |"
+                     + (f" {e['bundled']['raw_per_hour']:.0f} / {e['bundled']['debounced_per_hour']:.0f} |"
+                        if result["reference"] else ""))
     return "\n".join(lines)
 
 
@@ -307,6 +333,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="more benign time, never trained on (windows labelled normal only); repeatable")
     parser.add_argument("--margin", type=float, help="benign bounds margin (default: calibrated, see above)")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table here")
+    parser.add_argument("--no-bundled", action="store_true",
+                        help="do not score the bundled network.onnx beside (it was trained on another recording)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -320,7 +348,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from None
     say(f"{len(split.table)} windows, families {', '.join(split.families)}; benign hold-out "
         f"{int(split.held_benign.sum())} + {int(split.extra_benign.sum())} windows")
-    text = markdown(evaluate(split, args.margin, say), ", ".join([args.windows, *args.benign]))
+    reference = None
+    if not args.no_bundled:
+        bundled = BUNDLED_MODEL_DIR / rebuild.MODELS[0][0]
+        try:
+            reference = load_model(bundled, split.table.names, bundled=True)
+        except ModelError as exc:
+            say(f"not scoring the bundled model beside: {exc}")
+    text = markdown(evaluate(split, args.margin, say, reference), ", ".join([args.windows, *args.benign]))
     print(text)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
