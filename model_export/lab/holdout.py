@@ -301,7 +301,8 @@ def markdown(result: dict, source: str) -> str:
                  f"| {pct(mean('held_out_distance'))} | {pct(mean('held_out_novelty'))} | "
                  f"{pct(mean('baseline_recall'))} | {pct(mean('f1_distance'))} | {pct(mean('f1_novelty'))} | "
                  f"{pct(mean('f1_baseline'))} | |"
-                 + (f" {pct(mean('bundled_not_normal'))} / {pct(mean('bundled_named'))} |" if result["reference"] else ""))
+                 + (f" {pct(mean('bundled_not_normal'))} / {pct(mean('bundled_named'))} |"
+                    if result["reference"] else ""))
     lines += ["", "Benign false alarms per hour (raw: windows not `normal`; debounced: state changes away from "
               "`normal` after the agent's debounce). all: the model trained on every family; worst: the worst "
               "of the leave-one-out models.", "",

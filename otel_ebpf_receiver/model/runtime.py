@@ -406,5 +406,5 @@ def _test_inference(path: Path, model: StateModel, n_features: int, n_clusters: 
             raise ModelError(path, f"test inference on the {name} vector: {problem}", hint)
 
 
-__all__ = ["EXPLAINED_FROM_BOUNDS", "EXPLAINED_FROM_CLUSTER", "EXPLAINED_FROM_NORMAL", "StateModel", "Verdict", "load_model", "probe_vectors",
-           "session_options", "top_indices"]
+__all__ = ["EXPLAINED_FROM_BOUNDS", "EXPLAINED_FROM_CLUSTER", "EXPLAINED_FROM_NORMAL", "StateModel", "Verdict",
+           "load_model", "probe_vectors", "session_options", "top_indices"]
