@@ -96,9 +96,18 @@ lab: setup
 
 # Run every scenario against the agent (enforce mode) and print detection quality: precision/recall/F1 per window,
 # false alarms per hour, time to warning / state flip / first XDP drop, ramp level at the warning.
+# Then, offline, the held-out evaluation (leave one incident family out of training, otel-ebpf-lab holdout) on the
+# training plan's recording make model left (HOLDOUT_WINDOWS), with more benign time never trained on if recorded
+# (HOLDOUT_BENIGN); skipped, with a line saying so, when there is no recording.
+HOLDOUT_WINDOWS ?= build/model/windows.csv
+HOLDOUT_BENIGN ?=
 detection-report: setup
 	@mkdir -p build/lab
 	$(VPY) -m model_export.lab report --markdown build/lab/detection-report.md
+	@if [ -f "$(HOLDOUT_WINDOWS)" ]; then \
+		$(VPY) -m model_export.lab holdout --windows "$(HOLDOUT_WINDOWS)" \
+			$(foreach f,$(HOLDOUT_BENIGN),--benign "$(f)") --markdown build/lab/holdout-report.md; \
+	else echo "detection-report: no $(HOLDOUT_WINDOWS) (make model records it): held-out evaluation skipped"; fi
 
 bench: setup
 	$(VPY) bench/run_all.py

@@ -77,7 +77,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = tr.TrainConfig(
         algorithm=args.algorithm, clusters=args.clusters, percentile=args.percentile,
         unknown_above=args.unknown_above, min_threshold=args.min_threshold, seed=args.seed,
-        birch_threshold=args.birch_threshold, gmm_covariance=args.gmm_covariance,
+        birch_threshold=args.birch_threshold, gmm_covariance=args.gmm_covariance, bounds_margin=args.bounds_margin,
     )
     show = _progress(args)
     steps = ["read", "fit", "plot", "save"] + (["export"] if args.onnx else [])
@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="score (distance / threshold) above which a window is 'unknown' (default: 1.5)")
     p.add_argument("--min-threshold", type=float, default=0.25, metavar="D",
                    help="floor of a cluster's distance threshold, in the model's distance unit (default: 0.25)")
+    p.add_argument("--bounds-margin", type=float, metavar="M",
+                   help="also write benign bounds per feature (the normal windows' range widened by M times its "
+                        "width): a window nearest a normal cluster with a feature beyond its bound is 'unknown' "
+                        "(default: no bounds)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--birch-threshold", type=float, default=0.5, help="birch subcluster radius (default: 0.5)")
     p.add_argument("--gmm-covariance", choices=("full", "tied", "diag", "spherical"), default="full",

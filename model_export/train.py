@@ -18,7 +18,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from otel_ebpf_receiver import model as runtime
+from otel_ebpf_receiver.model.contract import METADATA_FEATURE_BOUNDS
+from otel_ebpf_receiver.model.novelty import FeatureBounds
 
+from .bounds import benign_bounds
 from .onnx_graph import (
     ALGORITHMS, DISTANCE_KIND, TARGET_OPSET, Parity, build_onnx, check_parity, n_clusters_of,
     reference_outputs,
@@ -52,6 +55,10 @@ class TrainConfig:
     weighting: str = "none"            # "segments": weight features by how steady they are within a workload
     scale_floor: float = 0.0           # never divide a feature by less than this (in the feature's own unit)
     min_weight: float = 0.05           # lowest weight a feature gets with weighting="segments"
+    # Novelty (runtime contract "Novelty"): per-feature benign bounds, None = none. The range of the normal-labelled
+    # windows between these percentiles, widened on each side by bounds_margin x its width (floored at scale_floor)
+    bounds_margin: float | None = None
+    bounds_percentiles: tuple[float, float] = (0.0, 100.0)
 
 WEIGHTINGS = ("none", "segments")
 SEGMENT_GAP_S = 2.5                    # windows further apart than this (or differently labelled): another segment
@@ -87,6 +94,7 @@ class Trained:
     X: np.ndarray                      # float32 training windows (for the export parity check and plots)
     labels: np.ndarray
     evaluation: Evaluation | None = None
+    bounds: FeatureBounds | None = None  # benign range per feature (metadata feature_bounds); None: distance alone
 
 
 # -- fitting ---------------------------------------------------------------------------------------------------
@@ -228,6 +236,12 @@ def fit(table: WindowTable, config: TrainConfig, *, progress: bool = False,
     }
     trained = Trained(pipeline, config.algorithm, tuple(table.names), states, thresholds, config, training,
                       table.values.astype(np.float32), labels)
+    if config.bounds_margin is not None:
+        try:
+            trained.bounds = benign_bounds(table, config.bounds_margin, config.bounds_percentiles, config.scale_floor)
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        training["feature_bounds"] = {"margin": config.bounds_margin, "percentiles": list(config.bounds_percentiles)}
     trained.evaluation = evaluate(trained, clusters, assigned)
     ev = trained.evaluation
     training.update({
@@ -331,6 +345,7 @@ def load(directory: str | os.PathLike[str]) -> Trained:
 # -- export -------------------------------------------------------------------------------------------------------
 
 def metadata(trained: Trained, version: str) -> dict[str, str]:
+    bounds = trained.bounds
     return {
         runtime.METADATA_FORMAT: runtime.MODEL_FORMAT,
         runtime.METADATA_VERSION: version,
@@ -342,6 +357,7 @@ def metadata(trained: Trained, version: str) -> dict[str, str]:
         runtime.METADATA_PERCENTILE: f"{trained.config.percentile:g}",
         runtime.METADATA_UNKNOWN_ABOVE: f"{trained.config.unknown_above:g}",
         runtime.METADATA_TRAINING: json.dumps(trained.training, sort_keys=True),
+        **({METADATA_FEATURE_BOUNDS: json.dumps(bounds.to_json())} if bounds is not None else {}),
     }
 
 

@@ -341,9 +341,9 @@ JSON_PAYLOADS = [deep(100_000), deep(40), HUGE_INT, "1" * 5000, "NaN", "Infinity
 
 def _metadata(rng: random.Random, p: onnx.ModelProto) -> None:
     m = meta(p)
-    key = rng.choice(list(rt.REQUIRED_METADATA) + [rt.METADATA_ATTACK_STATES, "extra"])
+    key = rng.choice(list(rt.REQUIRED_METADATA) + [rt.METADATA_ATTACK_STATES, rt.METADATA_FEATURE_BOUNDS, "extra"])
     states = json.loads(m[rt.METADATA_STATES])
-    choice = rng.randrange(8)
+    choice = rng.randrange(9)
     if choice == 0:
         value: str | None = rng.choice(JSON_PAYLOADS)
     elif choice == 1:
@@ -363,6 +363,13 @@ def _metadata(rng: random.Random, p: onnx.ModelProto) -> None:
         value = rng.choice([json.dumps([1.0] * (len(states) + rng.choice([-1, 0, 1]))), f"[{HUGE_INT}]",
                             json.dumps(["1"] * len(states)), "[" + ",".join(["true"] * len(states)) + "]",
                             "[" + ",".join(["1e-320"] * len(states)) + "]"])
+    elif choice == 7:  # benign bounds (contract.py, "Novelty"): valid, reversed, short, huge, not numbers
+        key, n = rt.METADATA_FEATURE_BOUNDS, len(json.loads(m[rt.METADATA_FEATURES]))
+        low, high = rng.choice([([0.0] * n, [1.0] * n), ([1.0] * n, [0.0] * n), ([0.0] * (n - 1), [1.0] * (n - 1)),
+                                ([-1e39] * n, [1e39] * n), ([0.0] * n, [0.0] * n), (["0"] * n, ["1"] * n),
+                                ([True] * n, [True] * n), ([0.0] * n, [1e-320] * n)])
+        value = rng.choice([json.dumps({"low": low, "high": high}), json.dumps({"low": low}),
+                            json.dumps({"low": low, "high": high, "extra": 1}), json.dumps([low, high])])
     elif choice == 6:  # version
         key = rt.METADATA_VERSION
         value = rng.choice(NASTY_STRINGS + ["v" * 10_000, "   ", "v1\t2"])

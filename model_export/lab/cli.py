@@ -13,6 +13,7 @@ training (``model_export``) and the runtime (``otel_ebpf_receiver``), and neithe
     scoring      detection.py  the agent under test (AgentRig), one scenario scored
                  report.py     the detection report
     models       rebuild.py    the bundled models (make model)
+                 holdout.py    leave-one-family-out evaluation of a recording, with the two-means baseline
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ examples:
   sudo otel-ebpf-lab report                                                  # every scenario, ~15 min
   sudo otel-ebpf-lab report --scenarios syn_flood,heavy_transfer --model my.onnx --verbose
   sudo otel-ebpf-lab rebuild                                                 # the bundled models (make model)
+  otel-ebpf-lab holdout --windows build/model/windows.csv                    # held-out families, offline
 
 Two ways to record, both one row per window in the agent's feature schema (the CSV otel-ebpf-model train reads):
   record       drives scenarios in the lab (namespace hosts, floods, host incidents), each under its own label,
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="otel-ebpf-lab", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{list,record,record-host,report,rebuild}", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="{list,record,record-host,report,rebuild,holdout}",
+                                required=True)
 
     p = sub.add_parser("list", help="the scenarios, their labels and the training plan")
     p.set_defaults(handler=cmd_list)
@@ -202,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description=rebuild.__doc__, formatter_class=fmt)
     rebuild.add_arguments(p)
     p.set_defaults(handler=_one_line_errors(rebuild.rebuild))
+
+    from . import holdout
+
+    p = sub.add_parser("holdout", help="leave-one-family-out evaluation of a recording (offline, no root)",
+                       description=holdout.__doc__, formatter_class=fmt)
+    holdout.add_arguments(p)
+    p.set_defaults(handler=_one_line_errors(holdout.run))
     return parser
 
 

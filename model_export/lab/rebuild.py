@@ -22,6 +22,8 @@
 Every model gets the explanation output ``normal_deviation`` (model/contract.py, "Explanations") from the export.
 The files in the package today were exported before it existed and gained it with ``otel-ebpf-model upgrade`` (no
 retraining: their recording is not in the repository; label, distances and deviation are unchanged).
+Every model exported from now on also carries benign bounds per feature (metadata ``feature_bounds``, margin
+:data:`BOUNDS_MARGIN`; contract.py, "Novelty"); the files in the package today predate them and serve without.
 
 The agent serves whichever bundled model uses the most features its probes produce
 (otel_ebpf_receiver.model.watch.best_bundled_model).
@@ -52,6 +54,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -68,9 +71,16 @@ NETWORK_PREFIX = "xdp."
 CORE_PROBES = ("syscalls", "file_open", "exec")
 
 
+# Benign bounds per feature (novelty, otel_ebpf_receiver/model/novelty.py): the normal windows' range widened by this
+# many widths on each side — the smallest margin that raised no benign hold-out window beyond what the distance
+# alone raises, calibrated by `otel-ebpf-lab holdout` (README, "Held-out detection").
+BOUNDS_MARGIN = 1.0
+
+
 def recipe(clusters: int, unknown_above: float) -> tr.TrainConfig:
     return tr.TrainConfig(algorithm="kmeans", clusters=clusters, unknown_above=unknown_above, percentile=99.0,
-                          min_threshold=1.0, weighting="segments", scale_floor=0.1, seed=0)
+                          min_threshold=1.0, weighting="segments", scale_floor=0.1, seed=0,
+                          bounds_margin=BOUNDS_MARGIN)
 
 
 # (file, clusters, which feature columns, whether flood windows are training data)
@@ -96,14 +106,21 @@ def select(table: WindowTable, names: list[str], drop_labels: set[str]) -> Windo
                        sources=table.sources)
 
 
-def build(table: WindowTable, out: Path, workdir: Path, config: tr.TrainConfig) -> int:
-    """Fit, drop labels that own no cluster and fit again, print the report, save, export with the parity check."""
+def fit(table: WindowTable, config: tr.TrainConfig, say: Callable[[str], None] = print) -> tr.Trained:
+    """Fit, and when a label owns no cluster, drop it and fit again (the recipe of every bundled model; the
+    held-out evaluation, model_export.lab.holdout, trains through this too)."""
     trained = tr.fit(table, config)
     unseen = {lab for lab in set(table.labels) if lab and lab not in trained.cluster_states}
     if unseen:
-        print(f"dropping {', '.join(sorted(unseen))}: the majority of no cluster with these features", flush=True)
+        say(f"dropping {', '.join(sorted(unseen))}: the majority of no cluster with these features")
         table = select(table, list(table.names), unseen)
         trained = tr.fit(table, config)
+    return trained
+
+
+def build(table: WindowTable, out: Path, workdir: Path, config: tr.TrainConfig) -> int:
+    """Fit, drop labels that own no cluster and fit again, print the report, save, export with the parity check."""
+    trained = fit(table, config, say=lambda line: print(line, flush=True))
     workdir.mkdir(parents=True, exist_ok=True)
     tr.save(trained, workdir)
     text = inspection.report(trained)

@@ -14,11 +14,13 @@ from typing import Any, Mapping
 
 from .contract import (ALLOWED_DOMAINS, ALLOWED_OPERATORS, FEATURE_NAME, INPUT_NAME, MAX_CLUSTERS, MAX_FEATURES,
                        MAX_JSON_DEPTH, MAX_METADATA_CHARS, MAX_NODES, MAX_TENSOR_ELEMENTS, MAX_VERSION_CHARS,
-                       METADATA_ALGORITHM, METADATA_ATTACK_STATES, METADATA_DISTANCE, METADATA_FEATURES,
+                       METADATA_ALGORITHM, METADATA_ATTACK_STATES, METADATA_DISTANCE, METADATA_FEATURE_BOUNDS,
+                       METADATA_FEATURES,
                        METADATA_FORMAT, METADATA_PERCENTILE, METADATA_STATES, METADATA_THRESHOLDS,
                        METADATA_TRAINING, METADATA_UNKNOWN_ABOVE, METADATA_VERSION, MODEL_FORMAT, OUTPUT_DEVIATION,
                        OUTPUT_DISTANCES, OUTPUT_LABEL, OUTPUT_NAMES, OUTPUT_NORMAL_DEVIATION, REQUIRED_METADATA,
                        STATE_NAME, UNKNOWN_STATE, WORD, ModelError)
+from .novelty import FeatureBounds
 
 REEXPORT = "re-export it with `otel-ebpf-model export`"
 GRAPH_HINT = "the graph does not follow the state-model contract; " + REEXPORT
@@ -129,6 +131,18 @@ def check_metadata(path: Path, meta: Mapping[str, str]) -> None:
                 or len(set(declared)) != len(declared):
             raise ModelError(path, "metadata attack_states must list distinct cluster states (never 'unknown')",
                              REEXPORT + " and declare only states the model has")
+    feature_bounds(path, meta, len(names))
+
+
+def feature_bounds(path: Path, meta: Mapping[str, str], n_features: int) -> FeatureBounds | None:
+    """The optional benign bounds (contract.py, "Novelty"), validated: one finite number per feature, low < high;
+    None when the file has none."""
+    if METADATA_FEATURE_BOUNDS not in meta:
+        return None
+    try:
+        return FeatureBounds.from_json(parse_json(meta[METADATA_FEATURE_BOUNDS]), n_features)
+    except ValueError as exc:
+        raise ModelError(path, f"metadata {METADATA_FEATURE_BOUNDS} is invalid ({exc})", REEXPORT) from None
 
 
 def attack_states(meta: Mapping[str, str]) -> frozenset[str] | None:

@@ -19,7 +19,8 @@ Anomaly score (the exact definition)::
 training windows that cluster k won, floored at the exporter's ``--min-threshold``. So score 1.0 means "as far
 from its centre as the 99th-percentile training window of that cluster", score 2.0 twice as far. A window whose
 score is above ``unknown_above`` (metadata, default 1.5) is reported as the state ``unknown``, whatever cluster
-is nearest: the model has not seen anything like it. Distances are Euclidean in the standardised feature space
+is nearest: the model has not seen anything like it. A model with ``feature_bounds`` raises the score of a window nearest a
+normal cluster to its novelty score when a feature leaves its benign range ("Novelty", below). Distances are Euclidean in the standardised feature space
 for kmeans and birch, Mahalanobis under the component's covariance for gmm (metadata ``distance``).
 
 Explanations (:attr:`Verdict.top_features`, "moved most" in the state-change event and the incident span): the
@@ -39,6 +40,18 @@ three features that put the window in its state, largest first, signed (+ above 
 ``normal_deviation`` is optional: a model without it (exported before it existed, or without a normal cluster)
 explains every window by ``deviation`` from its assigned centre, as before. When present it is checked like the
 other outputs (declared float32 [N, n_features], no NaN).
+
+Novelty (optional metadata ``feature_bounds``): per feature, the range benign (``normal``-labelled) training time
+covered, widened by a margin calibrated on held-out benign time — JSON ``{"low": [...], "high": [...]}``, one
+finite number per feature in the order of ``feature_names``, ``low < high``. A whole-vector distance dilutes a
+large move of a few features among dozens; this check does not. For a window whose nearest cluster is ``normal``::
+
+    excess_i = max(x_i - high_i, low_i - x_i, 0) / (high_i - low_i)      # bound widths beyond the bound
+    if any excess_i > 0:  score = max(score, unknown_above * (1 + max_i excess_i));  state = unknown
+
+and the features beyond their bound explain the window (largest excess first, signed: + above, − below;
+``Verdict.explained_from == "benign_bounds"``). A window nearest a named incident is left alone: incidents lie
+beyond benign bounds by definition. A model without the key behaves as before.
 
 What may drive mitigation (the attack-state rule): a window's state triggers blocking only when the operator lists it
 in ``mitigation.attack_states`` AND the serving model declares it an attack state. A model declares its attack
@@ -90,6 +103,8 @@ REQUIRED_METADATA = (
 )
 # Optional: JSON list of the cluster states that may drive mitigation (the attack-state rule above).
 METADATA_ATTACK_STATES = "attack_states"
+# Optional: JSON {"low": [...], "high": [...]}, the benign range of each feature (Novelty, above).
+METADATA_FEATURE_BOUNDS = "feature_bounds"
 
 TOP_FEATURES = 3
 

@@ -25,11 +25,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from .checks import (attack_states, check_graph, check_metadata, check_session_io, check_structure, external_tensors,
-                     parse_json)
+                     feature_bounds, parse_json)
 from .contract import (DEFAULT_MAX_BYTES, METADATA_ALGORITHM, METADATA_DISTANCE, METADATA_FEATURES,
                        METADATA_PERCENTILE, METADATA_STATES, METADATA_THRESHOLDS, METADATA_TRAINING,
                        METADATA_UNKNOWN_ABOVE, METADATA_VERSION, NORMAL_STATE, OUTPUT_NAMES,
                        OUTPUT_NORMAL_DEVIATION, TOP_FEATURES, UNKNOWN_STATE, ModelError, output_problem, printable)
+from .novelty import novelty_score
 from .sandbox import prove_bounded, session_options
 
 _NOT_NEGATIVE = (0.0).__le__   # False for NaN too
@@ -37,6 +38,7 @@ _NOT_NEGATIVE = (0.0).__le__   # False for NaN too
 
 EXPLAINED_FROM_NORMAL = "nearest_normal"     # top_features: normal_deviation, why the window is not normal
 EXPLAINED_FROM_CLUSTER = "assigned_cluster"  # top_features: deviation from the centre of the window's own cluster
+EXPLAINED_FROM_BOUNDS = "benign_bounds"      # top_features: bound widths beyond the benign range (novelty.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,7 @@ class Verdict:
     cluster: int
     state: str                      # reported: the debounced state (the model's own answer before debouncing)
     score: float                    # distance / distance_thresholds[cluster]; > 1.0 is beyond the percentile
+                                    # (with feature_bounds: at least the novelty score, contract.py "Novelty")
     distance: float                 # to the assigned cluster's centre, in the model's distance metric
     model_version: str
     # (feature, signed deviation in the scaled space), largest first: why the window is in its state (contract.py,
@@ -114,6 +117,8 @@ class StateModel:
         self._n_features = len(self.feature_names)
         self._distances_shape = (1, self._n_clusters)
         self._deviation_shape = (1, self._n_features)
+        # the optional per-feature benign bounds (contract.py, "Novelty"); None: distance alone, as before
+        self.bounds = feature_bounds(path, metadata, self._n_features)
 
     @property
     def states(self) -> list[str]:
@@ -196,6 +201,12 @@ class StateModel:
         else:
             shares, explained_from = dev, EXPLAINED_FROM_CLUSTER
         top = [(self.feature_names[i], shares[i]) for i in top_indices(shares)]
+        if self.bounds is not None and nearest == NORMAL_STATE:
+            # Novelty: a few features far out of the benign range leave normal even when the distance dilutes them
+            excess, beyond = self.bounds.beyond(x[0], self.feature_names, TOP_FEATURES)
+            if beyond:
+                score = max(score, novelty_score(excess, self.unknown_above))
+                state, top, explained_from = UNKNOWN_STATE, beyond, EXPLAINED_FROM_BOUNDS
         return Verdict(cluster, state, score, distance, self.version, top, nearest, state,
                        explained_from=explained_from)
 
@@ -217,6 +228,7 @@ class StateModel:
             "unknown_above": self.unknown_above,
             "feature_names": list(self.feature_names),
             "explanations": EXPLAINED_FROM_NORMAL if self.explains_from_normal else EXPLAINED_FROM_CLUSTER,
+            "novelty": "feature_bounds" if self.bounds is not None else "none",
             "attack_states": sorted(self.attack_states),
             "clusters": [
                 {"cluster": i, "state": s, "distance_threshold": float(t)}
@@ -418,5 +430,5 @@ def _test_inference(path: Path, model: StateModel, n_features: int, n_clusters: 
             raise ModelError(path, f"test inference on the {name} vector: {problem}", hint)
 
 
-__all__ = ["EXPLAINED_FROM_CLUSTER", "EXPLAINED_FROM_NORMAL", "StateModel", "Verdict", "load_model", "probe_vectors",
-           "session_options", "top_indices"]
+__all__ = ["EXPLAINED_FROM_BOUNDS", "EXPLAINED_FROM_CLUSTER", "EXPLAINED_FROM_NORMAL", "StateModel", "Verdict",
+           "load_model", "probe_vectors", "session_options", "top_indices"]

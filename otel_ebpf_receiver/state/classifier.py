@@ -13,7 +13,7 @@ from ..config import Config
 from ..errors import ConfigError
 from ..features import FeatureWindow, feature_names
 from ..model.contract import UNKNOWN_STATE
-from ..model.runtime import EXPLAINED_FROM_NORMAL, Verdict
+from ..model.runtime import EXPLAINED_FROM_BOUNDS, EXPLAINED_FROM_NORMAL, Verdict
 from ..model.watch import DEFAULT_MODEL_DIR, ModelWatcher, best_bundled_model
 from ..probes.base import COUNTER, GAUGE, Metric, Reading
 from .debounce import StateDebouncer
@@ -168,8 +168,10 @@ class StateClassifier:
                                        {"system.state.from": from_state, "system.state.to": to_state}))
         # why (model/contract.py, "Explanations"): leaving normal, the features furthest from the nearest normal
         # cluster; back to normal, what moved most from the normal centre
-        moved = ", ".join(f"{name} {dev:+.1f}σ" for name, dev in raw.top_features)
-        reference = "from normal" if raw.explained_from == EXPLAINED_FROM_NORMAL else "moved most"
+        unit = "w" if raw.explained_from == EXPLAINED_FROM_BOUNDS else "σ"   # bound widths beyond the benign range
+        moved = ", ".join(f"{name} {dev:+.1f}{unit}" for name, dev in raw.top_features)
+        reference = {EXPLAINED_FROM_NORMAL: "from normal", EXPLAINED_FROM_BOUNDS: "beyond benign range"}.get(
+            raw.explained_from, "moved most")
         log.info("state %s → %s (score %.2f; %s: %s)", from_state, to_state, raw.score, reference, moved or "-")
         if self.telemetry is None:
             return

@@ -1,0 +1,155 @@
+"""Held-out evaluation (model_export/lab/holdout.py) and the per-metric two-means baseline (model_export/baseline.py):
+the split never trains on a held-out window, the baseline flags what it should on a synthetic series, the debounce
+counts alarms as the agent would, and the whole evaluation runs offline on a small synthetic recording in which one
+family moves only 3 of 40 features — found held out only with the novelty check. No root."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model_export import train as tr
+from model_export.baseline import TwoMeansBaseline, lagged
+from model_export.lab import holdout
+from model_export.lab.cli import main as lab_main
+from model_export.synthetic import make_windows
+from model_export.windows import WindowTable, WindowWriter
+
+NAMES = tuple(f"syscalls.f{i:02d}" for i in range(40))
+
+
+def write(path: Path, table: WindowTable) -> Path:
+    with WindowWriter(str(path), table.names) as writer:
+        for timestamp, label, row in zip(table.timestamps, table.labels, table.values):
+            writer.write(float(timestamp), label, dict(zip(table.names, row.tolist())))
+    return path
+
+
+def recording(seed: int = 5, move: float = 1.0) -> WindowTable:
+    """normal, two incidents, normal again (4 runs, 3 s gaps as the lab's drain), and a family ``subtle`` that
+    moves 3 of 40 features by ``move`` benign ranges."""
+    blocks = []
+    start = 1_700_000_000.0
+    for states in (("normal",), ("exec_storm",), ("file_open_storm",), ("subtle",), ("normal",)):
+        part = make_windows(NAMES, ("normal", "exec_storm", "file_open_storm") if states[0] != "subtle"
+                            else ("normal",), per_state=120, seed=seed, start=start)
+        keep = part.labels == states[0] if states[0] != "subtle" else np.ones(len(part), dtype=bool)
+        values = part.values[keep]
+        if states[0] == "subtle":
+            span = np.ptp(values, axis=0)
+            values = values.copy()
+            values[:, [4, 20, 33]] += move * span[[4, 20, 33]]
+        n = len(values)
+        blocks.append(WindowTable(NAMES, start + np.arange(n, dtype=np.float64),
+                                  np.array([states[0]] * n, dtype=object), values))
+        start += n + 3.0
+    return WindowTable(NAMES, np.concatenate([b.timestamps for b in blocks]),
+                       np.concatenate([b.labels for b in blocks]), np.concatenate([b.values for b in blocks]))
+
+
+def test_no_held_out_window_is_ever_trained_on(tmp_path: Path) -> None:
+    main = write(tmp_path / "main.csv", recording())
+    extra = write(tmp_path / "benign.csv", make_windows(NAMES, ("normal",), per_state=30, start=1_800_000_000.0))
+    split = holdout.load_split(str(main), [str(extra)])
+    labels = split.table.labels
+    assert split.families == ["exec_storm", "file_open_storm", "subtle"]
+    assert split.extra_benign.sum() == 30 and not (split.extra_benign & split.held_benign).any()
+    # the last quarter of each benign run, and only benign windows
+    for run in np.unique(split.runs[~split.extra_benign & (labels == "normal")]):
+        idx = np.flatnonzero(split.runs == run)
+        held = split.held_benign[idx]
+        assert held.sum() == math.ceil(0.25 * len(idx)) and held[-1] and not held[0]
+        assert split.table.timestamps[idx][held].min() > split.table.timestamps[idx][~held].max()
+    assert (labels[split.held_benign] == "normal").all()
+    for family in [None, *split.families]:
+        train = split.training(family)
+        assert not (train & (split.held_benign | split.extra_benign)).any()
+        if family:
+            assert not (train & (labels == family)).any()
+            assert all((train & (labels == other)).any() for other in split.families if other != family)
+
+
+def test_benign_recordings_must_be_benign_and_match(tmp_path: Path) -> None:
+    main = write(tmp_path / "main.csv", recording())
+    attack = write(tmp_path / "attack.csv", make_windows(NAMES, ("exec_storm",), per_state=5))
+    with pytest.raises(ValueError, match="only windows labelled"):
+        holdout.load_split(str(main), [str(attack)])
+    other = write(tmp_path / "other.csv", make_windows(("exec.other",), ("normal",), per_state=5))
+    with pytest.raises(ValueError, match="lacks feature"):
+        holdout.load_split(str(main), [str(other)])
+
+
+def test_lags_stay_within_a_run() -> None:
+    values = np.arange(6, dtype=np.float64)[:, None]
+    runs = np.array([0, 0, 0, 1, 1, 1])
+    v = lagged(values, runs, 2)[:, 0, :]
+    assert v.tolist() == [[0, 0, 0], [1, 0, 0], [2, 1, 0], [3, 3, 3], [4, 3, 3], [5, 4, 3]]
+
+
+def test_the_baseline_flags_a_spike_in_one_metric_of_forty() -> None:
+    rng = np.random.default_rng(0)
+    train = rng.normal(5.0, 0.2, (600, 40))
+    model = TwoMeansBaseline().fit(train, np.zeros(600, dtype=int))
+    benign = rng.normal(5.0, 0.2, (400, 40))
+    flags = model.flags(benign, np.zeros(400, dtype=int))
+    # 40 metrics each beyond its p99 1 % of the time, any one flags: about 1 - 0.99^40 = 33 % of benign windows
+    assert 0.1 < flags.mean() < 0.6
+    spiked = benign.copy()
+    spiked[200:210, 7] += 5.0
+    bits = model.bits(spiked, np.zeros(400, dtype=int))
+    assert bits[200:210, 7].all() and model.flags(spiked, np.zeros(400, dtype=int))[200:210].all()
+    # one metric of forty is 2.5 %: below a 5 % share the spike alone no longer flags
+    strict = TwoMeansBaseline(share=0.05).fit(train, np.zeros(600, dtype=int))
+    assert not strict.flags(np.full((3, 40), 5.0) + np.eye(3, 40) * 5.0, np.arange(3)).any()
+
+
+def test_a_metric_constant_in_training_flags_any_change() -> None:
+    train = np.full((50, 2), 1.0)
+    train[:, 1] = np.linspace(0, 1, 50)
+    model = TwoMeansBaseline().fit(train, np.zeros(50, dtype=int))
+    assert model.thresholds_[0] == 0.0 and len(model.centres_[0]) == 1
+    assert model.bits(np.array([[1.0, 0.5], [1.01, 0.5]]), np.array([0, 1]))[:, 0].tolist() == [False, True]
+
+
+def test_debounced_alarms_count_like_the_agent() -> None:
+    states = np.array(["normal", "unknown", "normal", "normal", "unknown", "unknown", "unknown", "normal"],
+                      dtype=object)
+    assert holdout.debounced_alarms(states, np.zeros(len(states), dtype=int)) == 1
+    # a run boundary restarts the debounce: one unknown at the end of a run and one at the start of the next
+    assert holdout.debounced_alarms(np.array(["normal", "unknown", "unknown", "normal"], dtype=object),
+                                    np.array([0, 0, 1, 1])) == 0
+
+
+def test_held_out_evaluation_end_to_end(tmp_path: Path) -> None:
+    main = write(tmp_path / "main.csv", recording())
+    split = holdout.load_split(str(main))
+    reference = tr.export(tr.fit(recording(), tr.TrainConfig(clusters=4)), tmp_path / "ref.onnx").model
+    result = holdout.evaluate(split, margin=0.25, say=lambda _line: None, reference=reference)
+    subtle = result["families"]["subtle"]
+    # the whole-vector distance dilutes 3 moved features of 40; the benign bounds do not
+    assert subtle["held_out_distance"] < 0.5 and subtle["held_out_novelty"] > 0.9
+    for family in ("exec_storm", "file_open_storm"):
+        row = result["families"][family]
+        assert row["in_sample_named_distance"] > 0.9 and row["held_out_novelty"] > 0.9
+    assert result["benign"]["hold-out of the main recording (calibration)"]["windows"] == split.held_benign.sum()
+    text = holdout.markdown(result, "main.csv")
+    assert "| subtle | 120 |" in text and "baseline" in text and "bundled network.onnx" in text
+    assert result["families"]["exec_storm"]["bundled_named"] > 0.9   # a model trained on it, scored beside
+
+
+def test_the_cli_says_one_line_for_a_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("not,a,recording\n1,2,3\n")
+    assert lab_main(["holdout", "--windows", str(bad)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: lab:") and "\n" not in err
+    assert lab_main(["holdout", "--windows", str(tmp_path / "missing.csv")]) != 0
+    assert "\n" not in capsys.readouterr().err.strip()
+
+
+def test_segments_split_runs_as_the_lab_records_them() -> None:
+    table = recording()
+    assert len(np.unique(tr.segments(table))) == 5
