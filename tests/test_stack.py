@@ -48,7 +48,10 @@ CALM_S = 10             # normal before the storm and after it: both ends of the
 FLIP_S = 25             # from the first storm window to the reported state `exec_storm`
 STORM_S = 15            # the storm lasts at least this long
 RETURN_S = 30           # from the end of the storm back to `normal`
-STORM_MOVES = {("normal", "exec_storm"), ("exec_storm", "normal")}  # the incident's transitions, in and out
+# The incident's way in. Its way out is a transition back to normal from whatever state the storm ended in: on a
+# shared host the model may call the tail of the storm another non-normal state (exec_storm -> io_storm -> normal
+# was seen in CI), and the incident span then rightly ends with io_storm -> normal.
+STORM_IN = ("normal", "exec_storm")
 TIMELINE_SIZE = (1280, 1600)   # both graphs of the page: the state timeline, and the exec rate below it
 TRACE_SIZE = (1280, 620)
 
@@ -126,7 +129,8 @@ def prometheus_api(base: str, path: str, **params: str) -> dict:
 
 
 def incident_spans(jaeger: str) -> list[dict]:
-    """The exec_storm incident spans in Jaeger's query API, each holding the transition into the storm and out."""
+    """The exec_storm incident spans in Jaeger's query API, each holding the transition into the storm and the one
+    back to normal."""
     query = urllib.parse.urlencode({"service": stack.SERVICE, "operation": stack.INCIDENT_SPAN, "limit": "20"})
     status, body = backends.http_get(f"{jaeger}/api/traces?{query}")
     if status != 200:
@@ -137,7 +141,8 @@ def incident_spans(jaeger: str) -> list[dict]:
             tags = backends.jaeger_tags(span.get("tags"))
             moves = {(f.get("system.state.from"), f.get("system.state.to"))
                      for f in (backends.jaeger_tags(log["fields"]) for log in span.get("logs", []))}
-            if tags.get("system.state") == "exec_storm" and STORM_MOVES <= moves:
+            back_to_normal = any(to == "normal" for _, to in moves)
+            if tags.get("system.state") == "exec_storm" and STORM_IN in moves and back_to_normal:
                 found.append(span)
     return found
 
@@ -237,8 +242,8 @@ def test_prometheus_graph_shows_the_state_timeline(run, tmp_path):
 
 
 def test_jaeger_search_shows_the_incident(run, tmp_path):
-    """The trace search page served by Jaeger, rendered by Chromium, lists the exec_storm incident span with both
-    transitions, the host and the model."""
+    """The trace search page served by Jaeger, rendered by Chromium, lists the exec_storm incident span with its
+    way in and its way back to normal, the host and the model."""
     require_story(run)
     jaeger = run.links["jaeger"]
     spans = backends.wait_until(lambda: incident_spans(jaeger), 60,
@@ -249,8 +254,8 @@ def test_jaeger_search_shows_the_incident(run, tmp_path):
     assert 'data-status="loaded"' in page, browser.visible_text(page)[:2000]
     assert 'data-state="exec_storm"' in page
     text = browser.visible_text(page)
-    for expected in ("system.state.incident", f"{stack.SERVICE} on {HOST}", "normal → exec_storm",
-                     "exec_storm → normal", model):
+    for expected in ("system.state.incident", f"{stack.SERVICE} on {HOST}", "normal → exec_storm", " → normal",
+                     model):
         assert expected in text, f"{expected!r} not on the page: {text[:3000]}"
     screenshot("stack-incident-trace.png", run.links["incident_traces"], tmp_path, TRACE_SIZE)
 
