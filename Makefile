@@ -86,7 +86,7 @@ model lab detection-report bench: setup-lab
 # --- end of set-up ----------------------------------------------------------------------------------------------
 
 # Rebuild the bundled models from scenarios driven on this host (~12 minutes): otel-ebpf-lab rebuild.
-model: setup
+model: setup-lab collector
 	$(VPY) -m model_export.lab rebuild
 
 # The scenario lab: record labelled windows from every scenario (namespace hosts, bounded floods and loads).
@@ -97,9 +97,9 @@ lab: setup
 # Run every scenario against the agent (enforce mode) and print detection quality: precision/recall/F1 per window,
 # false alarms per hour, time to warning / state flip / first XDP drop, ramp level at the warning.
 # Then, offline, the held-out evaluation (leave one incident family out of training, otel-ebpf-lab holdout) on the
-# training plan's recording make model left (HOLDOUT_WINDOWS), with more benign time never trained on if recorded
-# (HOLDOUT_BENIGN); skipped, with a line saying so, when there is no recording.
-HOLDOUT_WINDOWS ?= build/model/windows.csv
+# recording the bundled models were trained on (HOLDOUT_WINDOWS: shipped beside the training code, make model
+# writes it), with more benign time never trained on if recorded (HOLDOUT_BENIGN).
+HOLDOUT_WINDOWS ?= model_export/lab/data/training-windows.csv.gz
 HOLDOUT_BENIGN ?=
 detection-report: setup
 	@mkdir -p build/lab

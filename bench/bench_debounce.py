@@ -1,6 +1,6 @@
 """What the debounce buys: state changes per hour with and without it, replaying recorded windows through a model.
 
-    .venv/bin/python bench/bench_debounce.py [--windows build/model/windows.csv] [--model otel_ebpf_receiver/model/bundled/default.onnx]
+    .venv/bin/python bench/bench_debounce.py [--windows FILE.csv] [--model otel_ebpf_receiver/model/bundled/default.onnx]
 
 Replays the recording (in time order, as the agent would see it) through the model; counts raw state changes
 (what the model says each window) and reported changes after StateDebouncer, per true label, and the delay the
@@ -24,7 +24,8 @@ from otel_ebpf_receiver.state.debounce import StateDebouncer  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--windows", default=str(REPO / "build/model/windows.csv"))
+    parser.add_argument("--windows", default=str(REPO / "model_export/lab/data/training-windows.csv.gz"),
+                        help="a recording (default: the one the bundled models were trained on)")
     parser.add_argument("--model", default=str(REPO / "otel_ebpf_receiver/model/bundled/default.onnx"))
     args = parser.parse_args()
     if not Path(args.windows).exists():

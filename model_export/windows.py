@@ -147,8 +147,16 @@ def write_windows(path: str | os.PathLike[str], names: Sequence[str], rows: Iter
         return writer.rows
 
 
+def _open_text(path: str | os.PathLike[str]) -> Any:
+    """A recording, plain or gzip-compressed (``.csv.gz``: the recording shipped with the bundled models)."""
+    if str(path).endswith(".gz"):
+        import gzip
+        return gzip.open(path, "rt", newline="")
+    return open(path, newline="")
+
+
 def read_header(path: str | os.PathLike[str]) -> list[str]:
-    with open(path, newline="") as fh:
+    with _open_text(path) as fh:
         first = next(csv.reader(fh), None)
     if not first:
         raise WindowsFormatError(f"{path}: empty file, no header")
@@ -158,7 +166,7 @@ def read_header(path: str | os.PathLike[str]) -> list[str]:
 def read_windows(path: str | os.PathLike[str], names: Sequence[str] | None = None) -> WindowTable:
     """Read one recording. ``names``: the feature columns wanted, in this order (default: all, file order)."""
     path = Path(path)
-    with open(path, newline="") as fh:
+    with _open_text(path) as fh:
         reader = csv.reader(fh)
         head = next(reader, None)
         if not head:

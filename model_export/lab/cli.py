@@ -14,6 +14,7 @@ training (``model_export``) and the runtime (``otel_ebpf_receiver``), and neithe
                  report.py     the detection report
     models       rebuild.py    the bundled models (make model)
                  holdout.py    leave-one-family-out evaluation of a recording, with the two-means baseline
+                 adapt.py      the bundled model's recipe again, with this host's benign time as normal
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ examples:
   sudo otel-ebpf-lab report --scenarios syn_flood,heavy_transfer --model my.onnx --verbose
   sudo otel-ebpf-lab rebuild                                                 # the bundled models (make model)
   otel-ebpf-lab holdout --windows build/model/windows.csv                    # held-out families, offline
+  sudo otel-ebpf-lab adapt --duration 10m -o /var/lib/otel-ebpf-receiver/models/adapted.onnx   # this host's normal
 
 Two ways to record, both one row per window in the agent's feature schema (the CSV otel-ebpf-model train reads):
   record       drives scenarios in the lab (namespace hosts, floods, host incidents), each under its own label,
@@ -161,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="otel-ebpf-lab", description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                      formatter_class=fmt)
-    sub = parser.add_subparsers(dest="command", metavar="{list,record,record-host,report,rebuild,holdout}",
+    sub = parser.add_subparsers(dest="command", metavar="{list,record,record-host,report,rebuild,holdout,adapt}",
                                 required=True)
 
     p = sub.add_parser("list", help="the scenarios, their labels and the training plan")
@@ -212,6 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description=holdout.__doc__, formatter_class=fmt)
     holdout.add_arguments(p)
     p.set_defaults(handler=_one_line_errors(holdout.run))
+
+    from . import adapt
+
+    p = sub.add_parser("adapt", help="refine the bundled model's normal with this host's benign time (drop-in model)",
+                       description=adapt.__doc__, formatter_class=fmt)
+    adapt.add_arguments(p)
+    p.set_defaults(handler=_one_line_errors(adapt.run))
     return parser
 
 

@@ -147,8 +147,9 @@ def debounced_alarms(states: np.ndarray, runs: np.ndarray) -> int:
 def train(split: Split, family: str | None, workdir: Path, say: Callable[[str], None]) -> tuple[tr.Trained, StateModel]:
     """network.onnx's recipe (model_export.lab.rebuild) on the training rows with ``family`` held out, exported
     without benign bounds and loaded by the runtime's loader."""
-    _file, clusters, wanted, _floods = rebuild.MODELS[0]
-    names = [n for n in split.table.names if wanted(n)]
+    spec = rebuild.MODELS[0]
+    clusters = spec.clusters
+    names = [n for n in split.table.names if spec.wanted(n)]
     part = rebuild.select(rows(split.table, split.training(family)), names, set())
     with contextlib.redirect_stdout(io.StringIO()):
         trained = rebuild.fit(part, replace(rebuild.recipe(clusters, UNKNOWN_ABOVE), bounds_margin=None), say=say)
@@ -351,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
         f"{int(split.held_benign.sum())} + {int(split.extra_benign.sum())} windows")
     reference = None
     if not args.no_bundled:
-        bundled = BUNDLED_MODEL_DIR / rebuild.MODELS[0][0]
+        bundled = BUNDLED_MODEL_DIR / rebuild.MODELS[0].filename
         try:
             reference = load_model(bundled, split.table.names, bundled=True)
         except ModelError as exc:

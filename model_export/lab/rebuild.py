@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -83,20 +84,50 @@ def recipe(clusters: int, unknown_above: float) -> tr.TrainConfig:
                           bounds_margin=BOUNDS_MARGIN)
 
 
-# (file, clusters, which feature columns, whether flood windows are training data)
+@dataclass(frozen=True)
+class ModelSpec:
+    filename: str
+    clusters: int
+    wanted: Callable[[str], bool]   # which feature columns
+    with_floods: bool               # whether flood windows are training data
+
+
 # Clusters: about three per state — normal is several modes (idle, web, builds, transfers), and each incident is
 # recorded on a quiet lab and with the web clients (two modes); measured: fewer merged a paced transfer into
 # udp_flood (network, 16 clusters: purity 0.91; 24: 0.998).
 MODELS = (
-    ("network.onnx", 32, lambda name: True, True),
-    ("default.onnx", 28, lambda name: not name.startswith(NETWORK_PREFIX), False),
-    ("core.onnx", 16, lambda name: name.split(".", 1)[0] in CORE_PROBES, False),
+    ModelSpec("network.onnx", 32, lambda name: True, True),
+    ModelSpec("default.onnx", 28, lambda name: not name.startswith(NETWORK_PREFIX), False),
+    ModelSpec("core.onnx", 16, lambda name: name.split(".", 1)[0] in CORE_PROBES, False),
 )
+
+# The recording the bundled models were trained on, shipped beside the training code (`make model` writes it):
+# `otel-ebpf-lab adapt` trains the same recipe on it plus a host's own benign windows, and anyone can re-run the
+# held-out evaluation or the debounce bench on exactly the bundled models' data.
+SHIPPED_WINDOWS = Path(__file__).resolve().parent / "data" / "training-windows.csv.gz"
 
 
 # States that only one probe can see. A model without that probe's features does not learn them: their windows
 # would teach it that the state looks like normal (a slow volume or a failing API changes little else).
 SEEN_BY = {"io_degraded": "block_io.", "api_degraded": "http."}
+
+
+def model_spec(filename: str) -> ModelSpec:
+    for spec in MODELS:
+        if spec.filename == filename:
+            return spec
+    raise KeyError(f"{filename} is not a bundled model (they are {', '.join(s.filename for s in MODELS)})")
+
+
+def flood_states() -> set[str]:
+    return {s.label for s in SCENARIOS.values() if s.kind == FLOOD_KIND and s.label}
+
+
+def left_out(spec: ModelSpec, names: list[str]) -> set[str]:
+    """The labels a model with these features is not trained on: the floods (unless it is the network model) and
+    the states none of its features can see."""
+    blind = {state for state, prefix in SEEN_BY.items() if not any(n.startswith(prefix) for n in names)}
+    return (set() if spec.with_floods else flood_states()) | blind
 
 
 def select(table: WindowTable, names: list[str], drop_labels: set[str]) -> WindowTable:
@@ -161,19 +192,31 @@ def rebuild(args: argparse.Namespace) -> int:
         say(f"{rows} windows in {windows} ({time.monotonic() - started:.0f} s)")
 
     table = read_windows(windows)
-    floods = {s.label for s in SCENARIOS.values() if s.kind == FLOOD_KIND}
     out = Path(args.out_dir)
-    for filename, clusters, wanted, with_floods in MODELS:
-        names = [n for n in table.names if wanted(n)]
+    for spec in MODELS:
+        names = [n for n in table.names if spec.wanted(n)]
         if not names:
-            say(f"{filename}: no recorded feature for it; skipped")
+            say(f"{spec.filename}: no recorded feature for it; skipped")
             continue
-        blind = {state for state, prefix in SEEN_BY.items() if not any(n.startswith(prefix) for n in names)}
-        part = select(table, names, (set() if with_floods else floods) | blind)
-        left_out = ("" if with_floods else " (no flood windows)") + \
-            (f" (no {', '.join(sorted(blind))}: no feature shows them)" if blind else "")
-        print(f"\n== {filename}: {len(names)} features, {len(part)} windows{left_out} from {windows}", flush=True)
-        status = build(part, out / filename, BUILD / Path(filename).stem, recipe(clusters, args.unknown_above))
+        dropped = left_out(spec, names)
+        part = select(table, names, dropped)
+        print(f"\n== {spec.filename}: {len(names)} features, {len(part)} windows"
+              f"{' (not trained on ' + ', '.join(sorted(dropped)) + ')' if dropped else ''} from {windows}", flush=True)
+        status = build(part, out / spec.filename, BUILD / Path(spec.filename).stem,
+                       recipe(spec.clusters, args.unknown_above))
         if status:
             return status
+    if out.resolve() == BUNDLED_MODEL_DIR.resolve():
+        ship_windows(windows)
+        say(f"the recording is shipped as {SHIPPED_WINDOWS} (otel-ebpf-lab adapt trains on it)")
     return 0
+
+
+def ship_windows(windows: Path) -> None:
+    """Copy the recording the bundled models were trained on beside the training code, compressed (mtime 0: the
+    same recording gives the same bytes)."""
+    import gzip
+    SHIPPED_WINDOWS.parent.mkdir(parents=True, exist_ok=True)
+    with open(windows, "rb") as src, open(SHIPPED_WINDOWS, "wb") as raw, \
+            gzip.GzipFile(filename="training-windows.csv", mode="wb", fileobj=raw, mtime=0) as dst:
+        dst.write(src.read())

@@ -88,6 +88,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("cpu_saturated", "cpu_saturated", HOST_KIND, "stress-ng --cpu, 2 workers per CPU",
              _host("cpu_saturated"), 30),
     Scenario("disk_io_storm", "io_storm", HOST_KIND, "fio direct random read/write", _host("disk_io_storm"), 30),
+    Scenario("telemetry_stack", "normal", BENIGN_KIND,
+             "the agent exporting every second to the Collector, Prometheus scraping it; no lab traffic",
+             _host("telemetry_stack"), 40, background=False),
     Scenario("db_reads", "normal", BENIGN_KIND,
              "HTTP clients, plus a database reading its volume (loop device, direct I/O) at a steady 250/s",
              _host("db_reads"), 40),
@@ -101,18 +104,20 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 
 # What `otel-ebpf-lab record` drives by default, and `make model` (model_export.lab.rebuild) records:
 # (scenario, seconds).
-# Normal is most of it and several kinds of it (idle, mixed, developer work, a heavy transfer), recorded at the
-# start and again at the end, so that "normal" is not one narrow cluster a busy-but-healthy host falls outside of.
+# Normal is most of it and several kinds of it (idle, the host's own telemetry stack, mixed, developer work, a heavy
+# transfer), recorded at the start and again at the end, so that "normal" is not one narrow cluster a busy-but-healthy
+# host falls outside of.
 TRAINING_PLAN: tuple[tuple[str, float], ...] = (
-    ("idle", 45), ("normal", 75), ("dev_work", 60), ("heavy_transfer", 40), ("paced_transfer", 30), ("db_reads", 40),
+    ("idle", 45), ("telemetry_stack", 40), ("normal", 75), ("dev_work", 60), ("heavy_transfer", 40),
+    ("paced_transfer", 30), ("db_reads", 40),
     ("exec_storm", 35), ("file_open_storm", 35), ("cpu_saturated", 35), ("disk_io_storm", 35), ("io_degraded", 40),
     ("api_degraded", 40),
     ("syn_flood", 40), ("udp_flood", 40), ("random_source_flood", 35),
-    ("normal", 45), ("idle", 30), ("dev_work", 30),
+    ("normal", 45), ("idle", 30), ("dev_work", 30), ("telemetry_stack", 30),
 )
 
 REPORT_PLAN: tuple[str, ...] = (
-    "normal", "idle", "dev_work", "heavy_transfer", "paced_transfer", "syn_flood", "udp_flood", "random_source_flood",
+    "normal", "idle", "telemetry_stack", "dev_work", "heavy_transfer", "paced_transfer", "syn_flood", "udp_flood", "random_source_flood",
     "forged_source_flood", "ramp", "exec_storm", "file_open_storm", "cpu_saturated", "disk_io_storm", "db_reads",
     "io_degraded", "api_degraded",
 )

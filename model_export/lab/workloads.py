@@ -35,13 +35,20 @@ def _python_loop(body: str, max_seconds: float) -> list[str]:
 
 
 @contextlib.contextmanager
-def _children(argvs: list[list[str]], **kwargs) -> Iterator[list[subprocess.Popen]]:
+def _children(argvs: list[list[str]], graceful: bool = False, **kwargs) -> Iterator[list[subprocess.Popen]]:
+    """Run each argv in its own process group; kill the groups on exit. ``graceful``: SIGTERM first and up to 15 s
+    to exit (the agent detaches its probes and flushes its telemetry on SIGTERM), then SIGKILL."""
     procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                               **kwargs) for argv in argvs]
     try:
         yield procs
     finally:
         for proc in procs:
+            if graceful:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(15)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -325,9 +332,86 @@ def io_degraded(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[DatabaseVo
 
 
 @contextlib.contextmanager
+def backup(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
+    """A nightly backup, benign and busy: tar reading /usr/lib and /usr/share (tens of thousands of files opened,
+    read and closed) into a pipe, over and over, niced. Not in the training plan: a look-alike of the file-open and
+    disk I/O storms that the bundled models never saw — what `otel-ebpf-lab adapt` is for."""
+    loop = (f"end=$(( $(date +%s) + {int(max_seconds)} )); while [ $(date +%s) -lt $end ]; do "
+            "tar -cf - /usr/lib /usr/share 2>/dev/null | cat > /dev/null; done")
+    with _children([["timeout", "-s", "KILL", str(int(max_seconds)), "nice", "-n", "10", "/bin/sh", "-c", loop]]):
+        yield
+
+
+@contextlib.contextmanager
 def idle(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
     """Nothing driven: whatever the host does by itself."""
     yield
+
+
+REPO = Path(__file__).resolve().parents[2]
+COLLECTOR_BIN = REPO / "build" / "otelcol" / "otelcol-ebpf"   # `make collector`
+COLLECTOR_CONFIG = REPO / "collector-config" / "local.yaml"
+PROMETHEUS_BIN = "/usr/bin/prometheus"                          # Debian's (host-setup.sh --lab)
+TELEMETRY_AGENT_PROBES = "syscalls,file_open,exec"
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class TelemetryStack:
+    export_dir: Path        # the Collector's file exporter: metrics.jsonl, logs.jsonl, traces.jsonl
+    prometheus_url: str     # Prometheus' own HTTP API
+    pids: tuple[int, ...]   # the Collector, Prometheus and the agent
+
+
+@contextlib.contextmanager
+def telemetry_stack(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[TelemetryStack]:
+    """The host's own observability at rest — what every host running this product also runs: the agent exporting
+    OTLP every second to the project's Collector (file and Prometheus exporters, a persistent queue towards a trace
+    backend that is not there), and Prometheus scraping the Collector every second. Normal, and not quiet: a few
+    hundred system calls a second that rarely fail and start no threads, which a model that never saw it confuses
+    with a disk I/O storm (the agent's own end-to-end tests did, on a host left alone after an exec storm)."""
+    missing = [what for what, there in ((f"the Collector ({COLLECTOR_BIN}; make collector)", COLLECTOR_BIN.exists()),
+                                        (f"Prometheus ({PROMETHEUS_BIN}; make setup-lab)", shutil.which(PROMETHEUS_BIN)))
+               if not there]
+    if missing:
+        raise RuntimeError(f"telemetry_stack needs {' and '.join(missing)}")
+    with tempfile.TemporaryDirectory(prefix="oer-telemetry-") as tmp:
+        ports = {name: _free_port() for name in ("grpc", "http", "prometheus", "health", "telemetry", "traces",
+                                                 "web")}
+        collector_env = {**os.environ,
+                         "OTELCOL_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{ports['grpc']}",
+                         "OTELCOL_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{ports['http']}",
+                         "OTELCOL_PROMETHEUS_ENDPOINT": f"127.0.0.1:{ports['prometheus']}",
+                         "OTELCOL_HEALTH_ENDPOINT": f"127.0.0.1:{ports['health']}",
+                         "OTELCOL_TELEMETRY_HOST": "127.0.0.1", "OTELCOL_TELEMETRY_PORT": str(ports["telemetry"]),
+                         "OTELCOL_FILE_DIR": f"{tmp}/export", "OTELCOL_STORAGE_DIR": f"{tmp}/queue",
+                         "OTELCOL_TRACES_ENDPOINT": f"127.0.0.1:{ports['traces']}",
+                         "OTELCOL_LOGS_ENDPOINT": f"127.0.0.1:{ports['traces']}"}
+        Path(tmp, "prometheus.yml").write_text(
+            "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+            f"scrape_configs: [{{job_name: otelcol, static_configs: [{{targets: ['127.0.0.1:{ports['prometheus']}']}}]}}]\n")
+        agent_env = {**{k: v for k, v in os.environ.items() if not k.startswith("OTEL_")},
+                     "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{ports['grpc']}",
+                     "OTEL_METRIC_EXPORT_INTERVAL": "1000", "OTEL_BSP_SCHEDULE_DELAY": "1000",
+                     "OTEL_BLRP_SCHEDULE_DELAY": "1000"}
+        os.makedirs(f"{tmp}/models")
+        seconds = str(int(max_seconds))
+        with _children([["timeout", "-s", "KILL", seconds, str(COLLECTOR_BIN), f"--config={COLLECTOR_CONFIG}"]],
+                       env=collector_env) as collector, \
+             _children([["timeout", "-s", "KILL", seconds, PROMETHEUS_BIN, f"--config.file={tmp}/prometheus.yml",
+                         f"--storage.tsdb.path={tmp}/tsdb", f"--web.listen-address=127.0.0.1:{ports['web']}",
+                         "--log.level=warn"]]) as prometheus, \
+             _children([["timeout", "-s", "TERM", seconds, sys.executable, "-m", "otel_ebpf_receiver", "run",
+                         "--live", "off", "--probes", TELEMETRY_AGENT_PROBES, "--model-dir", f"{tmp}/models"]],
+                       graceful=True, env=agent_env, cwd=REPO) as agent:
+            yield TelemetryStack(Path(tmp, "export"), f"http://127.0.0.1:{ports['web']}",
+                                 tuple(p.pid for p in collector + prometheus + agent))
 
 
 # By name, for `otel-ebpf-lab record-host --workload` and the lab's host scenarios.
@@ -341,4 +425,6 @@ WORKLOADS: dict[str, Callable[..., contextlib.AbstractContextManager]] = {
     "disk_io_storm": disk_io_storm,
     "db_reads": database_reads,
     "io_degraded": io_degraded,
+    "telemetry_stack": telemetry_stack,
+    "backup": backup,
 }

@@ -137,7 +137,9 @@ class SyscallsProbe(Probe):
         reading.features = {
             "syscalls.rate_log1p": log1p_rate(total_calls / self._ncpu, seconds),
             "syscalls.error_ratio": ratio(total_errors, total_calls),
-            "syscalls.top_process_share": ratio(float(deltas[top[0]]), total_calls) if len(top) else 0.0,
+            # per-process counts are sampled (weight 2^shift): at a few calls a second one sample can exceed the
+            # total, and a share is at most 1
+            "syscalls.top_process_share": min(1.0, ratio(float(deltas[top[0]]), total_calls)) if len(top) else 0.0,
             "syscalls.active_processes_log1p": math.log1p(active),
         }
         reading.rate, reading.rate_unit = total_calls / seconds, "calls/s"

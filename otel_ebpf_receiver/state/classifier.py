@@ -106,6 +106,9 @@ class StateClassifier:
             self._report_state(UNKNOWN_STATE, [UNKNOWN_STATE])
             return Verdict.unknown()
         raw = model.predict(window.values)
+        if log.isEnabledFor(logging.DEBUG):  # `--log-level debug`: every window's own answer, before debouncing
+            log.debug("window: model says %s (cluster %d, score %.2f); %s", raw.raw_state, raw.cluster, raw.score,
+                      " ".join(f"{name}={value:.3g}" for name, value in window.values.items()))
         if raw.fault:
             self._on_fault(model, raw.fault)
         debounced = self.debouncer.update(raw.state)

@@ -1,0 +1,55 @@
+"""The lab's telemetry_stack workload (model_export.lab.workloads): the benign "normal" a model must have seen on
+any host that runs this product — the agent exporting every second to the project's Collector, Prometheus scraping
+the Collector. It is training data (`make model`), so it has to be what it says: the agent's own metrics arrive in
+the Collector and in Prometheus, and nothing of it is left behind (processes, BPF programs) when it ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from model_export.lab import workloads
+
+from .helpers import wait_for
+
+pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
+
+
+def bpf_program_ids() -> set[int]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {prog["id"] for prog in json.loads(out or "[]")}
+
+
+def prometheus_value(base: str, query: str) -> float | None:
+    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    try:
+        with urllib.request.urlopen(url, timeout=3) as response:
+            result = json.load(response)["data"]["result"]
+    except OSError:
+        return None
+    return float(result[0]["value"][1]) if result else None
+
+
+def test_telemetry_stack_exports_the_agents_metrics_and_leaves_nothing(otelcol):
+    before = bpf_program_ids()
+    with workloads.telemetry_stack(max_seconds=120) as stack:
+        metrics = stack.export_dir / "metrics.jsonl"
+        assert wait_for(lambda: metrics.exists() and "otel_ebpf_receiver.syscalls" in metrics.read_text(), 60), \
+            f"no agent metrics in {metrics}"
+        # Prometheus scrapes the Collector's exporter each second: the agent's syscall counter arrives there too.
+        assert wait_for(lambda: (prometheus_value(stack.prometheus_url, "sum(otel_ebpf_receiver_syscalls_total)")
+                                 or 0) > 0, 30), "Prometheus never scraped the agent's syscall counter"
+        during = bpf_program_ids() - before
+        assert during, "the workload's agent attached no BPF program"
+        pids = stack.pids
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") for pid in pids):
+        time.sleep(0.2)
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], "processes of the workload still run"
+    assert not (bpf_program_ids() & during), "the agent's BPF programs are still loaded after the workload ended"
