@@ -18,7 +18,8 @@ Run with ` --check` appended (loads and validates everything, starts nothing; se
 Skipped, and why (SKIPPED below):
   * `make run` starts the agent until stopped; `make test` is this suite;
   * `otel-ebpf-lab record-host` (and `otel-ebpf-model record`) records for minutes; `train`, `export`, `info` need
-    its recordings (the training path is tested in test_model_export.py);
+    its recordings (the training path is tested in test_model_export.py); so does `otel-ebpf-lab adapt`
+    (test_adapt.py runs it on recorded windows);
   * `otelcol-contrib --config=...` needs the user's own otelcol-contrib; the same merge is validated with the
     project's Collector in test_collector_configs.py.
 Also: `--help` of every verb of the three commands, and no `VAR=value sudo ...` anywhere we document commands.
@@ -45,6 +46,7 @@ SKIPPED = {
     r"make test\b": "is this test-suite",
     r"make stack\b": "runs until stopped; tests/test_stack.py runs the same launcher, bounded, with browser checks",
     r"otel-ebpf-(model|lab) record(-host)?\b": "records windows for minutes",
+    r"otel-ebpf-lab adapt\b": "records this host for minutes; test_adapt.py runs it on recorded windows",
     r"otel-ebpf-model (train|export|info)\b": "works on the recordings `record` writes (test_model_export.py)",
     r"otelcol-contrib\b": "needs the user's otelcol-contrib; the merge is validated in test_collector_configs.py",
 }
