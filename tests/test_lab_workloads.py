@@ -53,3 +53,29 @@ def test_telemetry_stack_exports_the_agents_metrics_and_leaves_nothing(otelcol):
         time.sleep(0.2)
     assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")], "processes of the workload still run"
     assert not (bpf_program_ids() & during), "the agent's BPF programs are still loaded after the workload ended"
+
+
+def read_chars(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/io") as io_stats:
+            return next(int(line.split()[1]) for line in io_stats if line.startswith("rchar:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def tar_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "tar"], capture_output=True, text=True).stdout
+    return {int(pid) for pid in out.split()}
+
+
+def test_backup_reads_files_while_on_and_stops_on_exit() -> None:
+    """The `backup` look-alike (benign, never trained on: what `otel-ebpf-lab adapt` is measured with) runs tar
+    over thousands of files while on, and none of its processes outlive it."""
+    before = tar_pids()
+    with workloads.backup(max_seconds=60):
+        ours = wait_for(lambda: tar_pids() - before, 10)
+        assert ours, "no tar process started"
+        # it reads: tar's read bytes (rchar) pass 10 MB within seconds
+        assert wait_for(lambda: sum(read_chars(pid) for pid in tar_pids() - before) > 10 << 20, 20), \
+            "tar read less than 10 MB in 20 s"
+    assert not (tar_pids() & ours), "tar still runs after the workload ended"
