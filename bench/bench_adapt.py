@@ -26,16 +26,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from model_export.lab import adapt, rebuild  # noqa: E402
-from model_export.lab.holdout import debounced_alarms, score  # noqa: E402
+from model_export.lab.adapt import states  # noqa: E402
+from model_export.lab.holdout import debounced_alarms, rows  # noqa: E402
 from model_export.windows import read_many, read_windows  # noqa: E402
 from otel_ebpf_receiver.features import feature_names  # noqa: E402
 from otel_ebpf_receiver.model import NORMAL_STATE  # noqa: E402
 from otel_ebpf_receiver.model.watch import best_bundled_model  # noqa: E402
-
-
-def states(model, table) -> np.ndarray:  # type: ignore[no-untyped-def]
-    idx = [table.names.index(n) for n in model.feature_names]
-    return score(model, table.values[:, idx])
 
 
 def main() -> int:
@@ -65,7 +61,7 @@ def main() -> int:
     print(f"| benign (B), state changes after debounce, per hour | {len(benign)} "
           f"| {debounced_alarms(before, runs) / hours:.0f} | {debounced_alarms(after, runs) / hours:.0f} |")
     for label in sorted(set(incidents.labels) - {"", NORMAL_STATE}):
-        part = adapt.rows_labelled(incidents, lambda lab: lab == label)
+        part = rows(incidents, incidents.labels == label)
         b, a = states(bundled, part), states(adapted, part)
         named = "" if label in bundled.cluster_states else " (a state this model does not know)"
         print(f"| {label}{named}: not normal / named | {len(part)} | {int((b != NORMAL_STATE).sum())} / "

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from otel_ebpf_receiver.memory import mappings  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+from bench_probes import stop  # noqa: E402
 
 ATTACHED = "attached "  # the agent's log line once every probe is loaded and the model serves
 
@@ -147,13 +149,7 @@ def main() -> int:
             hwm = status_kib(agent.pid, "VmHWM")
             rows = breakdown_rows(at_start, breakdown(agent.pid), args.top)
         finally:
-            if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-                try:
-                    agent.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    agent.kill()
-                    agent.wait()
+            stop(agent)
             sink.stop(grace=None)
     peak_at, peak = max(samples, key=lambda s: s[1])
     print(f"Agent with every default probe, run from {args.tree}, {args.minutes:g} min, RSS sampled every "

@@ -29,7 +29,6 @@ import json
 import os
 import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bench_probes import build, programs_on_path, stats_left_on, time_workload  # noqa: E402
+from bench_probes import build, programs_on_path, stats_left_on, stop, time_workload  # noqa: E402
 
 SWITCHES = 100_000
 LOADER = """
@@ -100,12 +99,7 @@ class Loaded:
 
     def __exit__(self, *exc) -> None:
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop(self.proc)
             self.log.seek(0)
             for line in self.log.read().splitlines():
                 if line.startswith("cost "):

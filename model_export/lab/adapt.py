@@ -40,7 +40,7 @@ from otel_ebpf_receiver.model.runtime import StateModel
 from .. import train as tr
 from ..windows import WindowTable, read_windows
 from . import rebuild
-from .holdout import score
+from .holdout import rows, score
 
 HOST_LABEL = NORMAL_STATE
 HOST_CLUSTERS = 4   # on top of the bundled recipe's: room for the host's own modes of normal
@@ -62,10 +62,14 @@ class Adapted:
         return {state: counts for state, counts in self.incidents.items() if counts[1] < counts[0]}
 
 
-def not_normal(model: StateModel, table: WindowTable) -> np.ndarray:
-    """Per window: the model's state (``unknown`` by score included) is not ``normal``."""
+def states(model: StateModel, table: WindowTable) -> np.ndarray:
+    """Per window: the state the agent's classify path gives it (``unknown`` by score included)."""
     idx = [table.names.index(n) for n in model.feature_names]
-    return score(model, table.values[:, idx]) != NORMAL_STATE
+    return score(model, table.values[:, idx])
+
+
+def not_normal(model: StateModel, table: WindowTable) -> np.ndarray:
+    return states(model, table) != NORMAL_STATE
 
 
 def adapt(bundled: StateModel, lab: WindowTable, host: WindowTable, output: Path,
@@ -88,32 +92,14 @@ def adapt(bundled: StateModel, lab: WindowTable, host: WindowTable, output: Path
         f"({len(names)} features, {spec.clusters} + {HOST_CLUSTERS} clusters)")
     trained = rebuild.fit(table, rebuild.recipe(spec.clusters + HOST_CLUSTERS, bundled.unknown_above), say=say)
     attacks = [s for s in dict.fromkeys(trained.cluster_states) if s in rebuild.flood_states()]
-    with tempfile.TemporaryDirectory(prefix="oer-adapt-") as tmp:
-        exported = tr.export(trained, Path(tmp) / output.name, attack_states=attacks)
-        data = exported.path.read_bytes()
-    # written like every export (atomically, validated by the runtime's loader), at the place asked for
-    from otel_ebpf_receiver.model import load_model
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = output.parent / f".{output.name}.adapt"
-    scratch.write_bytes(data)
-    try:
-        load_model(scratch, None)
-        scratch.replace(output)
-    finally:
-        scratch.unlink(missing_ok=True)
-    adapted = load_model(output, None)
+    # written like every export: atomically, after the runtime's own loader accepted it
+    adapted = tr.export(trained, output, attack_states=attacks).model
     incidents = {}
     for state in sorted(set(bundled.cluster_states) - {NORMAL_STATE, UNKNOWN_STATE}):  # what it can name
-        part = rows_labelled(lab_part, lambda label: label == state)
+        part = rows(lab_part, lab_part.labels == state)
         incidents[state] = (int(not_normal(bundled, part).sum()), int(not_normal(adapted, part).sum()), len(part))
     return Adapted(adapted, int(not_normal(bundled, host_part).sum()), int(not_normal(adapted, host_part).sum()),
                    len(host_part), incidents)
-
-
-def rows_labelled(table: WindowTable, wanted: Callable[[str], bool]) -> WindowTable:
-    keep = np.array([wanted(label) for label in table.labels], dtype=bool)
-    return WindowTable(table.names, table.timestamps[keep], table.labels[keep], table.values[keep],
-                       sources=table.sources)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -275,7 +275,29 @@ def load_model(
     path = Path(path)
     data = _read_secure(path, max_bytes, check_owner=check_owner)
     if bundled:
-        return _load_bundled(path, data, available_features, feature_owner)
+        session = _open_session(path, data)
+        meta = dict(session.get_modelmeta().custom_metadata_map)
+        names, n_clusters = _metadata_shape(path, meta)
+        check_session_io(path, session, len(names), n_clusters)
+    else:
+        model = _parse_checked(path, data)
+        meta = {p.key: p.value for p in model.metadata_props}
+        names, n_clusters = _metadata_shape(path, meta)
+        check_graph(path, model, len(names), n_clusters)
+    if available_features is not None:
+        _check_features(path, names, available_features, feature_owner)
+    if not bundled:
+        prove_bounded(path, data, model, len(names))  # before this process ever opens a session on it
+        session = _open_session(path, data)
+    state_model = StateModel(path, session, meta, digest=hashlib.sha256(data).hexdigest(), size=len(data),
+                             bundled=bundled)
+    _test_inference(path, state_model, len(names), n_clusters)
+    return state_model
+
+
+def _parse_checked(path: Path, data: bytes) -> Any:
+    """The ONNX-level checks of a file that is not the package's own: parse, no external data, only our
+    exporter's operators and tensor kinds, ``onnx.checker``."""
     import onnx
 
     try:
@@ -295,40 +317,13 @@ def load_model(
     except Exception as exc:
         raise ModelError(path, f"invalid ONNX ({exc})",
                          "the file is damaged or was not written by otel-ebpf-model; re-export it") from None
+    return model
 
-    meta = {p.key: p.value for p in model.metadata_props}
+
+def _metadata_shape(path: Path, meta: dict[str, str]) -> tuple[list[str], int]:
+    """The metadata contract checked; the model's feature names and cluster count."""
     check_metadata(path, meta)
-    names = json.loads(meta[METADATA_FEATURES])
-    n_clusters = len(json.loads(meta[METADATA_STATES]))
-    check_graph(path, model, len(names), n_clusters)
-    if available_features is not None:
-        _check_features(path, names, available_features, feature_owner)
-
-    if not bundled:
-        prove_bounded(path, data, model, len(names))
-    session = _open_session(path, data)
-    digest = hashlib.sha256(data).hexdigest()
-    state_model = StateModel(path, session, meta, digest=digest, size=len(data), bundled=bundled)
-    _test_inference(path, state_model, len(names), n_clusters)
-    return state_model
-
-
-def _load_bundled(path: Path, data: bytes, available_features: Sequence[str] | None,
-                  feature_owner: Callable[[str], str | None] | None) -> StateModel:
-    """:func:`load_model` for a file of the package, without onnx: the metadata contract, the session's inputs
-    and outputs, the features, the test inference."""
-    session = _open_session(path, data)
-    meta = dict(session.get_modelmeta().custom_metadata_map)
-    check_metadata(path, meta)
-    names = json.loads(meta[METADATA_FEATURES])
-    n_clusters = len(json.loads(meta[METADATA_STATES]))
-    check_session_io(path, session, len(names), n_clusters)
-    if available_features is not None:
-        _check_features(path, names, available_features, feature_owner)
-    state_model = StateModel(path, session, meta, digest=hashlib.sha256(data).hexdigest(), size=len(data),
-                             bundled=True)
-    _test_inference(path, state_model, len(names), n_clusters)
-    return state_model
+    return json.loads(meta[METADATA_FEATURES]), len(json.loads(meta[METADATA_STATES]))
 
 
 def _read_secure(path: Path, max_bytes: int, *, check_owner: bool) -> bytes:
