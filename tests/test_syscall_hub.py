@@ -217,3 +217,52 @@ def test_reads_and_writes_on_untracked_descriptors_leave_the_http_maps_untouched
     tracked = HttpProbe.c_constants["STAT_PROBE"]
     assert stats[tracked] - before[3][tracked] == 1  # exactly one connection was tracked: the accepted one
     assert [a - b for a, b in zip(stats, before[3])] == [0, 0, 1] + [0] * (len(stats) - 3)
+
+
+def getppid_count(probe: SyscallsProbe, calls: int) -> float:
+    probe.read(1.0)
+    syscall_loop(unique_name("hg"), calls)
+    reading = probe.read(1.0)
+    return sum(v for n, v, a in reading.counters if n == "otel_ebpf_receiver.syscalls" and a == GETPPID)
+
+
+def test_where_btf_declares_sys_exit_the_hub_is_typed_and_reads_registers_without_a_helper(three):
+    if syscall_hub.btf_type_id() is None:
+        pytest.skip("this kernel's BTF does not declare btf_trace_sys_exit")
+    hub = three["syscalls"].hub
+    assert hub.typed and all("BTF-typed" in p.mode for p in three.values())
+    (fd,) = hub.program_fds().values()
+    info = bpfsys.prog_info(fd)
+    assert info.type == bpfsys.PROG_TYPE_TRACING
+    # The helper the untyped program calls on every system call is not in the typed one.
+    assert helper_calls(info.id, "bpf_probe_read_kernel") == 0
+
+
+def helper_calls(prog_id: int, helper: str) -> int:
+    """How often the program as the kernel holds it calls ``helper`` (bpftool's translated dump)."""
+    out = subprocess.run(["bpftool", "prog", "dump", "xlated", "id", str(prog_id)], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    return sum(f"call {helper}" in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize("type_id", [None, 1], ids=["btf-lacks-the-tracepoint", "kernel-refuses-the-typed-load"])
+def test_the_untyped_program_takes_over_and_counts_exactly(monkeypatch, type_id):
+    if syscall_hub.unavailable_reason():
+        pytest.skip(f"the syscall hub cannot run here: {syscall_hub.unavailable_reason()}")
+    # Type 1 is some other kernel type (not the tracepoint's typedef): the verifier refuses the load.
+    monkeypatch.setattr(syscall_hub, "btf_type_id", lambda: type_id)
+    before = our_attachments()
+    probes = load_three()
+    try:
+        hub = probes[0].hub
+        assert hub is not None and not hub.typed and "BTF-typed" not in probes[0].mode
+        assert ("does not declare" if type_id is None else "refused") in hub.untyped_reason
+        attachments = our_attachments(probes)
+        assert [(a["fd_type"], a["tracepoint"]) for a in attachments] == [("raw_tracepoint", "sys_exit")]
+        assert helper_calls(attachments[0]["prog_id"], "bpf_probe_read_kernel") == 1
+        assert 20_000 <= getppid_count(probes[0], 20_000) <= 20_000 + 200
+    finally:
+        for p in probes:
+            p.close()
+    # Nothing of the refused typed attempt is left attached.
+    assert our_attachments() == before

@@ -31,8 +31,13 @@ BPF_PROG_TEST_RUN = 10
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_LOAD = 5
+BPF_RAW_TRACEPOINT_OPEN = 17
 BPF_ENABLE_STATS = 32  # Linux 5.8
 BPF_STATS_RUN_TIME = 0
+
+PROG_TYPE_TRACING = 26
+ATTACH_TRACE_RAW_TP = 23  # a BTF-typed raw tracepoint program ("tp_btf")
 
 MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
@@ -166,6 +171,32 @@ def prog_info(fd: int) -> ProgInfo:
         return ProgInfo(ptype, pid, name, None, None)
     run_time_ns, run_cnt = struct.unpack_from("=QQ", info, _PROG_INFO_RUN_TIME_NS)
     return ProgInfo(ptype, pid, name, run_time_ns, run_cnt)
+
+
+def prog_load(prog_type: int, insns: bytes, license: str, name: str = "", expected_attach_type: int = 0,
+              attach_btf_id: int = 0) -> int:
+    """Load a program from instructions already relocated (bcc's compiled and map-resolved bytes); returns its
+    fd. On failure the BpfError's message ends with the verifier's last line, which says why."""
+    insn_buf = ctypes.create_string_buffer(insns, len(insns))
+    license_buf = ctypes.create_string_buffer(license.encode())
+    log = ctypes.create_string_buffer(64 * 1024)
+    # union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, log_level, log_size, log_buf,
+    # kern_version, prog_flags, prog_name[16], prog_ifindex, expected_attach_type, prog_btf_fd,
+    # func_info_rec_size, func_info, func_info_cnt, line_info_rec_size, line_info, line_info_cnt, attach_btf_id
+    attr = _attr("=IIQQIIQII16sIIIIQIIQII", prog_type, len(insns) // 8, _addr(insn_buf), _addr(license_buf),
+                 1, ctypes.sizeof(log), _addr(log), 0, 0, name.encode()[:15], 0, expected_attach_type, 0,
+                 0, 0, 0, 0, 0, 0, attach_btf_id)
+    try:
+        return _bpf(BPF_PROG_LOAD, attr)
+    except BpfError as exc:
+        lines = [line for line in log.value.decode("utf-8", "replace").splitlines() if line.strip()]
+        raise BpfError(exc.errno, f"{exc.strerror}: {lines[-1]}" if lines else exc.strerror) from None
+
+
+def raw_tracepoint_open(prog_fd: int) -> int:
+    """Attach a BTF-typed raw tracepoint program to the tracepoint it was loaded for; the returned link fd keeps
+    it attached, and closing it (or the process dying) detaches it."""
+    return _bpf(BPF_RAW_TRACEPOINT_OPEN, _attr("=QI", 0, prog_fd))
 
 
 def enable_stats() -> int:

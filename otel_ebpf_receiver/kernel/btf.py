@@ -13,7 +13,7 @@ Only the type section is walked (BTF format: include/uapi/linux/btf.h), once, an
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
@@ -31,6 +31,8 @@ class Facts:
 
     member_offsets: dict[tuple[str, str], int | None]  # (struct, member) -> byte offset
     tracepoint_args: dict[str, tuple[int, ...] | None]  # raw tracepoint -> size in bytes of each TP_PROTO argument
+    # raw tracepoint -> BTF id of its btf_trace_<name> typedef: what a BTF-typed program (tp_btf) is loaded against
+    tracepoint_type_ids: dict[str, int | None] = field(default_factory=dict)
 
 
 def read_facts(members: tuple[tuple[str, str], ...], tracepoints: tuple[str, ...],
@@ -118,4 +120,4 @@ def read_facts(members: tuple[tuple[str, str], ...], tracepoints: tuple[str, ...
         params = [struct.unpack_from("<II", data, starts[proto] + 12 + 8 * i)[1] for i in range(vlen)]
         sizes = [size_of(p) for p in params[1:]]  # the first is the tracepoint's `void *__data`
         args[tp] = None if None in sizes else tuple(sizes)  # type: ignore[arg-type]
-    return Facts(offsets, args)
+    return Facts(offsets, args, {tp: typedefs.get(tp) for tp in tracepoints})
