@@ -132,6 +132,10 @@ def test_doctor_fails_for_non_root_and_passes_for_root():
     result = cli("doctor")
     assert result.returncode == 0, result.stdout
     assert "[ok  ] probe syscalls" in result.stdout and "the agent can run here" in result.stdout
+    # What doctor says of the syscall hub's program is what loading it gives on this kernel.
+    from otel_ebpf_receiver.probes import syscall_hub
+    typed = syscall_hub.unavailable_reason() is None and syscall_hub.btf_type_id() is not None
+    assert ("[ok  ] syscall hub program: BTF-typed" in result.stdout) == typed, result.stdout
 
 
 def test_probes_lists_metrics_features_and_availability():

@@ -61,6 +61,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                f"syscall hooks: {hub_probes} share one raw sys_exit program (syscall hub)" if hub_problem is None
                else f"syscall hooks: classic per-syscall tracepoints for {hub_probes} ({hub_problem})",
                "every system call then pays the kernel's perf syscall handlers, in both directions, once per probe")
+        if hub_problem is None:
+            typed = syscall_hub.btf_type_id() is not None
+            _check(results, typed, False,
+                   "syscall hub program: BTF-typed (tp_btf), registers read with plain loads" if typed
+                   else "syscall hub program: untyped raw tracepoint (kernel BTF does not declare btf_trace_sys_exit)",
+                   "each system call then also pays one bpf_probe_read_kernel call (README, Syscall overhead)")
     available = 0
     for name, cls in REGISTRY.items():
         reason = cls.unavailable_reason()
