@@ -9,8 +9,11 @@ condition starts the real agent CLI, waits until its probes are attached, measur
 conditions alternate order round by round and each figure is the median over rounds of the increase over
 "nothing attached" measured in the same round.
 
-Then nginx (1 worker, static file, loopback, private config and port) under `wrk -t1 -c32 -d10s`, without and
-with the agent (every probe), alternated, in pairs: the median of the pairs' requests/s ratios.
+Then nginx (1 worker, static file, loopback, private config and port) under `wrk -t1 -c32 -d10s`, in rounds of
+three conditions, order rotated: without the agent, with empty programs on the hooks the agent runs on a web
+server's hot path (sys_exit, sched_switch, sched_wakeup, sched_wakeup_new: the floor any agent hooking there pays),
+and with the agent (every probe): the medians of the rounds' requests/s ratios to "without". `--nginx-only` skips
+the loops.
 
 And what the agent holds in memory after start: RSS, /proc/PID/smaps_rollup, the top mappings by file.
 
@@ -63,6 +66,23 @@ print("attached", flush=True)
 while True:
     time.sleep(3600)
 """
+# The floor under nginx: empty programs on every hook the default agent runs on a web server's hot path (each
+# system call's exit, each wakeup and context switch). What the kernel charges for calling programs there at all.
+EMPTY_HOT_HOOKS = """
+import signal, sys, time
+from bcc import BPF
+b = BPF(text=\"\"\"
+RAW_TRACEPOINT_PROBE(sys_exit) { return 0; }
+RAW_TRACEPOINT_PROBE(sched_switch) { return 0; }
+RAW_TRACEPOINT_PROBE(sched_wakeup) { return 0; }
+RAW_TRACEPOINT_PROBE(sched_wakeup_new) { return 0; }
+\"\"\")
+signal.signal(signal.SIGTERM, lambda *a: (b.cleanup(), sys.exit(0)))
+print("attached", flush=True)
+while True:
+    time.sleep(3600)
+"""
+NGINX_CONDITIONS = ("without", "floor", "with")
 # Names of programs on the paths the loops exercise: syscalls (bench_syscalls.py's rule) and context switches.
 PATH_PROGRAM = re.compile(r"sys_exit|sys_enter|raw_syscalls|syscalls__|sched_switch|sched_wakeup")
 
@@ -263,8 +283,9 @@ def wrk_requests_per_second(port: int, seconds: int) -> float:
     return float(match[1])
 
 
-def nginx_pairs(pairs: int, seconds: int) -> list[tuple[float, float]]:
-    """(requests/s without, with the agent) per pair; the order within a pair alternates."""
+def nginx_pairs(pairs: int, seconds: int) -> list[dict[str, float]]:
+    """Requests/s per round: without the agent, with the empty programs on its hot hooks (the floor), with the
+    agent (every probe); the order rotates round by round."""
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
         port = free_port()
@@ -272,6 +293,8 @@ def nginx_pairs(pairs: int, seconds: int) -> list[tuple[float, float]]:
         (Path(tmp) / "www" / "index.html").write_text("x" * 1024)  # 1 KiB static file
         (Path(tmp) / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
         nginx = subprocess.Popen(["nginx", "-p", tmp, "-c", f"{tmp}/nginx.conf"], stderr=subprocess.PIPE, text=True)
+        argv = {"without": (None, ""), "floor": ([sys.executable, "-c", EMPTY_HOT_HOOKS], "attached"),
+                "with": (AGENT, "attached ")}
         try:
             deadline = time.monotonic() + 10
             while subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/index.html"]).returncode:
@@ -282,12 +305,13 @@ def nginx_pairs(pairs: int, seconds: int) -> list[tuple[float, float]]:
             wrk_requests_per_second(port, 2)  # warm-up
             for pair in range(pairs):
                 sample: dict[str, float] = {}
-                for with_agent in ((False, True) if pair % 2 == 0 else (True, False)):
-                    with Condition("agent: every probe", AGENT if with_agent else None, "attached "):
-                        sample["with" if with_agent else "without"] = wrk_requests_per_second(port, seconds)
-                results.append((sample["without"], sample["with"]))
-                print(f"nginx pair {pair + 1}/{pairs}: {sample['without']:.0f} / {sample['with']:.0f} req/s",
-                      file=sys.stderr)
+                order = NGINX_CONDITIONS[pair % 3:] + NGINX_CONDITIONS[:pair % 3]
+                for name in (order if pair % 2 == 0 else tuple(reversed(order))):
+                    with Condition(f"nginx: {name}", *argv[name]):
+                        sample[name] = wrk_requests_per_second(port, seconds)
+                results.append(sample)
+                print(f"nginx round {pair + 1}/{pairs}: " + " / ".join(f"{k} {v:.0f}" for k, v in sample.items())
+                      + " req/s", file=sys.stderr)
         finally:
             nginx.send_signal(signal.SIGTERM)
             try:
@@ -302,7 +326,9 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (at least 3)")
-    parser.add_argument("--pairs", type=int, default=3, help="nginx with/without pairs (0: skip nginx)")
+    parser.add_argument("--pairs", type=int, default=3,
+                        help="nginx rounds of without / floor / with the agent (0: skip nginx)")
+    parser.add_argument("--nginx-only", action="store_true", help="skip the loops and the memory report")
     parser.add_argument("--wrk-seconds", type=int, default=10)
     parser.add_argument("--cpu", type=int, default=(os.cpu_count() or 1) - 1)
     parser.add_argument("--probes", help="comma-separated probes to measure alone (default: every available one "
@@ -329,18 +355,19 @@ def main() -> int:
     names = args.probes.split(",") if args.probes else [n for n, cls in REGISTRY.items()
                                                         if n != "xdp" and cls.unavailable_reason() is None]
     binaries = {name: build(source) for name, source, _, _ in WORKLOADS}
-    conds = conditions(names)
+    conds = [] if args.nginx_only else conditions(names)
     load_before = os.getloadavg()
     samples: dict[str, list[dict[str, float]]] = {c.name: [] for c in conds}
     rss: dict[str, list[float]] = defaultdict(list)
     memory = ""
-    for rnd in range(args.rounds):
+    for rnd in range(0 if args.nginx_only else args.rounds):
         for cond in conds if rnd % 2 == 0 else list(reversed(conds)):
             samples[cond.name].append(measure(cond, binaries, args.cpu, rss, known))
         print(f"round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.1f})", file=sys.stderr)
-    with Condition("agent: every probe", AGENT, "attached ") as agent:
-        time.sleep(3)  # a few windows in: what it holds while running, not while starting
-        memory = memory_report(agent.proc.pid)
+    if not args.nginx_only:
+        with Condition("agent: every probe", AGENT, "attached ") as agent:
+            time.sleep(3)  # a few windows in: what it holds while running, not while starting
+            memory = memory_report(agent.proc.pid)
     pairs = nginx_pairs(args.pairs, args.wrk_seconds) if args.pairs else []
     load_after = os.getloadavg()
     print_report(args, samples, rss, memory, pairs, load_before, load_after, known)
@@ -363,42 +390,46 @@ def print_report(args, samples, rss, memory, pairs, load_before, load_after, kno
         print(f"WITH {len(known)} FOREIGN BPF PROGRAMS ON THE SYSCALL/SCHED PATH THROUGHOUT (another agent; "
               f"--despite-foreign-programs): every condition, the baseline included, pays for them; the added "
               f"costs below are understated")
-    print("\n| condition | getppid ns | vs syscount | read 1 B ns | vs syscount | ctx switch ns | vs syscount "
-          "| agent RSS MB |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    base = {w: statistics.median(s[w] for s in samples[NOTHING]) for w, _, _, _ in WORKLOADS}
-    print(f"| {NOTHING} (absolute) | {base['getppid']:.0f} | - | {base['read 1 B']:.0f} | - | "
-          f"{base['ctx switch']:.0f} | - | - |")
-    reference = {w: added(samples, SYSCOUNT, w) for w, _, _, _ in WORKLOADS}
-    for name in samples:
-        if name == NOTHING:
-            continue
-        cells = []
-        for workload, _, _, _ in WORKLOADS:
-            extra = added(samples, name, workload)
-            ratio = f"{extra / reference[workload]:.2f}x" if reference[workload] > 0 else "-"
-            cells += [f"{extra:+.0f}", ratio]
-        memory_mb = f"{statistics.median(rss[name]):.0f}" if rss.get(name) else "-"
-        print(f"| {name} | {' | '.join(cells)} | {memory_mb} |")
-    for plain, stats in (("agent: syscalls only", "agent: syscalls only, bpf_stats on"),
-                         ("agent: every probe (default)", "agent: every probe, bpf_stats on")):
-        if plain in samples:  # --probes without syscalls measures no plain "syscalls only"
-            diffs = [on["getppid"] - off["getppid"] for on, off in zip(samples[stats], samples[plain])]
-            print(f"\n{stats}: {statistics.median(diffs):+.1f} ns per getppid over the same agent with it off "
-                  f"(median of the rounds' differences: {', '.join(f'{d:+.1f}' for d in diffs)})")
-    print("\n(+ns: added per call / per context switch over nothing attached in the same round; "
-          "vs syscount: that increase divided by syscount's)")
+    if samples:
+        print("\n| condition | getppid ns | vs syscount | read 1 B ns | vs syscount | ctx switch ns | vs syscount "
+              "| agent RSS MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        base = {w: statistics.median(s[w] for s in samples[NOTHING]) for w, _, _, _ in WORKLOADS}
+        print(f"| {NOTHING} (absolute) | {base['getppid']:.0f} | - | {base['read 1 B']:.0f} | - | "
+              f"{base['ctx switch']:.0f} | - | - |")
+        reference = {w: added(samples, SYSCOUNT, w) for w, _, _, _ in WORKLOADS}
+        for name in samples:
+            if name == NOTHING:
+                continue
+            cells = []
+            for workload, _, _, _ in WORKLOADS:
+                extra = added(samples, name, workload)
+                ratio = f"{extra / reference[workload]:.2f}x" if reference[workload] > 0 else "-"
+                cells += [f"{extra:+.0f}", ratio]
+            memory_mb = f"{statistics.median(rss[name]):.0f}" if rss.get(name) else "-"
+            print(f"| {name} | {' | '.join(cells)} | {memory_mb} |")
+        for plain, stats in (("agent: syscalls only", "agent: syscalls only, bpf_stats on"),
+                             ("agent: every probe (default)", "agent: every probe, bpf_stats on")):
+            if plain in samples:  # --probes without syscalls measures no plain "syscalls only"
+                diffs = [on["getppid"] - off["getppid"] for on, off in zip(samples[stats], samples[plain])]
+                print(f"\n{stats}: {statistics.median(diffs):+.1f} ns per getppid over the same agent with it off "
+                      f"(median of the rounds' differences: {', '.join(f'{d:+.1f}' for d in diffs)})")
+        print("\n(+ns: added per call / per context switch over nothing attached in the same round; "
+              "vs syscount: that increase divided by syscount's)")
     if pairs:
-        ratios = [with_ / without for without, with_ in pairs]
         print(f"\nnginx (1 worker, 1 KiB static file, loopback) under wrk -t1 -c32 -d{args.wrk_seconds}s, "
-              f"{len(pairs)} alternated pairs:\n")
-        print("| pair | without agent req/s | with agent (every probe) req/s | ratio |")
-        print("|---|---:|---:|---:|")
-        for i, (without, with_) in enumerate(pairs, 1):
-            print(f"| {i} | {without:.0f} | {with_:.0f} | {with_ / without:.3f} |")
-        median = statistics.median(ratios)
-        print(f"| median | | | {median:.3f} ({(median - 1) * 100:+.1f} % requests/s with the agent) |")
-    print(f"\nAgent (every probe) memory, a few seconds after start:\n\n{memory}")
+              f"{len(pairs)} rounds, conditions rotated; the floor is empty programs on the agent's hot hooks "
+              f"(sys_exit, sched_switch, sched_wakeup, sched_wakeup_new):\n")
+        print("| round | without req/s | floor req/s | with agent (every probe) req/s | floor ratio | agent ratio |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for i, s in enumerate(pairs, 1):
+            print(f"| {i} | {s['without']:.0f} | {s['floor']:.0f} | {s['with']:.0f} | "
+                  f"{s['floor'] / s['without']:.3f} | {s['with'] / s['without']:.3f} |")
+        floor = statistics.median(s["floor"] / s["without"] for s in pairs)
+        agent = statistics.median(s["with"] / s["without"] for s in pairs)
+        print(f"| median | | | | {floor:.3f} ({(floor - 1) * 100:+.1f} %) | {agent:.3f} ({(agent - 1) * 100:+.1f} %) |")
+    if memory:
+        print(f"\nAgent (every probe) memory, a few seconds after start:\n\n{memory}")
 
 
 if __name__ == "__main__":
