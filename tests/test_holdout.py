@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from model_export import train as tr
-from model_export.baseline import TwoMeansBaseline, lagged
+from model_export.baseline import TwoMeansBaseline, lagged, preprocess
 from model_export.lab import holdout
 from model_export.lab.cli import main as lab_main
 from model_export.synthetic import make_windows
@@ -87,6 +87,54 @@ def test_lags_stay_within_a_run() -> None:
     runs = np.array([0, 0, 0, 1, 1, 1])
     v = lagged(values, runs, 2)[:, 0, :]
     assert v.tolist() == [[0, 0, 0], [1, 0, 0], [2, 1, 0], [3, 3, 3], [4, 3, 3], [5, 4, 3]]
+    # a run id that comes back after another is a new run: nothing is borrowed across the one in between
+    v = lagged(values, np.array([0, 0, 1, 0, 0, 0]), 2)[:, 0, :]
+    assert v.tolist() == [[0, 0, 0], [1, 0, 0], [2, 2, 2], [3, 3, 3], [4, 3, 3], [5, 4, 3]]
+    # Netdata's differencing and smoothing look back within the run too
+    x = np.array([1.0, 3.0, 6.0, 10.0, 20.0, 31.0])[:, None]
+    assert preprocess(x, runs, diff=1)[:, 0].tolist() == [0, 2, 3, 0, 10, 11]
+    assert preprocess(x, runs, diff=1, smooth=2)[:, 0].tolist() == [0, 1, 2.5, 0, 5, 10.5]
+
+
+def test_the_baseline_never_lags_across_a_scenario_boundary() -> None:
+    """A benign scenario starts right after a flood (different label, no gap): its first windows are benign and
+    must not be flagged for what the flood did in the seconds before it."""
+    rng = np.random.default_rng(3)
+    n = 60
+    benign = lambda: rng.normal(5.0, 0.2, (n, 40))  # noqa: E731
+    flood = rng.normal(5.0, 0.2, (n, 40))
+    flood[:, :8] += 40.0
+    values = np.concatenate([benign(), flood, benign()])
+    labels = np.array(["normal"] * n + ["syn_flood"] * n + ["normal"] * n, dtype=object)
+    table = WindowTable(NAMES, 1_700_000_000.0 + np.arange(3 * n, dtype=np.float64), labels, values)
+    runs = tr.segments(table)
+    assert len(np.unique(runs)) == 3
+    model = TwoMeansBaseline().fit(values[:n], runs[:n])
+    bits = model.bits(values, runs)
+    assert bits[n:2 * n, :8].all()                 # the flood: its 8 features, every window
+    assert not bits[2 * n:2 * n + 3, :8].any()     # the next scenario's first windows: lags from itself only
+    # the same windows as one run (lags across the boundary) would have flagged them
+    assert model.bits(values, np.zeros(3 * n, dtype=int))[2 * n:2 * n + 2, :8].any()
+
+
+def test_the_baseline_flags_a_large_move_in_a_few_features_and_not_a_benign_window() -> None:
+    rng = np.random.default_rng(1)
+    train = rng.normal(5.0, 0.2, (600, 40))
+    model = TwoMeansBaseline().fit(train, np.zeros(600, dtype=int))
+    assert model.min_features_ == 1                # 1 % of 40 features: one bit flags a window
+    typical = np.repeat(np.median(train, axis=0)[None, :], 6, axis=0)   # benign: the middle of its training
+    moved = typical.copy()
+    moved[3:, [4, 20, 33]] += 3.0                  # 15 standard deviations in 3 of 40 features, from window 3
+    runs = np.zeros(6, dtype=int)
+    assert not model.flags(typical, runs).any() and model.anomaly_rate(typical, runs).max() == 0
+    assert model.flags(moved, runs).tolist() == [False, False, False, True, True, True]
+    assert set(np.flatnonzero(model.bits(moved, runs)[3:].any(axis=0))) == {4, 20, 33}
+    assert model.anomaly_rate(moved, runs)[3] == pytest.approx(3 / 40)
+    # the thresholds are the user's: at 10 % of the features (4 of 40), 3 moved features no longer flag
+    strict = TwoMeansBaseline(share=0.10).fit(train, np.zeros(600, dtype=int))
+    assert strict.min_features_ == 4 and not strict.flags(moved, runs).any()
+    with pytest.raises(ValueError, match="percentile"):
+        TwoMeansBaseline(percentile=0).fit(train, np.zeros(600, dtype=int))
 
 
 def test_the_baseline_flags_a_spike_in_one_metric_of_forty() -> None:
@@ -136,7 +184,19 @@ def test_held_out_evaluation_end_to_end(tmp_path: Path) -> None:
         assert row["in_sample_named_distance"] > 0.9 and row["held_out_novelty"] > 0.9
     assert result["benign"]["hold-out of the main recording (calibration)"]["windows"] == split.held_benign.sum()
     text = holdout.markdown(result, "main.csv")
-    assert "| subtle | 120 |" in text and "baseline" in text and "bundled network.onnx" in text
+    assert "| subtle | 120 |" in text and "bundled network.onnx" in text
+    # the baseline side by side: per family, overall, and on benign time
+    header = next(line for line in text.splitlines() if line.startswith("| family |"))
+    assert "held-out not normal (+novelty) | baseline not normal |" in header and "F1 baseline" in header
+    assert "| two-means baseline | 360 |" in text and "| product: model + novelty check | 360 |" in text
+    assert "baseline raw all / worst" in text and "at precision >= 0.99: **" in text
+    assert "window flagged at >= 1 % of the features (>= 1 of 40)" in text
+    base = result["overall"]["baseline"]
+    assert base["tp"] == sum(round(r["held_out_baseline"] * r["windows"]) for r in result["families"].values())
+    assert base["negatives"] == 3 * split.held_benign.sum() and result["baseline"]["fits"] == 1
+    assert result["families"]["subtle"]["held_out_baseline"] > 0.9   # 3 features moved a benign range: bits
+    product = result["overall"]["novelty"]
+    assert result["beats_baseline"] == (product["precision"] >= 0.99 and product["f1"] > base["f1"])
     assert result["families"]["exec_storm"]["bundled_named"] > 0.9   # a model trained on it, scored beside
 
 
@@ -148,6 +208,10 @@ def test_the_cli_says_one_line_for_a_bad_file(tmp_path: Path, capsys: pytest.Cap
     assert err.startswith("error: lab:") and "\n" not in err
     assert lab_main(["holdout", "--windows", str(tmp_path / "missing.csv")]) != 0
     assert "\n" not in capsys.readouterr().err.strip()
+    main = write(tmp_path / "main.csv", recording())
+    assert lab_main(["holdout", "--windows", str(main), "--baseline-rate", "0"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "baseline share must be in (0, 1]" in err and "\n" not in err
 
 
 def test_segments_split_runs_as_the_lab_records_them() -> None:

@@ -2,6 +2,7 @@
 without it whether that family's windows are still "not normal".
 
     otel-ebpf-lab holdout --windows build/model/windows.csv [--benign MORE.csv ...] [--markdown FILE.md]
+                          [--baseline-rate 1] [--baseline-percentile 99]
 
 Offline, on a recording of the training plan (``otel-ebpf-lab record`` or the one ``make model`` leaves in
 build/model/windows.csv); no root, no lab. For each family F (every recorded label but ``normal``):
@@ -21,8 +22,14 @@ otel_ebpf_receiver/model/novelty.py). The bounds' margin is the smallest of :dat
 trained on every family raises no more benign hold-out windows of the main recording than the distance alone
 (a calibration on that hold-out; ``--benign`` recordings are never used for it, so their false alarms are an
 independent measure). The in-sample columns come from that all-family model on the windows it was trained on.
-The per-metric two-means baseline (model_export/baseline.py) is trained on the same benign training windows
-and scored on the same windows; F1 counts each family's windows as positives and the benign hold-out as negatives.
+The per-metric two-means baseline (model_export/baseline.py, Netdata's anomaly bits: per feature of the model,
+two means over the value and its two lags within a scenario; a window is flagged when >= ``--baseline-rate`` % of
+the features lie beyond their ``--baseline-percentile`` of training distances) is trained in every fold on that
+fold's benign training windows — the very windows the fold's model has as ``normal`` — and scored on the same
+windows. Per family, F1 counts the family's windows as positives and the benign hold-out as negatives; overall,
+every fold's family windows are positives and every fold's verdicts on the benign hold-out are negatives (each
+fold is one model, so the benign hold-out counts once per fold, for the product and the baseline alike). The
+product is the model with its novelty check (``+novelty``), as the bundled models ship.
 The bundled ``network.onnx`` is scored beside (``--no-bundled``: not): it was trained on another recording of the
 same plan, so its column says how the shipped model does on a new recording of scenarios it knows.
 """
@@ -47,6 +54,7 @@ from otel_ebpf_receiver.state.debounce import StateDebouncer
 from otel_ebpf_receiver.state.incidents import BASELINE_STATES
 
 from .. import train as tr
+from ..baseline import LAGS as BASELINE_LAGS, PERCENTILE as BASELINE_PERCENTILE, SHARE as BASELINE_SHARE
 from ..baseline import TwoMeansBaseline
 from ..bounds import benign_bounds
 from ..windows import WindowTable, read_windows
@@ -197,19 +205,56 @@ def f1(tp: int, fp: int, positives: int) -> tuple[float, float]:
 
 
 VARIANTS = ("distance", "novelty")
+PRODUCT = "novelty"     # the model as the bundled ones ship: distance and novelty check
+BASELINE = "baseline"
+PRECISION_BAR = 0.99    # issue 13: the product beats the baseline in F1 on the held-out families at this precision
+
+
+def fold_baseline(split: Split, family: str | None, names: Sequence[str], template: TwoMeansBaseline,
+                  cache: dict) -> tuple[np.ndarray, TwoMeansBaseline]:
+    """The two-means baseline of one fold: fitted on that fold's benign training windows (on the fold model's
+    features), flags on every window (its lags need the windows before). The benign training windows do not
+    depend on which incident family is held out, so folds with the same windows share one fit (a cache, not a
+    shortcut: the fit is deterministic)."""
+    table = split.table
+    benign_training = split.training(family) & (table.labels == NORMAL_STATE)
+    key = (benign_training.tobytes(), tuple(names))
+    if key not in cache:
+        columns = [list(table.names).index(n) for n in names]
+        values = table.values[:, columns]
+        fitted = replace(template).fit(values[benign_training], split.runs[benign_training])
+        flags = fitted.flags(values, split.runs)
+        cache[key] = np.where(flags, "anomalous", NORMAL_STATE).astype(object), fitted
+    return cache[key]
+
+
+def overall(states: dict, split: Split, detector: str) -> dict:
+    """Pooled over the folds: each fold's family windows (positives) and its verdicts on the benign hold-out
+    (negatives), by the fold's own model."""
+    benign = split.held_benign | split.extra_benign
+    tp = fp = positives = negatives = 0
+    for family in split.families:
+        verdicts, positive = states[family][detector], split.table.labels == family
+        tp += int(np.sum(verdicts[positive] != NORMAL_STATE))
+        fp += int(np.sum(verdicts[benign] != NORMAL_STATE))
+        positives, negatives = positives + int(positive.sum()), negatives + int(benign.sum())
+    precision, f = f1(tp, fp, positives)
+    return {"tp": tp, "fp": fp, "positives": positives, "negatives": negatives, "precision": precision,
+            "recall": tp / positives if positives else float("nan"), "f1": f}
 
 
 def evaluate(split: Split, margin: float | None = None, say: Callable[[str], None] = print,
-             reference: StateModel | None = None) -> dict:
+             reference: StateModel | None = None, baseline: TwoMeansBaseline | None = None) -> dict:
     """Every number of the held-out table (see the module docstring). ``reference``: a model to score beside
-    (the bundled network.onnx: trained on another recording of the same plan)."""
+    (the bundled network.onnx: trained on another recording of the same plan); ``baseline``: the two-means
+    baseline's settings (default: issue 13's), fitted anew in every fold."""
+    template = baseline if baseline is not None else TwoMeansBaseline()
+    template.check()
     table, labels = split.table, split.table.labels
     benign = split.held_benign | split.extra_benign
-    benign_training = split.training(None) & (labels == NORMAL_STATE)
-    baseline = TwoMeansBaseline().fit(table.values[benign_training], split.runs[benign_training])
-    base_flags = baseline.flags(table.values, split.runs)
-    # model (held-out family; None: all; "bundled": reference) -> variant -> states
+    # model (held-out family; None: all; "bundled": reference) -> variant or BASELINE -> states
     states: dict[str | None, dict[str, np.ndarray]] = {}
+    fits: dict = {}
     with tempfile.TemporaryDirectory(prefix="holdout-") as tmp:
         for family in [None, *split.families]:
             say(f"training without {family}" if family else "training on every family")
@@ -223,10 +268,14 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
                 out = np.full(len(table), NORMAL_STATE, dtype=object)
                 out[mask] = score(model, table.values[mask])
                 states[family][variant] = out
+            states[family][BASELINE], fitted = fold_baseline(split, family, trained.feature_names, template, fits)
     if reference is not None:   # the bundled model: trained on another recording of the same plan
         columns = [list(table.names).index(n) for n in reference.feature_names]
         states["bundled"] = {variant: score(reference, table.values[:, columns]) for variant in VARIANTS}
-    result: dict = {"margin": margin, "families": {}, "benign": {}, "reference": reference is not None}
+    result: dict = {"margin": margin, "families": {}, "benign": {}, "reference": reference is not None,
+                    "baseline": {"percentile": fitted.percentile, "rate": fitted.share, "lags": fitted.lags,
+                                 "diff": fitted.diff, "smooth": fitted.smooth, "features": len(fitted.centres_),
+                                 "min_features": fitted.min_features_, "fits": len(fits)}}
     for family in split.families:
         positive = labels == family
         row: dict = {"windows": int(positive.sum())}
@@ -234,6 +283,7 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
             inside = states[None][variant][positive]
             row[f"in_sample_not_normal_{variant}"] = float(np.mean(inside != NORMAL_STATE))
             row[f"in_sample_named_{variant}"] = float(np.mean(inside == family))
+        for variant in (*VARIANTS, BASELINE):
             held = states[family][variant]
             tp, fp = int(np.sum(held[positive] != NORMAL_STATE)), int(np.sum(held[benign] != NORMAL_STATE))
             precision, f = f1(tp, fp, int(positive.sum()))
@@ -242,18 +292,17 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
         if reference is not None:
             row["bundled_not_normal"] = float(np.mean(states["bundled"]["distance"][positive] != NORMAL_STATE))
             row["bundled_named"] = float(np.mean(states["bundled"]["distance"][positive] == family))
-        tp, fp = int(base_flags[positive].sum()), int(base_flags[benign].sum())
-        precision, f = f1(tp, fp, int(positive.sum()))
-        row.update({"baseline_recall": tp / positive.sum(), "fp_baseline": fp, "precision_baseline": precision,
-                    "f1_baseline": f})
         result["families"][family] = row
+    result["overall"] = {detector: overall(states, split, detector) for detector in (*VARIANTS, BASELINE)}
+    product, base = result["overall"][PRODUCT], result["overall"][BASELINE]
+    result["beats_baseline"] = bool(product["precision"] >= PRECISION_BAR and product["f1"] > base["f1"])
     for name, mask in (("hold-out of the main recording (calibration)", split.held_benign),
                        ("--benign recordings (independent)", split.extra_benign)):
         if not mask.any():
             continue
         hours = mask.sum() * WINDOW_SECONDS / 3600
         entry: dict = {"windows": int(mask.sum()), "minutes": mask.sum() * WINDOW_SECONDS / 60}
-        for variant in VARIANTS:
+        for variant in (*VARIANTS, BASELINE):
             per_model = [(int(np.sum(by[variant][mask] != NORMAL_STATE)),
                           debounced_alarms(by[variant][mask], split.runs[mask]), family or "all")
                          for family, by in states.items() if family != "bundled"]
@@ -267,11 +316,16 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
             bundled = states["bundled"]["distance"][mask]
             entry["bundled"] = {"raw_per_hour": int(np.sum(bundled != NORMAL_STATE)) / hours,
                                 "debounced_per_hour": debounced_alarms(bundled, split.runs[mask]) / hours}
-        flagged = np.where(base_flags[mask], "anomalous", NORMAL_STATE).astype(object)
-        entry["baseline"] = {"raw_per_hour": int(base_flags[mask].sum()) / hours,
-                             "debounced_per_hour": debounced_alarms(flagged, split.runs[mask]) / hours}
         result["benign"][name] = entry
     return result
+
+
+def describe_baseline(b: dict) -> str:
+    extra = "".join([f", differenced {b['diff']}x" if b["diff"] else "",
+                     f", smoothed over {b['smooth']}" if b["smooth"] > 1 else ""])
+    return (f"per-feature two-means baseline: {b['features']} features, each over its value and {b['lags']} lags"
+            f"{extra}; bit beyond the p{b['percentile']:g} of its training distances; window flagged at >= "
+            f"{100 * b['rate']:g} % of the features (>= {b['min_features']} of {b['features']})")
 
 
 def markdown(result: dict, source: str) -> str:
@@ -279,10 +333,12 @@ def markdown(result: dict, source: str) -> str:
     lines = [
         f"Held-out detection on {source} (benign bounds margin {result['margin']:g}). Recall = share of the family's "
         "windows the model does not call `normal`; held-out: by the model trained without that family; "
-        "in-sample: by the model trained with it. F1: the family's windows against the benign hold-out.",
+        "in-sample: by the model trained with it. F1: the family's windows against the benign hold-out. "
+        f"Baseline: the {describe_baseline(result['baseline'])}, trained in each fold on that fold's benign "
+        "training windows.",
         "",
         "| family | windows | in-sample not normal | in-sample named | held-out not normal (distance) | "
-        "held-out not normal (+novelty) | baseline recall | F1 distance | F1 +novelty | F1 baseline | "
+        "held-out not normal (+novelty) | baseline not normal | F1 distance | F1 +novelty | F1 baseline | "
         "precision +novelty / baseline |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -294,33 +350,45 @@ def markdown(result: dict, source: str) -> str:
         extra = f" {pct(r['bundled_not_normal'])} / {pct(r['bundled_named'])} |" if result["reference"] else ""
         lines.append(f"| {family} | {r['windows']} | {pct(r['in_sample_not_normal_novelty'])} | "
                      f"{pct(r['in_sample_named_novelty'])} | {pct(r['held_out_distance'])} | "
-                     f"{pct(r['held_out_novelty'])} | {pct(r['baseline_recall'])} | {pct(r['f1_distance'])} | "
+                     f"{pct(r['held_out_novelty'])} | {pct(r['held_out_baseline'])} | {pct(r['f1_distance'])} | "
                      f"{pct(r['f1_novelty'])} | {pct(r['f1_baseline'])} | "
                      f"{pct(r['precision_novelty'])} / {pct(r['precision_baseline'])} |" + extra)
     mean = lambda key: sum(r[key] for r in fams.values()) / len(fams)  # noqa: E731
     lines.append(f"| **mean** | | {pct(mean('in_sample_not_normal_novelty'))} | {pct(mean('in_sample_named_novelty'))} "
                  f"| {pct(mean('held_out_distance'))} | {pct(mean('held_out_novelty'))} | "
-                 f"{pct(mean('baseline_recall'))} | {pct(mean('f1_distance'))} | {pct(mean('f1_novelty'))} | "
+                 f"{pct(mean('held_out_baseline'))} | {pct(mean('f1_distance'))} | {pct(mean('f1_novelty'))} | "
                  f"{pct(mean('f1_baseline'))} | |"
                  + (f" {pct(mean('bundled_not_normal'))} / {pct(mean('bundled_named'))} |"
                     if result["reference"] else ""))
+    lines += ["", "Overall, product vs baseline: every fold's held-out family windows are positives, every fold's "
+              "verdicts on the benign hold-out are negatives (so the benign hold-out counts once per fold).", "",
+              "| detector | positives | negatives | true positives | false positives | precision | recall | F1 |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for detector, name in (("distance", "model, distance alone"), (PRODUCT, "product: model + novelty check"),
+                           (BASELINE, "two-means baseline")):
+        o = result["overall"][detector]
+        lines.append(f"| {name} | {o['positives']} | {o['negatives']} | {o['tp']} | {o['fp']} | "
+                     f"{o['precision']:.3f} | {o['recall']:.3f} | {o['f1']:.3f} |")
+    product, base = result["overall"][PRODUCT], result["overall"][BASELINE]
+    lines += ["", f"Issue 13's bar, the product beats the baseline in F1 on the held-out families at precision >= "
+              f"{PRECISION_BAR:g}: **{'met' if result['beats_baseline'] else 'not met'}** (product F1 "
+              f"{product['f1']:.3f} at precision {product['precision']:.3f}; baseline F1 {base['f1']:.3f} at "
+              f"precision {base['precision']:.3f})."]
     lines += ["", "Benign false alarms per hour (raw: windows not `normal`; debounced: state changes away from "
               "`normal` after the agent's debounce). all: the model trained on every family; worst: the worst "
-              "of the leave-one-out models.", "",
+              "of the leave-one-out models (for the baseline: of its fits, one per fold).", "",
               "| benign | windows | minutes | distance raw all / worst | distance debounced all / worst | "
-              "+novelty raw all / worst | +novelty debounced all / worst | baseline raw | baseline debounced |",
+              "+novelty raw all / worst | +novelty debounced all / worst | baseline raw all / worst | "
+              "baseline debounced all / worst |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if result["reference"]:
         lines[-2] += " bundled network.onnx raw / debounced |"
         lines[-1] += "---:|"
     for name, e in result["benign"].items():
-        d, n, b = e["distance"], e["novelty"], e["baseline"]
-        lines.append(f"| {name} | {e['windows']} | {e['minutes']:.1f} | "
-                     f"{d['raw_per_hour_all']:.0f} / {d['raw_per_hour_worst']:.0f} | "
-                     f"{d['debounced_per_hour_all']:.0f} / {d['debounced_per_hour_worst']:.0f} | "
-                     f"{n['raw_per_hour_all']:.0f} / {n['raw_per_hour_worst']:.0f} | "
-                     f"{n['debounced_per_hour_all']:.0f} / {n['debounced_per_hour_worst']:.0f} | "
-                     f"{b['raw_per_hour']:.0f} | {b['debounced_per_hour']:.0f} |"
+        cells = [f"{e[v]['raw_per_hour_all']:.0f} / {e[v]['raw_per_hour_worst']:.0f} | "
+                 f"{e[v]['debounced_per_hour_all']:.0f} / {e[v]['debounced_per_hour_worst']:.0f}"
+                 for v in (*VARIANTS, BASELINE)]
+        lines.append(f"| {name} | {e['windows']} | {e['minutes']:.1f} | {' | '.join(cells)} |"
                      + (f" {e['bundled']['raw_per_hour']:.0f} / {e['bundled']['debounced_per_hour']:.0f} |"
                         if result["reference"] else ""))
     return "\n".join(lines)
@@ -337,6 +405,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table here")
     parser.add_argument("--no-bundled", action="store_true",
                         help="do not score the bundled network.onnx beside (it was trained on another recording)")
+    parser.add_argument("--baseline-rate", type=float, default=100 * BASELINE_SHARE, metavar="PCT",
+                        help="two-means baseline: flag a window when at least PCT %% of the features have their "
+                             "anomaly bit (default %(default)g, Netdata's host anomaly rate threshold)")
+    parser.add_argument("--baseline-percentile", type=float, default=BASELINE_PERCENTILE, metavar="P",
+                        help="two-means baseline: a feature's bit is set beyond the P-th percentile of its "
+                             "training distances (default %(default)g)")
+    parser.add_argument("--baseline-lags", type=int, default=BASELINE_LAGS, metavar="N",
+                        help="two-means baseline: lags per feature (default %(default)s; Netdata: 5)")
+    parser.add_argument("--baseline-diff", type=int, default=0, metavar="N",
+                        help="two-means baseline: difference the values N times first (default 0; Netdata: 1)")
+    parser.add_argument("--baseline-smooth", type=int, default=1, metavar="N",
+                        help="two-means baseline: mean of the last N (differenced) values (default 1; Netdata: 3)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -357,7 +437,10 @@ def run(args: argparse.Namespace) -> int:
             reference = load_model(bundled, split.table.names, bundled=True)
         except ModelError as exc:
             say(f"not scoring the bundled model beside: {exc}")
-    text = markdown(evaluate(split, args.margin, say, reference), ", ".join([args.windows, *args.benign]))
+    baseline = TwoMeansBaseline(percentile=args.baseline_percentile, share=args.baseline_rate / 100,
+                                lags=args.baseline_lags, diff=args.baseline_diff, smooth=args.baseline_smooth)
+    baseline.check()
+    text = markdown(evaluate(split, args.margin, say, reference, baseline), ", ".join([args.windows, *args.benign]))
     print(text)
     if args.markdown:
         Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
