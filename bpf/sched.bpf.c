@@ -57,6 +57,22 @@ struct sched_stats {
 BPF_TABLE("lru_hash", u64, u64, queued_at, MAX_QUEUED);
 BPF_PERCPU_ARRAY(cpu_stats, struct sched_stats, 1);
 
+// How many threads hashing to each slot have a wait running in queued_at. Most switch-ins end no timed wait (waits
+// are sampled beyond EXACT_PER_TICK, and the idle task and blocked threads' switch-ins never started one), and a
+// hash lookup that misses costs more than the rest of the switch together; an array load (inlined, ~2 ns) says
+// "certainly not queued" for them. Written only when a wait starts or ends, so its cache lines stay shared. A slot
+// that counts too high (an LRU eviction of a running wait, two CPUs racing) costs a lookup; one that counts too low
+// (a wakeup racing the switch-in of the same thread) can drop that one wait, like a sample not taken.
+#ifndef QUEUED_HINT_BITS
+#define QUEUED_HINT_BITS 12
+#endif
+BPF_ARRAY(queued_hint, u32, 1 << QUEUED_HINT_BITS);
+
+static __always_inline u32 *hint_of(u64 key) {
+    u32 slot = (u32)((key * 0x9E3779B97F4A7C15ULL) >> (64 - QUEUED_HINT_BITS));  // Fibonacci hashing
+    return queued_hint.lookup(&slot);
+}
+
 #ifdef PER_THREAD
 // Run-queue wait per thread id, for the top-N view: user space ranks the threads and names only those few. One
 // more per-CPU lookup per timed switch-in; compiled out with top_threads = 0.
@@ -87,19 +103,31 @@ static __always_inline void enqueue(struct sched_stats *s, u64 key) {
     }
     u64 stamp = bpf_ktime_get_ns() | (weight_log2 << WEIGHT_BIT);
     u64 *queued = queued_at.lookup(&key);
-    if (queued)
+    int started = 0;
+    if (queued) {
+        started = *queued == 0;
         *queued = stamp;  // a second wakeup of a queued thread restarts its wait (as runqlat does)
-    else if (queued_at.update(&key, &stamp) != 0)
+    } else if (queued_at.update(&key, &stamp) == 0) {
+        started = 1;
+    } else {
         s->update_failed++;
+    }
+    u32 *hint = started ? hint_of(key) : 0;
+    if (hint)
+        __sync_fetch_and_add(hint, 1);
 }
 
 // A thread is switched in: end its wait, if one was started. Returns the weighted wait in ns, or -1.
 static __always_inline s64 dequeue(struct sched_stats *s, u64 key) {
+    u32 *hint = hint_of(key);
+    if (!hint || *hint == 0)
+        return -1;  // no thread of this slot has a wait running
     u64 *queued = queued_at.lookup(&key);
     if (!queued || !*queued)
         return -1;  // not timed (sampled out), queued before we attached, or its wakeup was not seen
     u64 stamp = *queued;
     *queued = 0;
+    __sync_fetch_and_add(hint, -1);
     u64 start = stamp & STAMP_MASK, weight = 1ULL << ((stamp >> WEIGHT_BIT) & 15);
     u64 now = bpf_ktime_get_ns();
     u64 delta = now > start ? now - start : 0;
