@@ -78,6 +78,13 @@ AGENT_METRICS = [
     # Unit `1` on a gauge: _ratio.
     ("otel_ebpf_receiver.sched.top_thread.runqueue.wait", "gauge", "1",
      "otel_ebpf_receiver_sched_top_thread_runqueue_wait_ratio"),
+    ("otel_ebpf_receiver.memory.reclaim.stall_time", "counter", "s",
+     "otel_ebpf_receiver_memory_reclaim_stall_time_seconds_total"),
+    ("otel_ebpf_receiver.memory.reclaim.stall.duration", "histogram", "s",
+     "otel_ebpf_receiver_memory_reclaim_stall_duration_seconds_bucket"),
+    ("otel_ebpf_receiver.memory.oom_kills", "counter", "{process}", "otel_ebpf_receiver_memory_oom_kills_total"),
+    ("otel_ebpf_receiver.memory.kswapd.wakeups", "counter", "{wakeup}",
+     "otel_ebpf_receiver_memory_kswapd_wakeups_total"),
     ("system.network.packet.count", "counter", "{packet}", "system_network_packet_count_total"),
     ("system.network.io", "counter", "By", "system_network_io_bytes_total"),
     ("otel_ebpf_receiver.xdp.packets", "counter", "{packet}", "otel_ebpf_receiver_xdp_packets_total"),
@@ -116,6 +123,7 @@ KNOWN_METRICS |= {prom[:-len("_bucket")] + suffix for _, kind, _, prom in AGENT_
 # Per-instrument data-point attributes the simulated agent records (system.state is added to every point).
 _ATTRS = {
     "otel_ebpf_receiver.syscalls": {"otel_ebpf_receiver.syscall.name": "read"},
+    "otel_ebpf_receiver.memory.reclaim.stall_time": {"otel_ebpf_receiver.memory.reclaim.kind": "cgroup"},
     "otel_ebpf_receiver.syscalls.failed": {"otel_ebpf_receiver.syscall.name": "openat", "error.type": "ENOENT"},
     "otel_ebpf_receiver.file_opens": {"process.executable.name": "cat"},
     "otel_ebpf_receiver.exec": {"process.executable.name": "sh"},

@@ -7,13 +7,14 @@ from .block_io import BlockIoProbe
 from .exec import ExecProbe
 from .file_open import FileOpenProbe
 from .http import HttpProbe
+from .memory import MemoryProbe
 from .sched import SchedProbe
 from .syscalls import SyscallsProbe
 from .tcp import TcpProbe
 from .xdp import XdpProbe
 
 _ALL: tuple[type[Probe], ...] = (SyscallsProbe, FileOpenProbe, ExecProbe, TcpProbe, XdpProbe, BlockIoProbe,
-                                 SchedProbe, HttpProbe)
+                                 SchedProbe, HttpProbe, MemoryProbe)
 
 
 def _build_registry(classes: tuple[type[Probe], ...]) -> dict[str, type[Probe]]:

@@ -1,0 +1,135 @@
+"""The memory probe sees memory pressure the test makes inside a memory-limited cgroup: a process that reads a
+file larger than its cgroup's limit makes the kernel reclaim page cache on its behalf (stalls, no kill), and one
+that allocates past the limit is killed by the OOM killer (exactly one kill). The tracepoints are system-wide, so
+other pressure on the host could only add; this host has none unless a test makes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from otel_ebpf_receiver.probes.memory import MemoryProbe
+
+from .helpers import PYTHON, unique_name
+
+pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
+
+LIMIT = 32 << 20
+
+
+class MemoryCgroup:
+    """A memory-limited cgroup (v2 memory.max where the unified hierarchy has the memory controller, else v1
+    memory.limit_in_bytes), swap off inside it so that pressure cannot be relieved by swapping."""
+
+    def __init__(self, limit: int) -> None:
+        v2 = Path("/sys/fs/cgroup")
+        controllers = v2 / "cgroup.controllers"
+        if controllers.exists() and "memory" in controllers.read_text().split():
+            self.path, files = v2 / unique_name("oer-mem"), {"memory.max": limit, "memory.swap.max": 0}
+        else:
+            self.path = Path("/sys/fs/cgroup/memory") / unique_name("oer-mem")
+            files = {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit}
+        self.path.mkdir()
+        for name, value in files.items():
+            if (self.path / name).exists():
+                (self.path / name).write_text(str(value))
+
+    def run(self, code: str, *args: str) -> subprocess.CompletedProcess:
+        """Run Python code as the cgroup's only process (it moves itself in before doing anything)."""
+        prologue = f"open({str(self.path / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
+        return subprocess.run([PYTHON, "-c", prologue + code, *args], capture_output=True, text=True, timeout=120)
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:  # a killed process is still leaving
+                time.sleep(0.1)
+        self.path.rmdir()
+
+
+@pytest.fixture(scope="module")
+def probe():
+    assert MemoryProbe.unavailable_reason() is None, MemoryProbe.unavailable_reason()
+    p = MemoryProbe()
+    p.load()
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def cgroup():
+    if not Path("/sys/fs/cgroup/memory").is_dir() and "memory" not in \
+            Path("/sys/fs/cgroup/cgroup.controllers").read_text(errors="replace"):
+        pytest.skip("no memory cgroup controller on this host")
+    group = MemoryCgroup(LIMIT)
+    try:
+        yield group
+    finally:
+        group.remove()
+
+
+def total(reading, name: str, **attrs) -> float:
+    return sum(v for n, v, a in reading.counters if n == name and all(a.get(k) == w for k, w in attrs.items()))
+
+
+KIND = "otel_ebpf_receiver.memory.reclaim.kind"
+READ_FILE = ("import sys\n"
+             "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+             "    while f.read(1 << 20):\n"
+             "        pass\n")
+ALLOCATE = ("chunks = []\n"
+            "for _ in range(256):\n"
+            "    chunks.append(bytearray(1 << 20))\n"  # 256 MiB, touched: far past the 32 MiB limit
+            "print('survived')\n")
+
+
+def test_reading_a_file_larger_than_the_cgroup_limit_stalls_in_cgroup_reclaim_without_a_kill(probe, cgroup):
+    with tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="oer-mem-") as big:
+        big.write(os.urandom(1 << 20) * 128)  # 128 MiB on disk, 4x the limit
+        big.flush()
+        os.posix_fadvise(big.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # make the reader fault it in
+        probe.read(1.0)
+        started = time.monotonic()
+        result = cgroup.run(READ_FILE, big.name)
+        reading = probe.read(time.monotonic() - started)
+    assert result.returncode == 0, result.stderr[-300:]
+    stalls = total(reading, "otel_ebpf_receiver.memory.reclaim.stalls", **{KIND: "cgroup"})
+    assert stalls >= 10, reading.counters  # ~96 MiB had to be reclaimed, a batch of pages per stall
+    assert total(reading, "otel_ebpf_receiver.memory.reclaim.stall_time", **{KIND: "cgroup"}) > 0
+    assert total(reading, "otel_ebpf_receiver.memory.reclaimed_pages") >= (64 << 20) // 4096
+    assert total(reading, "otel_ebpf_receiver.memory.oom_kills") == 0
+    (histogram,) = [h for h in reading.histograms if h[0] == "otel_ebpf_receiver.memory.reclaim.stall.duration"]
+    assert sum(histogram[1].values()) == total(reading, "otel_ebpf_receiver.memory.reclaim.stalls")
+    assert reading.features["memory.reclaim_stall_rate_log1p"] > 0
+    assert 0 < reading.features["memory.reclaim_stall_share"] <= 1
+    assert reading.features["memory.oom_kill_rate_log1p"] == 0
+
+
+def test_allocating_past_the_cgroup_limit_is_one_oom_kill(probe, cgroup):
+    probe.read(1.0)
+    started = time.monotonic()
+    result = cgroup.run(ALLOCATE)
+    reading = probe.read(time.monotonic() - started)
+    assert result.returncode == -signal.SIGKILL and "survived" not in result.stdout, (result.returncode, result.stdout)
+    assert total(reading, "otel_ebpf_receiver.memory.oom_kills") == 1
+    assert total(reading, "otel_ebpf_receiver.memory.reclaim.stalls", **{KIND: "cgroup"}) >= 1  # tried first
+    assert reading.features["memory.oom_kill_rate_log1p"] > 0
+
+
+def test_a_quiet_window_is_all_zero(probe):
+    probe.read(1.0)
+    time.sleep(0.2)
+    reading = probe.read(0.2)
+    assert reading.features == {"memory.reclaim_stall_share": 0.0, "memory.reclaim_stall_rate_log1p": 0.0,
+                                "memory.kswapd_wake_rate_log1p": 0.0, "memory.oom_kill_rate_log1p": 0.0}
+    assert reading.counters == [] and reading.histograms == []
