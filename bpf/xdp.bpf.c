@@ -5,19 +5,22 @@
 //      every read is bounds-checked against data_end, and anything truncated or malformed is passed and
 //      counted as "malformed" — the kernel's stack decides what to do with it, never this program;
 //   2. count packets/bytes by family x transport, TCP flags, frame size (log2 buckets) in one per-CPU struct;
-//   3. blocklist: single addresses in a hash (block_hosts), CIDR prefixes in an LPM trie per family; a match
-//      that has not expired is dropped and counted on its entry. Why two structures: with 10,000 addresses a
-//      trie walk costs ~35 ns on a miss and ~65 ns on a hit, a hash lookup ~15 ns (bench/bench_xdp.py), and
-//      published bad-IP feeds are mostly single addresses. A host and a covering prefix behave as one LPM
-//      trie would: the host entry, being the longer prefix, is the one that matches and counts;
+//   3. blocklist: single addresses in a hash per family (block_hosts4: 4-byte keys, block_hosts6), CIDR prefixes
+//      in an LPM trie per family; a match that has not expired is dropped and counted on its entry. Why two
+//      structures: with 10,000 addresses a trie walk costs ~35 ns on a miss and ~65 ns on a hit, a hash lookup
+//      ~15 ns (bench/bench_xdp.py), and published bad-IP feeds are mostly single addresses. A host and a
+//      covering prefix behave as one LPM trie would: the host entry, being the longer prefix, is the one that
+//      matches and counts. A map whose "present" flag (list_present) is 0 never held an entry and is not looked
+//      up: with no prefix listed, the pass path walks no trie;
 //   4. allowlist (LPM trie, one per family), consulted only for blocklisted packets: a match passes (it wins
 //      over any blocklist entry) and counts on the allowlist entry;
 //   5. per-source statistics for passed packets in a bounded LRU hash, exact while the agent's last window was
 //      calm and sampled under floods (see "Per-source sampling" below).
 //
-// Addresses are kept as 16 bytes with IPv4 mapped to ::ffff:a.b.c.d, the same key for the host blocklist and
-// the per-source table (built once per packet). An IPv6 packet with a v4-mapped source is invalid on the wire
-// (RFC 4291 2.5.5.2, the kernel drops it) and is simply accounted as that IPv4 source.
+// The lists key IPv4 sources by their 4 bytes (as xdp-filter does: the hash of a lookup covers 4 bytes, not 16);
+// the per-source table keys every source as 16 bytes with IPv4 mapped to ::ffff:a.b.c.d. An IPv6 packet with a
+// v4-mapped source is invalid on the wire (RFC 4291 2.5.5.2, the kernel drops it): the lists treat it as that
+// IPv4 source, and so does the per-source table.
 //
 // Settings arrive as -D defines (map sizes, PIN_DIR, interface slots). The list maps are pinned under PIN_DIR
 // and created beforehand by otel_ebpf_receiver/probes/xdp/blocklist.py with the layout below, so that bcc only
@@ -92,6 +95,10 @@
 #define VERDICT_ALLOW 2  // blocklisted, but passed because the allowlist matched too
 
 // ---- pinned list maps (layout checked by blocklist.py before loading) ------------------------------------
+struct addr4 {
+    u32 addr;            // network byte order
+};
+
 struct addr16 {
     u32 w[4];            // network byte order; IPv4 as ::ffff:a.b.c.d
 };
@@ -112,8 +119,10 @@ struct list_entry {
     u64 expires_ns;      // CLOCK_MONOTONIC after which the entry no longer matches, 0 = never
 };
 
-BPF_TABLE_PINNED("hash", struct addr16, struct list_entry, block_hosts, BLOCKLIST_ENTRIES,
-                 PIN_DIR "/block_hosts", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct addr4, struct list_entry, block_hosts4, BLOCKLIST_ENTRIES,
+                 PIN_DIR "/block_hosts4", BPF_F_NO_PREALLOC);
+BPF_TABLE_PINNED("hash", struct addr16, struct list_entry, block_hosts6, BLOCKLIST_ENTRIES,
+                 PIN_DIR "/block_hosts6", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct lpm4_key, struct list_entry, block_v4, BLOCKLIST_ENTRIES,
                  PIN_DIR "/block_v4", BPF_F_NO_PREALLOC);
 BPF_TABLE_PINNED("lpm_trie", struct lpm6_key, struct list_entry, block_v6, BLOCKLIST_ENTRIES,
@@ -123,13 +132,30 @@ BPF_TABLE_PINNED("lpm_trie", struct lpm4_key, struct list_entry, allow_v4, ALLOW
 BPF_TABLE_PINNED("lpm_trie", struct lpm6_key, struct list_entry, allow_v6, ALLOWLIST_ENTRIES,
                  PIN_DIR "/allow_v6", BPF_F_NO_PREALLOC);
 
+// "Present" flags, one u32 per blocklist map (lists.py PRESENT_INDEX): 0 = that map never held an entry, skip it.
+// Userspace sets a flag to 1 before the first insert into its map and never clears it, so a flag can be stale
+// only towards "present" (one lookup too many), never towards a skipped entry. An array lookup with a constant
+// key is inlined by the verifier (a bounds check and an add), against a helper call and a trie walk.
+#define PRESENT_HOSTS4 0
+#define PRESENT_HOSTS6 1
+#define PRESENT_V4 2
+#define PRESENT_V6 3
+#define PRESENT_SLOTS 4
+BPF_TABLE_PINNED("array", u32, u32, list_present, PRESENT_SLOTS, PIN_DIR "/list_present", 0);
+
+static __always_inline int present(u32 index)
+{
+    u32 *flag = list_present.lookup(&index);
+    return !flag || *flag;  // no flag to read (cannot happen for an array): look the map up, fail closed
+}
+
 // ---- statistics (owned by this program, not pinned: counters restart with the agent) ----------------------
 struct totals {
     u64 packets[PROTO_SLOTS];
     u64 bytes[PROTO_SLOTS];
     u64 tcp_flags[4];
     u64 size_log2[SIZE_SLOTS];
-    u64 verdicts[3];
+    u64 verdicts[3];         // [VERDICT_PASS] stays 0: probe.py takes packets - drop - allow (one add less)
     u64 malformed;
     u64 src_inserts;         // new keys created in per_source (evictions = inserts - current size)
     u64 src_update_failures; // per_source updates the kernel refused
@@ -198,14 +224,18 @@ static __always_inline void hit(struct list_entry *e, u64 now)
 }
 
 #ifndef NO_PER_SOURCE
-// The hash-sample test of the comment at the top; probe.py computes the same hash to estimate distinct sources.
-static __always_inline u64 source_hash(struct addr16 *key)
+// The hash-sample test of the comment at the top; sources.py computes the same hash to estimate distinct sources.
+// fold: the four 32-bit words of struct addr16 xor-ed, computed while parsing (for IPv4 one xor with ::ffff).
+static __always_inline u64 source_hash(u32 fold)
 {
-    return (u64)(key->w[0] ^ key->w[1] ^ key->w[2] ^ key->w[3]) * 0x9E3779B97F4A7C15ULL;
+    return (u64)fold * 0x9E3779B97F4A7C15ULL;
 }
 
+// exact (shift 0): atomic adds, so that no CPU's count is lost. Sampled (shift > 0): plain adds, no locked
+// instruction; two CPUs updating the same source at the same instant can lose one update, far inside the sampling
+// error.
 static __always_inline void account_source(struct totals *t, u32 epoch, struct addr16 *key, u64 len, u32 syn,
-                                           u64 weight)
+                                           u64 weight, int exact)
 {
     t->src_sampled++;
     struct src_stats *s = per_source.lookup(key);
@@ -235,32 +265,57 @@ static __always_inline void account_source(struct totals *t, u32 epoch, struct a
         w->syns = 0;
         w->epoch = epoch;
     }
-    __sync_fetch_and_add(&w->packets, weight);
-    __sync_fetch_and_add(&w->bytes, len * weight);
-    if (syn)
-        __sync_fetch_and_add(&w->syns, weight);
+    if (exact) {
+        __sync_fetch_and_add(&w->packets, weight);
+        __sync_fetch_and_add(&w->bytes, len * weight);
+        if (syn)
+            __sync_fetch_and_add(&w->syns, weight);
+        return;
+    }
+    w->packets += weight;
+    w->bytes += len * weight;
+    w->syns += syn * weight;
 }
 
-// Per-source accounting of one passed packet, sampled when the agent asked for it (comment at the top).
-static __always_inline void sample_source(struct totals *t, struct config *cfg, struct addr16 *key, u64 len, u32 syn)
+// Per-source accounting of one passed packet, sampled when the agent asked for it (comment at the top). The key
+// (struct addr16) is built only for a packet that is accounted: an IPv4 source (saddr) as ::ffff:a.b.c.d, an IPv6
+// one copied while parsing (src6); fold is source_hash's input, computed while parsing.
+static __always_inline void sample_source(struct totals *t, u32 fam, u32 saddr, struct addr16 *src6, u32 fold,
+                                          u64 len, u32 syn)
 {
+    u32 zero = 0;
+    struct config *cfg = xdp_config.lookup(&zero);
+    if (!cfg)
+        return;
     u32 k = cfg->sample_shift;
-    if (k == 0) {
-        account_source(t, cfg->epoch, key, len, syn, 1);
-        return;
+    u64 weight = 1;
+    int exact = k == 0;
+    if (!exact) {
+        if (k > MAX_SAMPLE_SHIFT)
+            k = MAX_SAMPLE_SHIFT;
+        if ((source_hash(fold) >> (64 - k)) != 0) {  // not in the hash sample: a 2^-k draw, weight 2^k
+            u64 r = t->src_rng * 6364136223846793005ULL + 1442695040888963407ULL;
+            t->src_rng = r;
+            if ((r >> (64 - k)) != 0)
+                return;
+            weight = 1ULL << k;
+        }
     }
-    if (k > MAX_SAMPLE_SHIFT)
-        k = MAX_SAMPLE_SHIFT;
-    if ((source_hash(key) >> (64 - k)) == 0) {
-        account_source(t, cfg->epoch, key, len, syn, 1);
-        return;
-    }
-    u64 r = t->src_rng * 6364136223846793005ULL + 1442695040888963407ULL;
-    t->src_rng = r;
-    if ((r >> (64 - k)) == 0)
-        account_source(t, cfg->epoch, key, len, syn, 1ULL << k);
+    struct addr16 v4key = {{0, 0, bpf_htonl(0xffff), saddr}};
+    account_source(t, cfg->epoch, fam == FAM_IPV4 ? &v4key : src6, len, syn, weight, exact);
 }
 #endif
+
+// Frames that are not IP, or whose Ethernet/VLAN/IP header is cut short, pass untouched: counted as family
+// "other" (and malformed, if so) and nothing else.
+static __always_inline int pass_other(struct totals *t, u64 len, u32 malformed)
+{
+    t->packets[FAM_OTHER * 4 + L4_OTHER]++;
+    t->bytes[FAM_OTHER * 4 + L4_OTHER] += len;
+    if (malformed)
+        t->malformed++;
+    return XDP_PASS;
+}
 
 int otel_ebpf_xdp(struct xdp_md *ctx)
 {
@@ -268,50 +323,44 @@ int otel_ebpf_xdp(struct xdp_md *ctx)
     void *data_end = (void *)(long)ctx->data_end;
     u64 len = data_end - data;
 
-    u32 zero = 0;
-    struct config *cfg = xdp_config.lookup(&zero);
     u32 ifslot = IFACE_SLOT(ctx->ingress_ifindex);
     struct totals *t = xdp_totals.lookup(&ifslot);
-    if (!t || !cfg)
+    if (!t)
         return XDP_PASS;
     if (len - 16 < (SIZE16_SLOTS - 1) * 16)
         t->size16[(len >> 4) & (SIZE16_SLOTS - 1)]++;
     else
         t->size_log2[size_slot(len)]++;
 
-    u32 fam = FAM_OTHER, l4 = L4_OTHER, syn = 0, malformed = 0;
-    struct addr16 src = {};
-    u8 proto = 0;
-    void *l4h = 0;
-
     struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end) {
-        malformed = 1;
-        goto count;
-    }
+    if ((void *)(eth + 1) > data_end)
+        return pass_other(t, len, 1);
     u16 h_proto = eth->h_proto;
     void *cursor = eth + 1;
 #pragma unroll
     for (int i = 0; i < 2; i++) {
         if (h_proto != bpf_htons(ETH_P_8021Q) && h_proto != bpf_htons(ETH_P_8021AD))
             break;
-        if (cursor + 4 > data_end) {
-            malformed = 1;
-            goto count;
-        }
+        if (cursor + 4 > data_end)
+            return pass_other(t, len, 1);
         h_proto = *(u16 *)(cursor + 2);
         cursor += 4;
     }
 
+    u32 fam, l4 = L4_OTHER, syn = 0, malformed = 0;
+    u32 saddr = 0;   // the IPv4 source: what the IPv4 lists are keyed by (also a v4-mapped IPv6 source)
+    u32 lists4 = 1;  // the source goes through the IPv4 lists (an IPv4 packet, or IPv6 with a v4-mapped source)
+    u32 fold;        // source_hash's input
+    struct addr16 src6;  // an IPv6 source (the IPv6 host list's key and the per-source key)
+    u8 proto;
+    void *l4h = 0;
     if (h_proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = cursor;
-        if ((void *)(ip + 1) > data_end || ip->ihl < 5 || ip->version != 4) {
-            malformed = 1;
-            goto count;
-        }
+        if ((void *)(ip + 1) > data_end || ip->ihl < 5 || ip->version != 4)
+            return pass_other(t, len, 1);
         fam = FAM_IPV4;
-        src.w[2] = bpf_htonl(0xffff);
-        src.w[3] = ip->saddr;
+        saddr = ip->saddr;
+        fold = bpf_htonl(0xffff) ^ saddr;
         proto = ip->protocol;
         // Only the first fragment carries the transport header.
         if ((ip->frag_off & bpf_htons(0x1fff)) == 0)
@@ -320,12 +369,13 @@ int otel_ebpf_xdp(struct xdp_md *ctx)
             l4 = L4_ICMP;
     } else if (h_proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = cursor;
-        if ((void *)(ip6 + 1) > data_end || ip6->version != 6) {
-            malformed = 1;
-            goto count;
-        }
+        if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+            return pass_other(t, len, 1);
         fam = FAM_IPV6;
-        __builtin_memcpy(&src, &ip6->saddr, 16);
+        __builtin_memcpy(&src6, &ip6->saddr, 16);
+        lists4 = src6.w[2] == bpf_htonl(0xffff) && src6.w[0] == 0 && src6.w[1] == 0;
+        saddr = src6.w[3];
+        fold = src6.w[0] ^ src6.w[1] ^ src6.w[2] ^ src6.w[3];
         proto = ip6->nexthdr;
         void *next = ip6 + 1;
         l4h = next;
@@ -357,7 +407,7 @@ int otel_ebpf_xdp(struct xdp_md *ctx)
         if (proto == 58)  // IPPROTO_ICMPV6
             l4 = L4_ICMP;
     } else {
-        goto count;
+        return pass_other(t, len, 0);
     }
 
     if (proto == IPPROTO_TCP) {
@@ -387,7 +437,6 @@ int otel_ebpf_xdp(struct xdp_md *ctx)
             malformed = 1;
     }
 
-count:;
     u32 pslot = fam * 4 + l4;
     if (pslot < PROTO_SLOTS) {
         t->packets[pslot]++;
@@ -395,26 +444,26 @@ count:;
     }
     if (malformed)
         t->malformed++;
-    if (fam == FAM_OTHER) {
-        t->verdicts[VERDICT_PASS]++;
-        return XDP_PASS;
-    }
 
-    // Blocklist: exact addresses, then prefixes. Only a blocklisted packet consults the allowlist, which wins:
-    // the pass path (most packets) pays for one hash and one trie lookup, not three lookups, and no clock.
+    // Blocklist: exact addresses, then prefixes, each only if its map ever held an entry. Only a blocklisted
+    // packet consults the allowlist, which wins: the pass path (most packets) pays for at most one hash and one
+    // trie lookup — with no prefix listed, one 4-byte hash lookup for IPv4 — and no clock.
     u64 now = 0;
-    struct list_entry *e, *a = 0;
-    if (fam == FAM_IPV4) {
-        struct lpm4_key k4 = {32, src.w[3]};
-        e = live(block_hosts.lookup(&src), &now);
-        if (!e)
+    struct list_entry *e = 0, *a = 0;
+    if (lists4) {
+        struct addr4 h4 = {saddr};
+        struct lpm4_key k4 = {32, saddr};
+        if (present(PRESENT_HOSTS4))
+            e = live(block_hosts4.lookup(&h4), &now);
+        if (!e && present(PRESENT_V4))
             e = live(block_v4.lookup(&k4), &now);
         if (e)
             a = live(allow_v4.lookup(&k4), &now);
     } else {
-        struct lpm6_key k6 = {128, {src.w[0], src.w[1], src.w[2], src.w[3]}};
-        e = live(block_hosts.lookup(&src), &now);
-        if (!e)
+        struct lpm6_key k6 = {128, {src6.w[0], src6.w[1], src6.w[2], src6.w[3]}};
+        if (present(PRESENT_HOSTS6))
+            e = live(block_hosts6.lookup(&src6), &now);
+        if (!e && present(PRESENT_V6))
             e = live(block_v6.lookup(&k6), &now);
         if (e)
             a = live(allow_v6.lookup(&k6), &now);
@@ -429,10 +478,9 @@ count:;
         t->verdicts[VERDICT_DROP]++;
         return XDP_DROP;
     }
-    t->verdicts[VERDICT_PASS]++;
 pass:
 #ifndef NO_PER_SOURCE
-    sample_source(t, cfg, &src, len, syn);
+    sample_source(t, fam, saddr, &src6, fold, len, syn);
 #endif
     return XDP_PASS;
 }

@@ -146,7 +146,7 @@ def test_a_full_blocklist_skips_the_source_and_the_agent_lives_on(tmp_path):
         m, events = make(small)
         actions = m.step("network_flood", [flood("10.9.3.1")])  # raised ListFull out of step before
         assert [(a.kind, a.address) for a in actions] == [("skipped", "10.9.3.1")]
-        assert actions[0].reason.startswith("list full (block_hosts is full (2 entries)")
+        assert actions[0].reason.startswith("list full (block_hosts4 is full (2 entries)")
         assert [(n, a["mitigation.reason"].split(" (")[0]) for n, a in events] == [("mitigation.skipped", "list full")]
         reading = m.read(1.0)
         assert ("otel_ebpf_receiver.mitigation.actions", 1,

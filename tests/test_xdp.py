@@ -128,7 +128,8 @@ def test_close_detaches_but_keeps_the_lists_pinned(settings, lab, pin_dir):
     assert lab.xdp_programs() == []
     out = lab.victim.ip("-d", "link", "show", "dev", "eth0").stdout
     assert "xdp" not in out, out
-    assert sorted(os.listdir(pin_dir)) == ["allow_v4", "allow_v6", "block_hosts", "block_v4", "block_v6"]
+    assert sorted(os.listdir(pin_dir)) == ["allow_v4", "allow_v6", "block_hosts4", "block_hosts6", "block_v4",
+                                           "block_v6", "list_present"]
 
 
 def test_no_interface_is_a_one_line_error(settings):

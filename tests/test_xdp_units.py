@@ -63,8 +63,8 @@ def test_format_duration(seconds, text):
 
 
 @pytest.mark.parametrize("kind,cidr,map_name,key_hex", [
-    ("block", "192.0.2.7/32", "block_hosts", "00000000000000000000ffffc0000207"),
-    ("block", "2001:db8::1/128", "block_hosts", "20010db8000000000000000000000001"),
+    ("block", "192.0.2.7/32", "block_hosts4", "c0000207"),
+    ("block", "2001:db8::1/128", "block_hosts6", "20010db8000000000000000000000001"),
     ("block", "192.0.2.0/24", "block_v4", "18000000c0000200"),
     ("block", "2001:db8::/32", "block_v6", "2000000020010db8000000000000000000000000"),
     ("allow", "192.0.2.7/32", "allow_v4", "20000000c0000207"),  # the allowlist is tries only

@@ -99,6 +99,9 @@ def _open(args: argparse.Namespace, reconcile: bool = False) -> Blocklist:
     if os.geteuid() != 0:
         raise BlocklistError("the blocklist is a set of pinned BPF maps: run this as root (sudo)")
     bl = Blocklist(args.pin_dir, args.state_dir, reconcile=reconcile)
+    if bl.migrated is not None:
+        say(f"moved {sum(bl.migrated.moved.values())} single addresses in {bl.pin_dir} to this version's list layout "
+            f"(hits and TTLs kept)")
     for cidr, why in bl.refused_on_restore:  # the maps were re-created (a reboot) and a row failed the checks
         say(f"not restored from {bl.sidecar.path}: {cidr}: {why}")
     return bl

@@ -3,14 +3,22 @@
 Where things live, and why:
 
 * **The lists are pinned maps** under the pin dir (default ``/sys/fs/bpf/otel-ebpf-receiver``, mode 0700):
-  ``block_hosts`` (hash of single addresses), ``block_v4``/``block_v6`` (LPM tries of CIDR prefixes) and
-  ``allow_v4``/``allow_v6`` (LPM tries). Addresses are 16 bytes with IPv4 as ``::ffff:a.b.c.d``; the tries are
-  per family so an IPv4 walk compares 4 bytes, not 16. Single addresses go to the hash because bad-IP feeds
-  are mostly single addresses and a hash lookup is 2-4x cheaper than a trie walk over 10,000 entries (numbers
-  in bench/bench_xdp.py); users never see the split — ``block 192.0.2.7`` and ``block 192.0.2.0/24`` are the
-  same verb, and a host inside a blocked prefix matches (and counts) as the longer prefix, as in one trie.
-  A prefix written as IPv4-mapped IPv6 (``::ffff:192.0.2.0/120``) is stored as what matches on the wire
-  (``192.0.2.0/24``).
+  ``block_hosts4``/``block_hosts6`` (hashes of single addresses, 4- and 16-byte keys), ``block_v4``/``block_v6``
+  (LPM tries of CIDR prefixes) and ``allow_v4``/``allow_v6`` (LPM tries), all per family so that an IPv4 lookup
+  hashes or compares 4 bytes, not 16. Single addresses go to the hash because bad-IP feeds are mostly single
+  addresses and a hash lookup is 2-4x cheaper than a trie walk over 10,000 entries (numbers in
+  bench/bench_xdp.py); users never see the split — ``block 192.0.2.7`` and ``block 192.0.2.0/24`` are the same
+  verb, and a host inside a blocked prefix matches (and counts) as the longer prefix, as in one trie. A prefix
+  written as IPv4-mapped IPv6 (``::ffff:192.0.2.0/120``) is stored as what matches on the wire (``192.0.2.0/24``).
+  A pinned array of "present" flags (``list_present``, lists.py) tells the program which blocklist maps ever
+  held an entry; each flag is set before the first insert and never cleared, so the pass path skips a map that
+  was always empty (no prefix listed: no trie walk) and can never skip one that holds an entry. Whoever opens
+  the lists also sets the flag of any map found non-empty without it (entries put there with bpftool).
+* **The previous layout** (one ``block_hosts`` hash with 16-byte keys) is migrated by whoever opens the lists
+  first — entries, hit counts, last hits and kernel-clock expiries copied as they are, the sidecar unchanged
+  (it is keyed by prefix) — then the old pin is removed (pins.migrate_legacy_hosts). A CLI verb refuses with one
+  line while a previous version's program still enforces the old map (start the agent: it migrates and replaces
+  that program in place).
 * **Pinning** means the lists and their hit counters survive an agent restart, and that ``block`` works before
   any agent ever ran: whoever needs the maps first creates them with the layout below, and everyone checks that
   layout (type, key size, value size, flags and — for the agent — max entries) before use, refusing a foreign
@@ -55,9 +63,11 @@ from typing import Any, BinaryIO, Callable, Sequence
 from ...durations import MAX_SECONDS
 from ...kernel import bpfsys
 from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
-                    DEFAULT_STATE_DIR, LIST_MAPS, VALUE, BlocklistError, Entry, ListFull, Network,
-                    ProtectedAddressCovered, decode, encode, map_for, mono_ns_to_wall, parse_cidr, wall_to_mono_ns)
-from .pins import bpffs_mounted, check_pin_dir, open_pinned_map
+                    DEFAULT_STATE_DIR, LIST_MAPS, PRESENT_INDEX, PRESENT_MAP, VALUE, BlocklistError, Entry, ListFull,
+                    Network, ProtectedAddressCovered, decode, encode, map_for, mono_ns_to_wall, parse_cidr,
+                    wall_to_mono_ns)
+from .pins import (Migration, bpffs_mounted, check_pin_dir, has_entries, mark_present, migrate_legacy_hosts,
+                   open_pinned_map, open_present, present_flags)
 from .feed import IMPORT_BATCH_LINES, ImportResult, feed_lines
 from .protected import ProtectedAddresses
 from .sidecar import Sidecar
@@ -77,12 +87,16 @@ class Blocklist:
     ``protected_netns``: the network namespaces whose addresses and gateways a block must not cover (None is
     ours; the agent adds the one its interfaces live in); read on first need. ``watch_protected`` keeps them
     current for a long-lived user (the agent); a CLI verb reads them once.
+
+    ``replaces_program``: the caller attaches its own program right after opening (the agent), so a pin set of
+    the previous layout is migrated even while a previous version's program still uses it (see pins.py).
     """
 
     def __init__(self, pin_dir: str = DEFAULT_PIN_DIR, state_dir: str = DEFAULT_STATE_DIR, *,
                  blocklist_entries: int | None = None, allowlist_entries: int | None = None,
                  create: bool = True, reconcile: bool = True, on_event: EventSink | None = None,
-                 protected_netns: Sequence[str | None] = (None,), watch_protected: bool = False) -> None:
+                 protected_netns: Sequence[str | None] = (None,), watch_protected: bool = False,
+                 replaces_program: bool = False) -> None:
         self.pin_dir = check_pin_dir(pin_dir)
         self.state_dir = Path(state_dir)
         self.sidecar = Sidecar(self.pin_dir, state_dir)
@@ -95,6 +109,7 @@ class Blocklist:
         self.created = False
         self.expired_on_open: list[str] = []  # entries whose TTL passed while nobody had the lists open
         self.refused_on_restore: list[tuple[str, str]] = []  # (cidr, why) sidecar rows not put back
+        self.migrated: Migration | None = None  # what was moved over from the previous layout, if anything
         if not bpffs_mounted():
             raise BlocklistError("bpffs is not mounted at /sys/fs/bpf (mount -t bpf bpf /sys/fs/bpf, "
                                  "or run deploy/host-setup.sh)")
@@ -107,17 +122,20 @@ class Blocklist:
         sizes = {BLOCK: blocklist_entries, ALLOW: allowlist_entries}
         defaults = {BLOCK: DEFAULT_BLOCKLIST_ENTRIES, ALLOW: DEFAULT_ALLOWLIST_ENTRIES}
         try:
-            for spec in LIST_MAPS:
-                fd, created = open_pinned_map(
-                    os.path.join(self.pin_dir, spec.name), spec.layout(sizes[spec.kind]),
-                    create_entries=(sizes[spec.kind] or defaults[spec.kind]) if create else None, name=spec.name)
-                self._fds[spec.name] = fd
-                self.created |= created
             with self.sidecar.locked():
+                self.migrated = migrate_legacy_hosts(self.pin_dir, sizes[BLOCK], old_program_ok=replaces_program)
+                for spec in LIST_MAPS:
+                    fd, created = open_pinned_map(
+                        os.path.join(self.pin_dir, spec.name), spec.layout(sizes[spec.kind]),
+                        create_entries=(sizes[spec.kind] or defaults[spec.kind]) if create else None, name=spec.name)
+                    self._fds[spec.name] = fd
+                    self.created |= created
+                self._fds[PRESENT_MAP], _ = open_present(self.pin_dir, create=create)
+                self._flag_nonempty_maps()
                 self._load_meta()
                 if self.created:
                     self._restore_from_sidecar()
-                if reconcile or self.created:
+                if reconcile or self.created or self.migrated is not None:
                     self._reconcile()
         except BaseException:
             self.close()
@@ -377,6 +395,7 @@ class Blocklist:
         # Hits are carried over; a packet counted between our read and this write is lost (rare, harmless).
         value = VALUE.pack(hits, last_hit_ns, wall_to_mono_ns(expires_at) if expires_at else 0)
         try:
+            mark_present(self._fds[PRESENT_MAP], name)  # before the entry: the program must never skip its map
             bpfsys.map_update(fd, key, value)
         except bpfsys.BpfError as exc:
             if exc.errno in (errno.ENOSPC, errno.E2BIG, errno.ENOMEM):
@@ -439,6 +458,7 @@ class Blocklist:
                         self._guard(net, bool(meta.get("forced")), check_reads=False)
                     if self._lookup(kind, net) is None:
                         name = map_for(kind, net)
+                        mark_present(self._fds[PRESENT_MAP], name)
                         bpfsys.map_update(self._fds[name], encode(name, net),
                                           VALUE.pack(0, 0, wall_to_mono_ns(expires_at) if expires_at else 0))
                 except (BlocklistError, bpfsys.BpfError, TypeError, ValueError, OverflowError) as exc:
@@ -446,6 +466,19 @@ class Blocklist:
                     self.refused_on_restore.append((cidr, why))
                     self._emit("otel_ebpf_receiver.blocklist.restore_refused",
                                {"blocklist.cidr": cidr, "blocklist.list": kind, "blocklist.reason": why})
+
+    def present(self) -> dict[str, bool]:
+        """The "present" flag of each blocklist map (set once it held an entry; never cleared)."""
+        return present_flags(self._fds[PRESENT_MAP])
+
+    def _flag_nonempty_maps(self) -> None:
+        """Set the flag of any blocklist map that holds an entry without it (put there with bpftool, or by a
+        pin set whose flags were lost): one GET_NEXT_KEY per unflagged map."""
+        flags = self.present()
+        for spec in LIST_MAPS:
+            if spec.name in PRESENT_INDEX and not flags[spec.name] and has_entries(self._fds[spec.name],
+                                                                                     spec.key.size):
+                mark_present(self._fds[PRESENT_MAP], spec.name)
 
     def _reconcile(self) -> None:
         """Make the sidecar describe exactly the maps: drop rows whose key is gone, add rows (no reason) for keys

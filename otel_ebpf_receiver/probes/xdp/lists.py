@@ -1,5 +1,10 @@
 """What a list entry is, as users see it and as bpf/xdp.bpf.c keys it: addresses and prefixes, their map and key
-encoding (struct addr16, lpm4_key, lpm6_key; list_entry values), and the layouts every pinned list map must have."""
+encoding (struct addr4, addr16, lpm4_key, lpm6_key; list_entry values), the layouts every pinned list map must
+have, and the "present" flags that let the pass path skip a map that never held an entry.
+
+The layout changed once: single addresses used to live in one ``block_hosts`` hash keyed by 16 bytes (IPv4 as
+``::ffff:a.b.c.d``); they now live in ``block_hosts4`` (4-byte keys: the hash of an IPv4 lookup covers 4 bytes,
+as xdp-filter's does) and ``block_hosts6``. pins.py moves a pin set of the previous layout over (LEGACY_HOSTS)."""
 
 from __future__ import annotations
 
@@ -36,14 +41,15 @@ class ProtectedAddressCovered(BlocklistError):
     """The entry would cover loopback, this host, a gateway, a DNS resolver or the Collector (needs ``force``)."""
 
 
-# Layouts shared with bpf/xdp.bpf.c: struct addr16, lpm4_key, lpm6_key, list_entry. Kept here by hand because the
-# CLI packs them without bcc; the agent compares them with the program's types when it loads (probe.py).
-HOST_KEY = struct.Struct("=16s")
+# Layouts shared with bpf/xdp.bpf.c: struct addr4, addr16, lpm4_key, lpm6_key, list_entry. Kept here by hand because
+# the CLI packs them without bcc; the agent compares them with the program's types when it loads (probe.py).
+HOST4_KEY = struct.Struct("=4s")
+HOST6_KEY = struct.Struct("=16s")
 KEY4 = struct.Struct("=I4s")
 KEY6 = struct.Struct("=I16s")
 VALUE = struct.Struct("=QQQ")  # hits, last_hit_ns, expires_ns (CLOCK_MONOTONIC, 0 = never)
 # The C field each item packs, in order.
-FIELD_NAMES = {HOST_KEY: ("w",), KEY4: ("prefixlen", "addr"), KEY6: ("prefixlen", "addr"),
+FIELD_NAMES = {HOST4_KEY: ("addr",), HOST6_KEY: ("w",), KEY4: ("prefixlen", "addr"), KEY6: ("prefixlen", "addr"),
                VALUE: ("hits", "last_hit_ns", "expires_ns")}
 
 
@@ -87,13 +93,29 @@ class ListMap:
 
 
 LIST_MAPS = (
-    ListMap("block_hosts", BLOCK, bpfsys.MAP_TYPE_HASH, HOST_KEY),
+    ListMap("block_hosts4", BLOCK, bpfsys.MAP_TYPE_HASH, HOST4_KEY),
+    ListMap("block_hosts6", BLOCK, bpfsys.MAP_TYPE_HASH, HOST6_KEY),
     ListMap("block_v4", BLOCK, bpfsys.MAP_TYPE_LPM_TRIE, KEY4),
     ListMap("block_v6", BLOCK, bpfsys.MAP_TYPE_LPM_TRIE, KEY6),
     ListMap("allow_v4", ALLOW, bpfsys.MAP_TYPE_LPM_TRIE, KEY4),
     ListMap("allow_v6", ALLOW, bpfsys.MAP_TYPE_LPM_TRIE, KEY6),
 )
-MAP_NAMES = tuple(m.name for m in LIST_MAPS)
+
+# "Present" flags (the C file's PRESENT_*): one u32 per blocklist map in the pinned array ``list_present``, set to 1
+# before the first entry goes into that map and never cleared. The program skips a map whose flag is 0, so the
+# pass path of a host with no prefix (or no single address) listed pays no lookup for it. Only ever set: a stale
+# "present" costs one lookup, while a cleared flag racing with an insert could let a blocked source through. One
+# element per flag, each written whole with 1, so two writers can never undo each other's flag.
+PRESENT_MAP = "list_present"
+PRESENT_INDEX = {"block_hosts4": 0, "block_hosts6": 1, "block_v4": 2, "block_v6": 3}
+PRESENT_LAYOUT = MapLayout(bpfsys.MAP_TYPE_ARRAY, 4, 4, len(PRESENT_INDEX), 0)
+PRESENT_VALUE = struct.Struct("=I")
+
+# The previous layout's single-address map (16-byte keys, IPv4 as ::ffff:a.b.c.d), migrated by pins.py.
+LEGACY_HOSTS = "block_hosts"
+LEGACY_HOSTS_LAYOUT = MapLayout(bpfsys.MAP_TYPE_HASH, 16, VALUE.size, None, bpfsys.BPF_F_NO_PREALLOC)
+
+MAP_NAMES = tuple(m.name for m in LIST_MAPS) + (PRESENT_MAP, LEGACY_HOSTS)
 
 
 
@@ -150,23 +172,24 @@ def _why_not_cidr(raw: str) -> str:
 
 def map_for(kind: str, net: Network) -> str:
     if kind == BLOCK and net.prefixlen == net.max_prefixlen:
-        return "block_hosts"
+        return f"block_hosts{net.version}"
     return f"{kind}_v{net.version}"
 
 
 def encode(map_name: str, net: Network) -> bytes:
-    if map_name == "block_hosts":
-        packed = net.network_address.packed
-        return HOST_KEY.pack(_V4_MAPPED + packed if net.version == 4 else packed)
+    if map_name.startswith("block_hosts"):
+        return net.network_address.packed
     if net.version == 4:
         return KEY4.pack(net.prefixlen, net.network_address.packed)
     return KEY6.pack(net.prefixlen, net.network_address.packed)
 
 
 def decode(map_name: str, raw: bytes) -> Network:
-    if map_name == "block_hosts":
+    if map_name == "block_hosts4":
+        return ipaddress.IPv4Network(raw[:4])
+    if map_name in ("block_hosts6", LEGACY_HOSTS):
         addr = raw[:16]
-        if addr[:12] == _V4_MAPPED:
+        if addr[:12] == _V4_MAPPED:  # the previous layout's IPv4 keys
             return ipaddress.IPv4Network(addr[12:16])
         return ipaddress.IPv6Network(addr)
     if map_name.endswith("_v4"):

@@ -44,7 +44,8 @@ from .sources import SourceRate, SourceWindows, sample_shift, source_address  # 
 from ..contract import U32, U64, MapContract, check_struct_offsets, dtype, value_type
 from .blocklist import Blocklist
 from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
-                    DEFAULT_STATE_DIR, LIST_MAPS, VALUE, BlocklistError, field_offsets)
+                    DEFAULT_STATE_DIR, LIST_MAPS, PRESENT_INDEX, PRESENT_LAYOUT, PRESENT_MAP, VALUE, BlocklistError,
+                    field_offsets)
 from .pins import bpffs_mounted, check_pin_dir
 
 PROGRAM = "otel_ebpf_xdp"  # the C function; also the kernel's program name, used to recognise our orphans
@@ -71,6 +72,8 @@ C_CONSTANTS = {
     **{f"FLAG_{name.replace('_', '').upper()}": i for i, name in enumerate(TCP_FLAGS)},
     **{f"VERDICT_{name.upper()}": i for i, name in enumerate(VERDICTS)},
     "PROTO_SLOTS": PROTO_SLOTS, "SIZE_SLOTS": SIZE_SLOTS, "SIZE16_SLOTS": SIZE16_SLOTS,
+    **{f"PRESENT_{name.removeprefix('block_').upper()}": i for name, i in PRESENT_INDEX.items()},
+    "PRESENT_SLOTS": len(PRESENT_INDEX),
 }
 # struct totals (per interface slot and CPU), struct src_stats and struct config, as Python reads them: the layouts
 # themselves come from bcc's types (see load()).
@@ -163,6 +166,7 @@ class XdpProbe(Probe):
         self._ncpu = 1
         self._snapshot: MapSnapshot | None = None
         self._deltas = CounterDeltas()
+        self._passed: dict[tuple[str, int], float] = {}  # per slot: the pass verdict count, derived (_totals)
         self._evictions_total = 0
         self._window: SourceWindows | None = None  # the last closed window's sources
         self._totals_dtype: np.dtype | None = None  # struct totals, from bcc's type for xdp_totals
@@ -231,8 +235,13 @@ class XdpProbe(Probe):
                                        blocklist_entries=self.settings["blocklist_entries"],
                                        allowlist_entries=self.settings["allowlist_entries"],
                                        on_event=self._event, protected_netns=[None, self.netns or None],
-                                       watch_protected=True)
+                                       watch_protected=True, replaces_program=True)
             self.expired_at_start = self.blocklist.expired_on_open + self.blocklist.expire()
+            migrated = self.blocklist.migrated
+            if migrated is not None:  # a pin set of the previous layout, moved over (pins.migrate_legacy_hosts)
+                self._event("otel_ebpf_receiver.blocklist.migrate",
+                            {"blocklist.moved": sum(migrated.moved.values()),
+                             "blocklist.old_programs": len(migrated.old_programs)})
         except BlocklistError as exc:
             self.close()
             raise ProbeError(f"probe xdp disabled: {exc}") from None
@@ -263,6 +272,14 @@ class XdpProbe(Probe):
             table = self.bpf[spec.name]
             check_struct_offsets(f"map {spec.name} key", table.Key, field_offsets(spec.key), spec.key.size)
             check_struct_offsets(f"map {spec.name} value", table.Leaf, field_offsets(VALUE), VALUE.size)
+        info = bpfsys.map_info(self.bpf[PRESENT_MAP].map_fd)
+        if (info.type, info.key_size, info.value_size, info.max_entries) != (
+                PRESENT_LAYOUT.map_type, PRESENT_LAYOUT.key_size, PRESENT_LAYOUT.value_size,
+                PRESENT_LAYOUT.max_entries):
+            from ..contract import LayoutError
+
+            raise LayoutError(f"map {PRESENT_MAP} is {info.type_name} key {info.key_size} B value {info.value_size} B "
+                              f"max_entries {info.max_entries} in C, Python expects [{PRESENT_LAYOUT.describe()}]")
 
     def _event(self, name: str, attributes: dict[str, Any]) -> None:
         if self.on_event is not None:
@@ -360,6 +377,13 @@ class XdpProbe(Probe):
             values = np.frombuffer(raw, dtype=totals) if raw is not None else np.zeros(self._ncpu, dtype=totals)
             f = {name: np.atleast_1d(values[name].sum(axis=0)).astype(np.float64) for name in totals.names}
             f["size_log2"] += np.bincount(_SIZE16_TO_LOG2, weights=f["size16"], minlength=SIZE_SLOTS)
+            # The program counts no pass verdict (one add less per packet): every packet not dropped or allowed
+            # passed. Kept monotone: a packet counted but not yet given its verdict when we read is one pass now
+            # and a drop at the next read, and a cumulative counter must not go back.
+            passed = float(f["packets"].sum() - f["verdicts"][1] - f["verdicts"][2])
+            key = ("passed", slot)
+            self._passed[key] = max(self._passed.get(key, 0.0), passed)
+            f["verdicts"][0] = self._passed[key]
             out.append(f)
         return out
 
