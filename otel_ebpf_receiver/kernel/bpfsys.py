@@ -28,6 +28,7 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_NEXT_ID = 11
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
@@ -160,6 +161,36 @@ def prog_test_run(fd: int, data: bytes, repeat: int = 1) -> int:
     return struct.unpack_from("=I", attr, 4)[0]
 
 
+def prog_ids() -> list[int]:
+    """Ids of every loaded BPF program (BPF_PROG_GET_NEXT_ID until ENOENT)."""
+    ids: list[int] = []
+    while True:
+        attr = _attr("=III", ids[-1] if ids else 0, 0, 0)
+        try:
+            _bpf(BPF_PROG_GET_NEXT_ID, attr)
+        except BpfError as exc:
+            if exc.errno == _errno.ENOENT:
+                return ids
+            raise
+        ids.append(struct.unpack_from("=I", attr, 4)[0])
+
+
+# struct bpf_prog_info: nr_map_ids (u32) and map_ids (u64 pointer to u32[])
+_PROG_INFO_NR_MAP_IDS = 52
+_PROG_INFO_MAP_IDS = 56
+
+
+def prog_map_ids(fd: int, most: int = 64) -> list[int]:
+    """Ids of the maps a loaded program uses (up to ``most``)."""
+    ids = (ctypes.c_uint32 * most)()
+    info = ctypes.create_string_buffer(_PROG_INFO_MAP_IDS + 8)
+    struct.pack_into("=I", info, _PROG_INFO_NR_MAP_IDS, most)
+    struct.pack_into("=Q", info, _PROG_INFO_MAP_IDS, ctypes.addressof(ids))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _attr("=IIQ", fd, ctypes.sizeof(info), _addr(info)))
+    count = min(struct.unpack_from("=I", info, _PROG_INFO_NR_MAP_IDS)[0], most)
+    return list(ids)[:count]
+
+
 def prog_info(fd: int) -> ProgInfo:
     info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
     attr = _attr("=IIQ", fd, ctypes.sizeof(info), _addr(info))
@@ -234,6 +265,18 @@ def map_delete(fd: int, key: bytes) -> bool:
             return False
         raise
     return True
+
+
+def map_is_empty(fd: int, key_size: int) -> bool:
+    """Whether a hash or trie holds no key: one GET_NEXT_KEY, not a walk."""
+    nbuf = ctypes.create_string_buffer(key_size)
+    try:
+        _bpf(BPF_MAP_GET_NEXT_KEY, _attr("=IIQQ", fd, 0, 0, _addr(nbuf)))
+    except BpfError as exc:
+        if exc.errno == _errno.ENOENT:
+            return True
+        raise
+    return False
 
 
 def map_keys(fd: int, key_size: int) -> list[bytes]:

@@ -3,7 +3,6 @@ from the previous layout (:func:`migrate_legacy_hosts`)."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
@@ -99,52 +98,26 @@ def present_flags(fd: int) -> dict[str, bool]:
 
 
 def has_entries(fd: int, key_size: int) -> bool:
-    """Whether a hash or trie holds at least one key: one GET_NEXT_KEY, not a walk."""
-    nbuf = ctypes.create_string_buffer(key_size)
-    try:
-        bpfsys._bpf(bpfsys.BPF_MAP_GET_NEXT_KEY, bpfsys._attr("=IIQQ", fd, 0, 0, ctypes.addressof(nbuf)))
-    except bpfsys.BpfError as exc:
-        if exc.errno == errno.ENOENT:
-            return False
-        raise
-    return True
-
-
-# bpf(2) commands and struct bpf_prog_info offsets for programs_using_map (kernel/bpfsys has the common ones).
-_BPF_PROG_GET_NEXT_ID = 11
-_PROG_INFO_NR_MAP_IDS = 52
-_PROG_INFO_MAP_IDS = 56
-_PROG_INFO_LEN = 64
+    """Whether a hash or trie holds at least one key."""
+    return not bpfsys.map_is_empty(fd, key_size)
 
 
 def programs_using_map(map_id: int) -> list[int]:
     """Ids of the loaded BPF programs that use the map (a previous version's XDP program left attached)."""
     users: list[int] = []
-    prog_id = 0
-    while True:
-        attr = bpfsys._attr("=III", prog_id, 0, 0)
-        try:
-            bpfsys._bpf(_BPF_PROG_GET_NEXT_ID, attr)
-        except bpfsys.BpfError:
-            return users  # ENOENT: no more programs
-        prog_id = struct.unpack_from("=I", attr, 4)[0]
+    for prog_id in bpfsys.prog_ids():
         try:
             fd = bpfsys.prog_fd_by_id(prog_id)
         except bpfsys.BpfError:
             continue  # unloaded meanwhile
         try:
-            ids = (ctypes.c_uint32 * 64)()
-            info = ctypes.create_string_buffer(_PROG_INFO_LEN)
-            struct.pack_into("=I", info, _PROG_INFO_NR_MAP_IDS, len(ids))
-            struct.pack_into("=Q", info, _PROG_INFO_MAP_IDS, ctypes.addressof(ids))
-            bpfsys._bpf(bpfsys.BPF_OBJ_GET_INFO_BY_FD, bpfsys._attr("=IIQ", fd, _PROG_INFO_LEN, ctypes.addressof(info)))
-            count = min(struct.unpack_from("=I", info, _PROG_INFO_NR_MAP_IDS)[0], len(ids))
-            if map_id in list(ids)[:count]:
+            if map_id in bpfsys.prog_map_ids(fd):
                 users.append(prog_id)
         except bpfsys.BpfError:
             pass
         finally:
             bpfsys.close(fd)
+    return users
 
 
 @dataclass
