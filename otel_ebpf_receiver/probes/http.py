@@ -1,8 +1,9 @@
 """http: HTTP/1.x requests and responses of server processes on this host — requests per method, responses per
 status code, request latency — from syscall tracepoints, API-aware without kprobes or uprobes.
 
-The kernel side tracks only connections a process accepted, reads at most 16 bytes at the start of each recv and
-send on them, and matches request lines and status lines in the kernel: counters leave the kernel, payload bytes
+The kernel side tracks only connections a process accepted, each in a phase (new, idle, request pending), and
+reads only where an answer can be: the first 8 bytes of a recv while no request is pending, the first 12 of a send
+while one is. It matches request lines and status lines in the kernel: counters leave the kernel, payload bytes
 never do. Ports are resolved here, from the listening socket each connection was accepted on (/proc/<pid>/fd and
 /proc/<pid>/net/tcp{,6}), cached per process.
 
@@ -136,7 +137,10 @@ class HttpProbe(Probe):
         return [d for d, name in OPTIONAL_SYSCALLS.items() if all(hook_exists(h) for h in _syscall_pair(name))]
 
     def cflags(self) -> list[str]:
-        flags = [f"-DMAX_CONNS={self.settings['max_connections']}", f"-DMAX_KEYS={self.settings['max_keys']}",
+        max_conns = int(self.settings["max_connections"])
+        # conn_slots (bpf/http.bpf.c) has a power of two slots, at least max_connections.
+        flags = [f"-DMAX_CONNS={max_conns}", f"-DCONN_SLOT_BITS={max(1, (max_conns - 1).bit_length())}",
+                 f"-DMAX_KEYS={self.settings['max_keys']}",
                  f"-DLATENCY_SLOTS={SLOTS}"] + [f"-D{d}" for d in self.optional_defines()]
         if self.comms:
             flags.append("-DFILTER_COMMS")
