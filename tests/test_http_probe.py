@@ -17,10 +17,11 @@ import time
 
 import pytest
 
+from otel_ebpf_receiver.kernel.maps import percpu_array_u64
 from otel_ebpf_receiver.probes.http import HttpProbe, listening_port
 from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE
 
-from .helpers import PYTHON, RENAME_SELF, data_points, make_agent, metric_sum, unique_name
+from .helpers import PYTHON, RENAME_SELF, data_points, make_agent, metric_sum, unique_name, wait_for
 from .otlp_receiver import free_port
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
@@ -266,6 +267,45 @@ def test_request_bodies_are_not_requests_and_interim_responses_keep_the_request_
     durations = {(h_attrs["http.request.method"], h_attrs["otel_ebpf_receiver.http.response.status_class"]):
                  sum(buckets.values()) for _, buckets, _, h_attrs in reading.histograms}
     assert durations == {("POST", "2xx"): 1, ("PUT", "1xx"): 1, ("PUT", "2xx"): 1}
+
+
+def test_connections_sharing_a_slot_are_counted_exactly():
+    # 8 slots and 64 connections open at once: at least 56 of them live in the conns overflow hash, the rest in
+    # their slots; every request and response still counts.
+    comm = unique_name("hs")
+    probe = HttpProbe({"comms": comm, "connection_slots": 8})
+    probe.load()
+    try:
+        probe.read(1.0)
+        server, port = start(SERVER, comm)
+        try:
+            clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(64)]
+            try:
+                for _ in range(2):
+                    for c in clients:
+                        c.sendall(b"GET /status/200 HTTP/1.1\r\nHost: x\r\n\r\n")
+                    for c in clients:
+                        read_until(c, b"x" * 10)
+                held, overflow, overflow_counts = tracked_connections(probe)
+            finally:
+                for c in clients:
+                    c.close()
+            reading = probe.read(1.0)
+            # The server closes each connection after its client left: slots freed, overflow entries deleted.
+            wait_for(lambda: tracked_connections(probe) == (0, 0, 0), 10)
+            left = tracked_connections(probe)
+        finally:
+            stop(server)
+        stats = percpu_array_u64(probe.table("stats"))
+    finally:
+        probe.close()
+    assert held + overflow == 64 and overflow >= 56 and overflow_counts >= overflow
+    assert left == (0, 0, 0)
+    assert int(stats[HttpProbe.c_constants["STAT_CONNS_OVERFLOW"]]) == overflow
+    requests = sum(v for n, v, _ in reading.counters if n == "otel_ebpf_receiver.http.requests")
+    responses = sum(v for n, v, _ in reading.counters if n == "otel_ebpf_receiver.http.responses")
+    assert (requests, responses) == (128, 128)
+    assert sum(sum(buckets.values()) for _, buckets, _, _ in reading.histograms) == 128
 
 
 def test_listening_port_is_resolved_from_proc():
