@@ -5,16 +5,25 @@
 // the server side is counted — a client on the same host is not counted twice. An optional comm filter is
 // applied at accept time, where it costs nothing.
 //
-// What is read: at most PREFIX bytes at the start of a recv/send buffer, into the BPF stack; they are matched
-// here against "METHOD " and "HTTP/1.x NNN" and only counters leave the kernel — never payload bytes.
+// What is read: at most 8 bytes at the start of a received buffer ("METHOD ") and 12 at the start of a sent one
+// ("HTTP/1.x NNN"), into the BPF stack, matched here as whole words; only counters leave the kernel — never
+// payload bytes. And only where the connection's phase says an answer can be there:
+//   NEW      accepted, nothing transferred yet: a read is checked for a request line, a write (the server
+//            speaking first) or a read that is not a request line proves the connection is not HTTP/1.x (TLS,
+//            HTTP/2, a database protocol...): it is forgotten at once;
+//   IDLE     HTTP, no request pending: a read is checked for a request line, a write returns at once (the rest
+//            of a response);
+//   REQUEST  a request line was read: a read returns at once (request body, headers), a write is checked for a
+//            status line; a final one (>= 200) goes back to IDLE, a 1xx (100 Continue) stays.
+// So one request costs one checked read and one checked write, however many reads and writes carry it.
 //
-// Cost: in the syscall hub (SYSCALL_HUB, bpf/syscall_hub.bpf.c: one raw sys_exit program for all syscall-based
-// probes) every other syscall pays a few compares; a read/write-family call or a close pays one array load
-// ("does any process hashing to this slot hold a tracked connection?", see servers) and, only when the answer is
-// maybe, one hash lookup ("is (tgid, fd) an accepted connection?"); an untracked descriptor returns right there.
-// The arguments (fd, buffer) are still in the saved registers at exit. With the classic tracepoints (fallback)
-// the same check happens at entry and the buffer is remembered until exit. A connection whose first payload, in
-// either direction, is not HTTP/1.x (TLS, HTTP/2, a database protocol...) is forgotten at once.
+// Cost per system call (the syscall hub, SYSCALL_HUB, bpf/syscall_hub.bpf.c: one raw sys_exit program for all
+// syscall-based probes): a call this part does not watch leaves at the switch; a read/write-family call that
+// transferred nothing (EAGAIN: an event loop's last read) leaves before any lookup; any other watched call pays
+// one array load (conn_slots, inlined by the JIT) and a compare of its (tgid, fd): most descriptors, including
+// a server's own files, leave right there. A tracked connection's state lives in that slot, so no hash lookup
+// is paid per request; only slots two connections hash to fall back to the conns hash (see conn_slots). With
+// the classic tracepoints (fallback) the same checks happen at entry and the buffer is remembered until exit.
 //
 // Latency: from the recv that returned a request line to the send that starts the response (status line) on the
 // same (tgid, fd): the server's time to first response byte, not including sending the body.
@@ -26,16 +35,22 @@
 #ifndef MAX_CONNS
 #define MAX_CONNS 16384
 #endif
+#ifndef CONN_SLOT_BITS
+#define CONN_SLOT_BITS 14  // the loader passes log2 of MAX_CONNS rounded up
+#endif
+#define CONN_SLOTS (1u << CONN_SLOT_BITS)
 #ifndef MAX_KEYS
 #define MAX_KEYS 4096
 #endif
-#define PREFIX 16
+#define METHOD_BYTES 8   // "OPTIONS " and "CONNECT " are the longest
+#define STATUS_BYTES 12  // "HTTP/1.1 200"
 #define MAX_THREADS_IN_IO 10240
 
 enum method { M_NONE = 0, M_GET, M_POST, M_PUT, M_DELETE, M_HEAD, M_PATCH, M_OPTIONS, M_CONNECT, M_TRACE };
+enum phase { P_NEW = 0, P_IDLE, P_REQUEST };
 enum buffer_kind { BUF_PLAIN = 0, BUF_IOVEC = 1, BUF_MSGHDR = 2 };
 // stats: STAT_NEW_KEYS counts keys inserted into requests and responses.
-enum http_stat { STAT_CONNS_TRACKED = STAT_PROBE, STAT_CONNS_NOT_HTTP };
+enum http_stat { STAT_CONNS_TRACKED = STAT_PROBE, STAT_CONNS_NOT_HTTP, STAT_CONNS_OVERFLOW };
 
 // The syscall ABI (stable, unlike kernel-internal structs): struct iovec and the start of struct user_msghdr.
 struct iovec_abi {
@@ -54,13 +69,16 @@ struct conn_key {
     u32 tgid;
     u32 fd;
 };
-struct conn_val {
-    u64 request_ts;  // when the pending request was read, 0 when none is pending
-    u64 accept_ts;   // when it was accepted (see close_exit)
+// One connection's state: in its conn_slots slot, or, when another connection held that slot at accept, in conns.
+// 32 bytes: a slot never straddles two cache lines.
+struct conn {
+    u64 owner;       // conn_slots: (tgid << 32 | fd) of the connection held here, 0 when free
+    u64 ts;          // phase NEW: when it was accepted (see close_exit); REQUEST: when the request was read
     u32 accept_tid;  // the thread that accepted it
     u32 listen_fd;   // the listening socket it was accepted from: user space resolves the port from it
+    u32 overflow;    // conn_slots: conns entries whose key hashes to this slot (an upper bound, see forget_conn)
     u16 method;      // of the pending request
-    u16 is_http;     // 1 once a request was seen: from then on non-matching data are bodies, not a verdict
+    u16 phase;       // enum phase
 };
 struct pending {
     u64 buf;
@@ -85,13 +103,15 @@ struct response_val {
     u64 slots[LATENCY_SLOTS];
 };
 
-BPF_TABLE("lru_hash", struct conn_key, struct conn_val, conns, MAX_CONNS);
-// Most processes never accept a connection: their reads, writes and closes should not pay a hash lookup. servers
-// counts the conns entries of the processes whose tgid falls in each slot, an upper bound (an entry the LRU
-// evicts or an accept overwrites is never subtracted), so 0 proves "no tracked connection here" with one array
-// load, which the JIT inlines; anything else falls through to the conns lookup.
-#define SERVER_SLOTS 4096
-BPF_ARRAY(servers, u32, SERVER_SLOTS);
+// conn_slots: a direct-mapped table of tracked connections, indexed by a hash of (tgid, fd). An array lookup is a
+// few inlined instructions where a hash lookup hashes the key and walks a bucket, and it is paid on every read,
+// write and close of every process that ever accepted a connection. A slot is claimed with compare-and-swap at
+// accept; a connection whose slot is held by another goes to conns and counts in the slot's overflow, so a slot
+// with overflow 0 that does not hold (tgid, fd) proves "not tracked". conns is an LRU: an entry left behind
+// (a process that exited with connections open) is evicted in time; overflow is never lowered for those, which
+// costs the slot a hash lookup, never a miss.
+BPF_ARRAY(conn_slots, struct conn, CONN_SLOTS);
+BPF_TABLE("lru_hash", struct conn_key, struct conn, conns, MAX_CONNS);
 #ifndef SYSCALL_HUB
 // thread -> the tracked recv/send it is in; thread -> listening fd of the accept it is in. Entries live for one
 // syscall; LRU so that one left behind by an unusual exit path can never fill them. (The hub reads both from the
@@ -110,21 +130,38 @@ BPF_HASH(comm_filter, struct http_comm_key, u8, 64);  // filled by user space be
 #endif
 
 // ---- accept / close: which (tgid, fd) are server connections --------------------------------------------------
-static __always_inline struct conn_val *tracked_conn(struct conn_key *key) {
-    u32 slot = key->tgid & (SERVER_SLOTS - 1);
-    u32 *servers_here = servers.lookup(&slot);
-    if (!servers_here || !*servers_here)
-        return NULL;  // no process hashing here holds a tracked connection
-    return conns.lookup(key);
+static __always_inline u64 conn_owner(u32 tgid, u32 fd) { return ((u64)tgid << 32) | fd; }
+
+// Fibonacci hashing: a process's consecutive descriptor numbers land far apart.
+static __always_inline u32 conn_slot(u32 tgid, u32 fd) {
+    return ((tgid * 0x9E3779B1u + fd) * 0x9E3779B1u) >> (32 - CONN_SLOT_BITS);
 }
 
-static __always_inline void forget_conn(struct conn_key *key) {
-    if (conns.delete(key) != 0)
+static __always_inline struct conn *find_conn(u32 tgid, u32 fd) {
+    u32 index = conn_slot(tgid, fd);
+    struct conn *slot = conn_slots.lookup(&index);
+    if (!slot)
+        return NULL;
+    if (slot->owner == conn_owner(tgid, fd))
+        return slot;
+    if (!slot->overflow)
+        return NULL;  // the common case: not a tracked connection
+    struct conn_key key = {.tgid = tgid, .fd = fd};
+    return conns.lookup(&key);
+}
+
+static __always_inline void forget_conn(u32 tgid, u32 fd) {
+    u32 index = conn_slot(tgid, fd);
+    struct conn *slot = conn_slots.lookup(&index);
+    if (!slot)
         return;
-    u32 slot = key->tgid & (SERVER_SLOTS - 1);
-    u32 *servers_here = servers.lookup(&slot);
-    if (servers_here && *servers_here)
-        __sync_fetch_and_add(servers_here, -1);  // a race to below 0 wraps to "maybe": costs a lookup, never a miss
+    if (slot->owner == conn_owner(tgid, fd)) {
+        slot->owner = 0;  // free for the next accept (only this connection's own syscalls write this value)
+        return;
+    }
+    struct conn_key key = {.tgid = tgid, .fd = fd};
+    if (slot->overflow && conns.delete(&key) == 0)
+        __sync_fetch_and_add(&slot->overflow, -1);  // a race to below 0 wraps to "maybe": costs a lookup, never a miss
 }
 
 static __always_inline int track_accept(u64 id, u32 listen_fd, long ret) {
@@ -136,66 +173,110 @@ static __always_inline int track_accept(u64 id, u32 listen_fd, long ret) {
     if (!comm_filter.lookup(&ck))
         return 0;
 #endif
-    struct conn_key key = {.tgid = id >> 32, .fd = (u32)ret};
-    struct conn_val val = {.listen_fd = listen_fd, .accept_ts = bpf_ktime_get_ns(), .accept_tid = (u32)id};
-    if (conns.update(&key, &val) == 0) {
-        // Counted before accept returns: no read of the new descriptor can come first.
-        u32 slot = key.tgid & (SERVER_SLOTS - 1);
-        u32 *servers_here = servers.lookup(&slot);
-        if (servers_here)
-            __sync_fetch_and_add(servers_here, 1);
+    u32 tgid = id >> 32, fd = (u32)ret;
+    u64 owner = conn_owner(tgid, fd);
+    struct conn val = {.ts = bpf_ktime_get_ns(), .accept_tid = (u32)id, .listen_fd = listen_fd, .phase = P_NEW};
+    u32 index = conn_slot(tgid, fd);
+    struct conn *slot = conn_slots.lookup(&index);
+    if (!slot)
+        return 0;
+    struct conn_key key = {.tgid = tgid, .fd = fd};
+    if (slot->owner != owner && slot->overflow && conns.delete(&key) == 0)
+        __sync_fetch_and_add(&slot->overflow, -1);  // a stale entry of this (tgid, fd): this accept replaces it
+    // Claimed before accept returns: no read of the new descriptor can come first.
+    if (slot->owner == owner || __sync_val_compare_and_swap(&slot->owner, 0, owner) == 0) {
+        slot->ts = val.ts;
+        slot->accept_tid = val.accept_tid;
+        slot->listen_fd = listen_fd;
+        slot->method = M_NONE;
+        slot->phase = P_NEW;
         bump_stat(STAT_CONNS_TRACKED);
+        return 0;
+    }
+    if (conns.update(&key, &val) == 0) {  // the slot holds another connection
+        __sync_fetch_and_add(&slot->overflow, 1);
+        bump_stat(STAT_CONNS_TRACKED);
+        bump_stat(STAT_CONNS_OVERFLOW);
     } else {
         bump_stat(STAT_UPDATE_FAILED);
     }
     return 0;
 }
 
-static __always_inline u16 match_method(const char *b) {
-    // b is PREFIX bytes, zero-padded past what was transferred: padding never matches a letter or a space.
-    if (b[0] == 'G' && b[1] == 'E' && b[2] == 'T' && b[3] == ' ')
+// ---- what a read or write carried ---------------------------------------------------------------------------------
+// Little-endian words of the bytes a buffer starts with, compared in one instruction each.
+#define W2(a, b) ((u64)(a) | (u64)(b) << 8)
+#define W4(a, b, c, d) (W2(a, b) | W2(c, d) << 16)
+#define W8(a, b, c, d, e, f, g, h) (W4(a, b, c, d) | W4(e, f, g, h) << 32)
+#define BYTES(n) ((1ull << (8 * (n))) - 1)  // a mask of the first n < 8 bytes
+
+// w is the first 8 bytes, zero past what was transferred: zero never matches a letter or a space.
+static __always_inline u16 match_method(u64 w) {
+    if ((w & BYTES(4)) == W4('G', 'E', 'T', ' '))
         return M_GET;
-    if (b[0] == 'P') {
-        if (b[1] == 'O' && b[2] == 'S' && b[3] == 'T' && b[4] == ' ')
-            return M_POST;
-        if (b[1] == 'U' && b[2] == 'T' && b[3] == ' ')
-            return M_PUT;
-        if (b[1] == 'A' && b[2] == 'T' && b[3] == 'C' && b[4] == 'H' && b[5] == ' ')
-            return M_PATCH;
-        return M_NONE;
-    }
-    if (b[0] == 'D' && b[1] == 'E' && b[2] == 'L' && b[3] == 'E' && b[4] == 'T' && b[5] == 'E' && b[6] == ' ')
-        return M_DELETE;
-    if (b[0] == 'H' && b[1] == 'E' && b[2] == 'A' && b[3] == 'D' && b[4] == ' ')
+    if ((w & BYTES(5)) == W8('P', 'O', 'S', 'T', ' ', 0, 0, 0))
+        return M_POST;
+    if ((w & BYTES(4)) == W4('P', 'U', 'T', ' '))
+        return M_PUT;
+    if ((w & BYTES(5)) == W8('H', 'E', 'A', 'D', ' ', 0, 0, 0))
         return M_HEAD;
-    if (b[0] == 'O' && b[1] == 'P' && b[2] == 'T' && b[3] == 'I' && b[4] == 'O' && b[5] == 'N' && b[6] == 'S' &&
-        b[7] == ' ')
+    if ((w & BYTES(7)) == W8('D', 'E', 'L', 'E', 'T', 'E', ' ', 0))
+        return M_DELETE;
+    if ((w & BYTES(6)) == W8('P', 'A', 'T', 'C', 'H', ' ', 0, 0))
+        return M_PATCH;
+    if (w == W8('O', 'P', 'T', 'I', 'O', 'N', 'S', ' '))
         return M_OPTIONS;
-    if (b[0] == 'C' && b[1] == 'O' && b[2] == 'N' && b[3] == 'N' && b[4] == 'E' && b[5] == 'C' && b[6] == 'T' &&
-        b[7] == ' ')
+    if (w == W8('C', 'O', 'N', 'N', 'E', 'C', 'T', ' '))
         return M_CONNECT;
-    if (b[0] == 'T' && b[1] == 'R' && b[2] == 'A' && b[3] == 'C' && b[4] == 'E' && b[5] == ' ')
+    if ((w & BYTES(6)) == W8('T', 'R', 'A', 'C', 'E', ' ', 0, 0))
         return M_TRACE;
     return M_NONE;
 }
 
-static __always_inline int is_digit(char c) { return c >= '0' && c <= '9'; }
+struct status_line {
+    u64 version;  // "HTTP/1.0" or "HTTP/1.1"
+    u8 space, d0, d1, d2;
+};
+
+static __always_inline int is_digit(u8 c) { return c >= '0' && c <= '9'; }
 
 // "HTTP/1.0 200" or "HTTP/1.1 404": the status code, else 0.
-static __always_inline u16 match_status(const char *b) {
-    if (!(b[0] == 'H' && b[1] == 'T' && b[2] == 'T' && b[3] == 'P' && b[4] == '/' && b[5] == '1' && b[6] == '.' &&
-          (b[7] == '0' || b[7] == '1') && b[8] == ' '))
+static __always_inline u16 match_status(const struct status_line *s) {
+    if (s->version != W8('H', 'T', 'T', 'P', '/', '1', '.', '1') && s->version != W8('H', 'T', 'T', 'P', '/', '1', '.', '0'))
         return 0;
-    if (!(b[9] >= '1' && b[9] <= '5' && is_digit(b[10]) && is_digit(b[11])))
+    if (s->space != ' ' || !(s->d0 >= '1' && s->d0 <= '5') || !is_digit(s->d1) || !is_digit(s->d2))
         return 0;
-    return (b[9] - '0') * 100 + (b[10] - '0') * 10 + (b[11] - '0');
+    return (s->d0 - '0') * 100 + (s->d1 - '0') * 10 + (s->d2 - '0');
 }
 
-static __always_inline void count_request(struct conn_key *key, struct conn_val *conn, u16 method, u64 now) {
-    conn->request_ts = now;
+// Copies the first min(transferred, size) bytes into dst (size bytes), zeroed by the caller: the buffer itself,
+// the first iovec, or the msghdr's first iovec. 0 when nothing could be read.
+static __always_inline u32 read_start(void *dst, u32 size, u64 addr, u16 kind, long ret) {
+    u64 room = ret;
+    if (kind == BUF_MSGHDR) {
+        struct msghdr_abi msg = {};
+        if (bpf_probe_read_user(&msg, sizeof(msg), (void *)addr) != 0 || !msg.msg_iovlen)
+            return 0;
+        addr = msg.msg_iov;
+    }
+    if (kind != BUF_PLAIN) {
+        struct iovec_abi iov = {};
+        if (bpf_probe_read_user(&iov, sizeof(iov), (void *)addr) != 0)
+            return 0;
+        addr = iov.base;
+        room = iov.len < room ? iov.len : room;
+    }
+    u32 n = room < size ? room : size;  // never read past what was transferred: the buffer may be shorter
+    if (n == 0 || n > size || bpf_probe_read_user(dst, n, (void *)addr) != 0)
+        return 0;
+    return n;
+}
+
+static __always_inline void count_request(u32 tgid, struct conn *conn, u16 method) {
+    conn->ts = bpf_ktime_get_ns();
     conn->method = method;
-    conn->is_http = 1;
-    struct request_key rk = {.tgid = key->tgid, .listen_fd = conn->listen_fd, .method = method};
+    conn->phase = P_REQUEST;
+    struct request_key rk = {.tgid = tgid, .listen_fd = conn->listen_fd, .method = method};
     u64 *count = requests.lookup(&rk);
     if (count) {
         (*count)++;
@@ -208,12 +289,12 @@ static __always_inline void count_request(struct conn_key *key, struct conn_val 
     }
 }
 
-static __always_inline void count_response(struct conn_key *key, struct conn_val *conn, u16 status, u64 now) {
-    struct response_key rk = {.tgid = key->tgid, .listen_fd = conn->listen_fd, .method = conn->method,
-                              .status = status};
-    u64 delta = now > conn->request_ts ? now - conn->request_ts : 0;
+static __always_inline void count_response(u32 tgid, struct conn *conn, u16 status) {
+    u64 now = bpf_ktime_get_ns();
+    struct response_key rk = {.tgid = tgid, .listen_fd = conn->listen_fd, .method = conn->method, .status = status};
+    u64 delta = now > conn->ts ? now - conn->ts : 0;
     if (status >= 200)
-        conn->request_ts = 0;  // answered; a 1xx (100 Continue) is followed by the final response
+        conn->phase = P_IDLE;  // answered; a 1xx (100 Continue) is followed by the final response
     struct response_val *r = responses.lookup(&rk);
     if (!r) {
         u32 zero = 0;
@@ -235,61 +316,38 @@ static __always_inline void count_response(struct conn_key *key, struct conn_val
     r->slots[slot]++;
 }
 
-// What a recv or send on a tracked connection transferred: match its first bytes, count, or forget the
-// connection when its first payload is not HTTP/1.x. `conn` may be NULL: then (tgid, fd) is looked up once the
-// payload is read (the classic path, whose entry lookup may be stale by now).
-static __always_inline int inspect_io(struct conn_key *key, struct conn_val *conn, struct pending io, long ret) {
-    if (ret <= 0)
-        return 0;  // EAGAIN, error or end of stream: nothing was transferred
+// Does a read (sending = 0) or write on a connection in this phase need its bytes looked at?
+static __always_inline int wants(const struct conn *conn, u16 sending) {
+    return sending ? conn->phase != P_IDLE : conn->phase != P_REQUEST;
+}
 
-    // Where the first transferred bytes are: the buffer, the first iovec, or the msghdr's first iovec.
-    u64 addr = io.buf;
-    u64 room = ret;
-    if (io.kind == BUF_MSGHDR) {
-        struct msghdr_abi msg = {};
-        if (bpf_probe_read_user(&msg, sizeof(msg), (void *)addr) != 0 || !msg.msg_iovlen)
-            return 0;
-        addr = msg.msg_iov;
-    }
-    if (io.kind != BUF_PLAIN) {
-        struct iovec_abi iov = {};
-        if (bpf_probe_read_user(&iov, sizeof(iov), (void *)addr) != 0)
-            return 0;
-        addr = iov.base;
-        room = iov.len < room ? iov.len : room;
-    }
-    char b[PREFIX] = {};
-    u32 n = PREFIX;
-    if (room < PREFIX)
-        n = room;  // never read past what was transferred (the buffer may be shorter than PREFIX)
-    if (n == 0 || n > PREFIX || bpf_probe_read_user(b, n, (void *)addr) != 0)
-        return 0;
-
-    if (!conn) {
-        conn = tracked_conn(key);
-        if (!conn)
-            return 0;  // closed meanwhile by another thread
-    }
-    u64 now = bpf_ktime_get_ns();
-    if (!io.sending) {
-        u16 method = match_method(b);
+// A recv or send of ret > 0 bytes on the tracked connection conn, in a phase that wants it (see the top).
+static __always_inline void inspect_io(u32 tgid, u32 fd, struct conn *conn, struct pending io, long ret) {
+    if (io.sending) {
+        if (conn->phase == P_REQUEST) {
+            struct status_line s = {};
+            if (read_start(&s, STATUS_BYTES, io.buf, io.kind, ret)) {
+                u16 status = match_status(&s);
+                if (status)
+                    count_response(tgid, conn, status);
+            }
+            return;  // anything else in a response (a header write, a retry) waits for the status line
+        }
+    } else {
+        u64 w = 0;
+        if (!read_start(&w, METHOD_BYTES, io.buf, io.kind, ret))
+            return;  // unreadable: no verdict
+        u16 method = match_method(w);
         if (method) {
-            count_request(key, conn, method, now);
-            return 0;
-        }
-    } else if (conn->request_ts) {
-        u16 status = match_status(b);
-        if (status) {
-            count_response(key, conn, status, now);
-            return 0;
+            count_request(tgid, conn, method);
+            return;
         }
     }
-    if (!conn->is_http) {
-        // The first payload of this connection is not HTTP/1.x: stop looking at it.
-        forget_conn(key);
+    if (conn->phase == P_NEW) {
+        // The first payload of this connection is not an HTTP/1.x request: stop looking at it.
+        forget_conn(tgid, fd);
         bump_stat(STAT_CONNS_NOT_HTTP);
     }
-    return 0;
 }
 
 #ifdef SYSCALL_HUB
@@ -303,13 +361,13 @@ static __always_inline int inspect_io(struct conn_key *key, struct conn_val *con
 // did not insert itself, inserted within CLOSE_RACE_NS and with no payload seen yet, is that connection's; any
 // other is the closed connection's. (The classic path deletes at sys_enter_close, before the number is free.)
 static __always_inline void close_exit(u64 id, u32 fd) {
-    struct conn_key key = {.tgid = id >> 32, .fd = fd};
-    struct conn_val *conn = tracked_conn(&key);
+    u32 tgid = id >> 32;
+    struct conn *conn = find_conn(tgid, fd);
     if (!conn)
         return;  // the common case: not an accepted connection
-    if (conn->accept_tid != (u32)id && !conn->is_http && bpf_ktime_get_ns() - conn->accept_ts < CLOSE_RACE_NS)
+    if (conn->accept_tid != (u32)id && conn->phase == P_NEW && bpf_ktime_get_ns() - conn->ts < CLOSE_RACE_NS)
         return;
-    forget_conn(&key);
+    forget_conn(tgid, fd);
 }
 
 static __always_inline void http_on_syscall_exit(const struct syscall_exit *call) {
@@ -364,11 +422,13 @@ static __always_inline void http_on_syscall_exit(const struct syscall_exit *call
     default:
         return;
     }
-    struct conn_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = io.fd};
-    struct conn_val *conn = tracked_conn(&key);
-    if (!conn)
-        return;  // the common case: not an accepted connection, nothing more to do
-    inspect_io(&key, conn, io, call->ret);
+    if (call->ret <= 0)
+        return;  // EAGAIN, error or end of stream: nothing was transferred, nothing to look up
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct conn *conn = find_conn(tgid, io.fd);
+    if (!conn || !wants(conn, io.sending))
+        return;  // the common cases: not an accepted connection; a body or the rest of a response
+    inspect_io(tgid, io.fd, conn, io, call->ret);
 }
 
 #else
@@ -398,18 +458,18 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
 #endif
 
 TRACEPOINT_PROBE(syscalls, sys_enter_close) {
-    struct conn_key key = {.tgid = bpf_get_current_pid_tgid() >> 32, .fd = (u32)args->fd};
-    if (tracked_conn(&key))
-        forget_conn(&key);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (find_conn(tgid, (u32)args->fd))
+        forget_conn(tgid, (u32)args->fd);
     return 0;
 }
 
-// recv / send: remember the buffer at entry when the fd is a tracked connection.
+// recv / send: remember the buffer at entry when the fd is a tracked connection in a phase that wants it.
 static __always_inline int io_enter(u64 fd, const void *buf, u16 kind, u16 sending) {
     u64 id = bpf_get_current_pid_tgid();
-    struct conn_key key = {.tgid = id >> 32, .fd = (u32)fd};
-    if (!tracked_conn(&key))
-        return 0;  // the common case: not an accepted connection
+    struct conn *conn = find_conn(id >> 32, (u32)fd);
+    if (!conn || !wants(conn, sending))
+        return 0;  // the common cases: not an accepted connection; a body or the rest of a response
     struct pending p = {.buf = (u64)buf, .fd = (u32)fd, .kind = kind, .sending = sending};
     in_io.update(&id, &p);
     return 0;
@@ -422,8 +482,13 @@ static __always_inline int io_exit(long ret) {
         return 0;
     struct pending io = *p;
     in_io.delete(&id);
-    struct conn_key key = {.tgid = id >> 32, .fd = io.fd};
-    return inspect_io(&key, NULL, io, ret);
+    if (ret <= 0)
+        return 0;
+    u32 tgid = id >> 32;
+    struct conn *conn = find_conn(tgid, io.fd);  // again: another thread may have closed it meanwhile
+    if (conn && wants(conn, io.sending))
+        inspect_io(tgid, io.fd, conn, io, ret);
+    return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { return io_enter(args->fd, args->buf, BUF_PLAIN, 0); }

@@ -17,10 +17,11 @@ import time
 
 import pytest
 
+from otel_ebpf_receiver.kernel.maps import percpu_array_u64
 from otel_ebpf_receiver.probes.http import HttpProbe, listening_port
 from otel_ebpf_receiver.telemetry import STATE_ATTRIBUTE
 
-from .helpers import PYTHON, RENAME_SELF, data_points, make_agent, metric_sum, unique_name
+from .helpers import PYTHON, RENAME_SELF, data_points, make_agent, metric_sum, unique_name, wait_for
 from .otlp_receiver import free_port
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
@@ -103,6 +104,14 @@ def start(code: str, *args: str) -> tuple[subprocess.Popen, int]:
     return proc, int(line)
 
 
+def tracked_connections(probe: HttpProbe) -> tuple[int, int, int]:
+    """(connections held in conn_slots, in the conns overflow hash, the slots' overflow counts summed): the
+    kernel side's per-connection state (bpf/http.bpf.c)."""
+    slots = probe.bpf["conn_slots"]
+    values = [v for v in slots.values()]
+    return sum(1 for v in values if v.owner), len(probe.bpf["conns"]), sum(v.overflow for v in values)
+
+
 def stop(proc: subprocess.Popen) -> None:
     proc.kill()
     proc.wait(timeout=30)
@@ -175,12 +184,14 @@ def test_non_http_streams_are_not_counted(agent):
     assert metric_sum(agent.reader, "otel_ebpf_receiver.http.responses", {"process.executable.name": comm}) == 0
 
 
-def test_comm_filter_watches_only_the_named_processes_and_features_are_exact():
+@pytest.mark.parametrize("force_tracepoint", [False, True], ids=["syscall-hub", "classic-tracepoints"])
+def test_comm_filter_watches_only_the_named_processes_and_features_are_exact(force_tracepoint):
     watched, ignored = unique_name("hw"), unique_name("hi")
-    probe = HttpProbe({"comms": f"{watched}, some-other-name"})
+    probe = HttpProbe({"comms": f"{watched}, some-other-name", "force_tracepoint": force_tracepoint})
     probe.load()
     servers = []
     try:
+        assert probe.mode.startswith("tracepoint" if force_tracepoint else "raw_tracepoint")
         probe.read(1.0)
         for comm in (watched, ignored):
             server, port = start(SERVER, comm)
@@ -205,6 +216,96 @@ def test_comm_filter_watches_only_the_named_processes_and_features_are_exact():
     assert features["http.put_share"] == pytest.approx(9 / 48)
     assert features["http.post_share"] == pytest.approx(9 / 48)
     assert features["http.latency_p99_log1p_ms"] > 0
+
+
+def read_until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"connection closed before {marker!r}: {data!r}"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("force_tracepoint", [False, True], ids=["syscall-hub", "classic-tracepoints"])
+def test_request_bodies_are_not_requests_and_interim_responses_keep_the_request_open(force_tracepoint):
+    # A body that looks like a request line, read by the server in a read of its own, is the body of the pending
+    # request (its connection is in phase REQUEST), not a GET; a 100 Continue is a response, and the final
+    # response after it is counted against the same request.
+    comm = unique_name("hb")
+    probe = HttpProbe({"comms": comm, "force_tracepoint": force_tracepoint})
+    probe.load()
+    try:
+        probe.read(1.0)
+        server, port = start(SERVER, comm)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+                body = b"GET /not-a-request HTTP/1.1\r\n\r\n"
+                c.sendall(b"POST /status/200 HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body))
+                time.sleep(0.2)  # the server reads the headers alone, then the body
+                c.sendall(body)
+                read_until(c, b"x" * 10)
+                c.sendall(b"PUT /status/201 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                          b"Expect: 100-continue\r\n\r\n")
+                assert read_until(c, b"\r\n\r\n").startswith(b"HTTP/1.1 100")
+                c.sendall(b"abcde")
+                assert b"HTTP/1.1 201" in read_until(c, b"x" * 10)
+            time.sleep(0.2)
+            reading = probe.read(1.0)
+        finally:
+            stop(server)
+    finally:
+        probe.close()
+    requests, responses = {}, {}
+    for name, value, attrs in reading.counters:
+        if name == "otel_ebpf_receiver.http.requests":
+            requests[attrs["http.request.method"]] = requests.get(attrs["http.request.method"], 0) + value
+        elif name == "otel_ebpf_receiver.http.responses":
+            responses[attrs["http.response.status_code"]] = value
+    assert requests == {"POST": 1, "PUT": 1}
+    assert responses == {200: 1, 100: 1, 201: 1}
+    durations = {(h_attrs["http.request.method"], h_attrs["otel_ebpf_receiver.http.response.status_class"]):
+                 sum(buckets.values()) for _, buckets, _, h_attrs in reading.histograms}
+    assert durations == {("POST", "2xx"): 1, ("PUT", "1xx"): 1, ("PUT", "2xx"): 1}
+
+
+def test_connections_sharing_a_slot_are_counted_exactly():
+    # 8 slots and 64 connections open at once: at least 56 of them live in the conns overflow hash, the rest in
+    # their slots; every request and response still counts.
+    comm = unique_name("hs")
+    probe = HttpProbe({"comms": comm, "connection_slots": 8})
+    probe.load()
+    try:
+        probe.read(1.0)
+        server, port = start(SERVER, comm)
+        try:
+            clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(64)]
+            try:
+                for _ in range(2):
+                    for c in clients:
+                        c.sendall(b"GET /status/200 HTTP/1.1\r\nHost: x\r\n\r\n")
+                    for c in clients:
+                        read_until(c, b"x" * 10)
+                held, overflow, overflow_counts = tracked_connections(probe)
+            finally:
+                for c in clients:
+                    c.close()
+            reading = probe.read(1.0)
+            # The server closes each connection after its client left: slots freed, overflow entries deleted.
+            wait_for(lambda: tracked_connections(probe) == (0, 0, 0), 10)
+            left = tracked_connections(probe)
+        finally:
+            stop(server)
+        stats = percpu_array_u64(probe.table("stats"))
+    finally:
+        probe.close()
+    assert held + overflow == 64 and overflow >= 56 and overflow_counts >= overflow
+    assert left == (0, 0, 0)
+    assert int(stats[HttpProbe.c_constants["STAT_CONNS_OVERFLOW"]]) == overflow
+    requests = sum(v for n, v, _ in reading.counters if n == "otel_ebpf_receiver.http.requests")
+    responses = sum(v for n, v, _ in reading.counters if n == "otel_ebpf_receiver.http.responses")
+    assert (requests, responses) == (128, 128)
+    assert sum(sum(buckets.values()) for _, buckets, _, _ in reading.histograms) == 128
 
 
 def test_listening_port_is_resolved_from_proc():

@@ -22,7 +22,7 @@ from otel_ebpf_receiver.probes.syscalls import SyscallsProbe
 from otel_ebpf_receiver.probes import syscall_hub
 
 from .helpers import PYTHON, RENAME_SELF, open_file_n_times, syscall_loop, unique_name
-from .test_http_probe import CLIENT, PLAN, SERVER, start, stop
+from .test_http_probe import CLIENT, PLAN, SERVER, start, stop, tracked_connections
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(240)]
 
@@ -150,9 +150,9 @@ def test_http_requests_are_counted_exactly_by_method_and_status_with_all_three_p
             # Every connection was accepted by the server's main thread and closed by a handler thread after
             # the client left: each close, seen at sys_exit, forgot its connection.
             deadline = time.monotonic() + 10
-            while len(http.bpf["conns"]) and time.monotonic() < deadline:
+            while tracked_connections(http)[:2] != (0, 0) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            assert len(http.bpf["conns"]) == 0
+            assert tracked_connections(http) == (0, 0, 0)
         finally:
             stop(server)
     finally:
@@ -201,8 +201,9 @@ def test_reads_and_writes_on_untracked_descriptors_leave_the_http_maps_untouched
 
         def state():
             stats = percpu_array_u64(http.table("stats"))
-            return (len(http.bpf["conns"]), len(http.bpf["requests"]), len(http.bpf["responses"]),
-                    [int(s) for s in stats], sum(v.value for v in http.bpf["servers"].values()))
+            held, overflow, overflow_counts = tracked_connections(http)
+            return (held + overflow, len(http.bpf["requests"]), len(http.bpf["responses"]),
+                    [int(s) for s in stats], overflow_counts)
 
         before = state()
         subprocess.run([PYTHON, "-c", UNTRACKED, comm, "5000"], check=True, timeout=60, capture_output=True)
@@ -211,7 +212,7 @@ def test_reads_and_writes_on_untracked_descriptors_leave_the_http_maps_untouched
         for p in probes:
             p.close()
     conns, requests, responses, stats, servers = after
-    # The per-slot count that lets untracked processes skip the conns lookup went up at accept, down at close.
+    # No connection went to the overflow hash: the slots' overflow counts stay 0.
     assert servers == before[4] == 0
     assert (conns, requests, responses) == (0, 0, 0)  # the accepted one was forgotten at close
     tracked = HttpProbe.c_constants["STAT_PROBE"]

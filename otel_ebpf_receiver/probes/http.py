@@ -1,8 +1,9 @@
 """http: HTTP/1.x requests and responses of server processes on this host — requests per method, responses per
 status code, request latency — from syscall tracepoints, API-aware without kprobes or uprobes.
 
-The kernel side tracks only connections a process accepted, reads at most 16 bytes at the start of each recv and
-send on them, and matches request lines and status lines in the kernel: counters leave the kernel, payload bytes
+The kernel side tracks only connections a process accepted, each in a phase (new, idle, request pending), and
+reads only where an answer can be: the first 8 bytes of a recv while no request is pending, the first 12 of a send
+while one is. It matches request lines and status lines in the kernel: counters leave the kernel, payload bytes
 never do. Ports are resolved here, from the listening socket each connection was accepted on (/proc/<pid>/fd and
 /proc/<pid>/net/tcp{,6}), cached per process.
 
@@ -25,7 +26,7 @@ from ..kernel import log2hist
 from ..kernel.maps import MapSnapshot, percpu_array_u64
 from .base import (COUNTER, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, hook_exists,
                    log1p_rate, ratio)
-from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U32, U64, MapContract, dtype, value_type
+from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_PROBE, STAT_UPDATE_FAILED, U32, U64, MapContract, dtype, value_type
 
 # enum method in bpf/http.bpf.c, by index (M_NONE is "_OTHER", the semantic convention's name for the rest).
 METHODS = ("_OTHER", "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE")
@@ -115,13 +116,17 @@ class HttpProbe(Probe):
     # comms: comma-separated process names whose accepted connections are watched ("" = every process). Applied
     # in the kernel at accept time, so it also removes the per-connection cost of everything else.
     # force_tracepoint: the 16 classic syscall tracepoints even where the syscall hub works.
-    defaults = {"comms": "", "max_connections": 16384, "max_keys": 4096, "force_tracepoint": False}
+    # connection_slots: the direct-mapped connection table's size (0: max_connections rounded up to a power of
+    # two; 32 bytes each): connections whose slot is taken go to a hash of max_connections entries, slower.
+    defaults = {"comms": "", "max_connections": 16384, "connection_slots": 0, "max_keys": 4096,
+                "force_tracepoint": False}
     maps = {"requests": MapContract(key={"tgid": U32, "listen_fd": U32, "method": U32}, value=U64),
             "responses": MapContract(key={"tgid": U32, "listen_fd": U32, "method": "<u2", "status": "<u2"},
                                      value={"count": U64, "sum_ns": U64, "slots": f"({SLOTS},)<u8"}),
             "stats": MapContract(value=U64)}
     c_constants = {**COMMON_STATS, "M_NONE": 0, **{f"M_{m}": i for i, m in enumerate(METHODS) if i},
-                   "LATENCY_SLOTS": SLOTS}
+                   "LATENCY_SLOTS": SLOTS, "STAT_CONNS_TRACKED": STAT_PROBE, "STAT_CONNS_NOT_HTTP": STAT_PROBE + 1,
+                   "STAT_CONNS_OVERFLOW": STAT_PROBE + 2}
     syscall_hub = True
 
     def __init__(self, settings=None) -> None:
@@ -136,7 +141,11 @@ class HttpProbe(Probe):
         return [d for d, name in OPTIONAL_SYSCALLS.items() if all(hook_exists(h) for h in _syscall_pair(name))]
 
     def cflags(self) -> list[str]:
-        flags = [f"-DMAX_CONNS={self.settings['max_connections']}", f"-DMAX_KEYS={self.settings['max_keys']}",
+        max_conns = int(self.settings["max_connections"])
+        slots = int(self.settings["connection_slots"]) or max_conns
+        # conn_slots (bpf/http.bpf.c) has a power of two slots, at least connection_slots.
+        flags = [f"-DMAX_CONNS={max_conns}", f"-DCONN_SLOT_BITS={max(1, (slots - 1).bit_length())}",
+                 f"-DMAX_KEYS={self.settings['max_keys']}",
                  f"-DLATENCY_SLOTS={SLOTS}"] + [f"-D{d}" for d in self.optional_defines()]
         if self.comms:
             flags.append("-DFILTER_COMMS")
