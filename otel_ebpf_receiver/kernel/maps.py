@@ -33,6 +33,10 @@ class MapSnapshot:
         self.keys = (table.Key * self.capacity)()
         self.values = (table.Leaf * self.capacity)()
         self._batch_supported = True
+        # The batch call's arguments, built once: ctypes objects cost more than the call on a small map.
+        self._key_size, self._leaf_size = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
+        self._in_batch, self._out_batch, self._count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        self._first = (ct.byref(self._out_batch), ct.byref(self.keys), ct.byref(self.values), ct.byref(self._count))
 
     def read(self) -> int:
         """Fill the buffers; return how many entries are valid."""
@@ -62,20 +66,17 @@ class MapSnapshot:
 
     def _read_batch(self, delete: bool = False) -> int:
         batch = self._lib.bpf_lookup_and_delete_batch if delete else self._lib.bpf_lookup_batch
-        key_size, leaf_size = ct.sizeof(self.table.Key), ct.sizeof(self.table.Leaf)
-        in_batch = ct.c_uint32(0)
-        out_batch = ct.c_uint32(0)
+        fd, count = self.table.map_fd, self._count
         total = 0
         while total < self.capacity:
-            count = ct.c_uint32(self.capacity - total)
-            res = batch(
-                self.table.map_fd,
-                ct.byref(in_batch) if total else None,
-                ct.byref(out_batch),
-                ct.byref(self.keys, key_size * total),
-                ct.byref(self.values, leaf_size * total),
-                ct.byref(count),
-            )
+            count.value = self.capacity - total
+            if total == 0:
+                res = batch(fd, None, *self._first)
+            else:  # the kernel stopped early (its buffer, a signal): go on from where it stopped
+                self._in_batch.value = self._out_batch.value
+                res = batch(fd, ct.byref(self._in_batch), ct.byref(self._out_batch),
+                            ct.byref(self.keys, self._key_size * total), ct.byref(self.values, self._leaf_size * total),
+                            ct.byref(count))
             err = -res if res < 0 else ct.get_errno()  # libbpf returns -errno and also sets errno
             total += count.value
             if res != 0:
@@ -84,7 +85,6 @@ class MapSnapshot:
                 raise OSError(err, f"BPF_MAP_LOOKUP{'_AND_DELETE' if delete else ''}_BATCH on {self.table.name!r}")
             if count.value == 0:
                 break
-            in_batch.value = out_batch.value
         return total
 
     def _read_iter(self) -> int:
@@ -176,8 +176,7 @@ class KeyedDeltas:
             words = padded.view(np.uint64)
         else:
             words = np.frombuffer(snapshot.keys, dtype=np.uint64, count=count * key_size // 8).reshape(count, -1)
-        with np.errstate(over="ignore"):
-            return (words * _FOLD[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
+        return (words * _FOLD[: words.shape[1]]).sum(axis=1, dtype=np.uint64)  # arrays wrap mod 2^64 silently
 
     def update(self, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Increase of each current key since the previous call (same order as ``ids``). ``values`` is (n,) or

@@ -127,17 +127,22 @@ class SyscallsProbe(Probe):
         deltas = counts - self._calls  # u64 totals only grow (the array is never cleared)
         self._calls = counts
         moved = np.flatnonzero(deltas)
-        total_calls = float(deltas.sum())
-        reading.counters.extend(("otel_ebpf_receiver.syscalls", int(deltas[nr]), self._call_attrs(int(nr)))
-                                for nr in moved)
+        increases = deltas[moved].tolist()
+        total_calls = float(sum(increases))
+        attrs = self._attrs
+        reading.counters.extend(("otel_ebpf_receiver.syscalls", increase, attrs.get(nr) or self._call_attrs(nr))
+                                for nr, increase in zip(moved.tolist(), increases))
 
         snap = self._snapshots["syscall_errors"]
         n = snap.read()  # cumulative (exact); a plain hash: keys are never evicted
         keys = np.frombuffer(snap.keys, dtype=np.uint64, count=n).copy()
         error_deltas = self._errors.update(keys, snap.u64_values(n, self._ncpu_possible))
-        total_errors = float(error_deltas.sum())
-        reading.counters.extend(("otel_ebpf_receiver.syscalls.failed", int(error_deltas[i]),
-                                 self._error_attrs(int(keys[i]))) for i in np.flatnonzero(error_deltas))
+        moved = np.flatnonzero(error_deltas)
+        increases = error_deltas[moved].tolist()
+        total_errors = float(sum(increases))
+        reading.counters.extend(("otel_ebpf_receiver.syscalls.failed", increase,
+                                 attrs.get(key) or self._error_attrs(key))
+                                for key, increase in zip(keys[moved].tolist(), increases))
 
         stats = percpu_array_u64(self.table("stats"))  # before the drain: inserted keys it counts were drained
         snap = self._snapshots["process_counts"]
