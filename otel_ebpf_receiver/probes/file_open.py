@@ -54,7 +54,7 @@ class FileOpenProbe(Probe):
         self.top_n = self.settings["top_paths"]
         self.max_paths = self.settings["max_paths"]
         self._comms = KeyedDeltas()  # (opens, failed) per process name, cumulative in the kernel
-        self._attrs: dict[int, dict[str, str]] = {}  # comm key id -> attributes
+        self._attrs: dict[bytes, dict[str, str]] = {}  # comm -> attributes
         self._drained = 0  # path_counts entries drained since load (evictions = inserted - drained)
         self._evictions = 0
         self._ncpu = os.cpu_count() or 1
@@ -79,17 +79,19 @@ class FileOpenProbe(Probe):
         reading = Reading()
         snap = self._comm_snapshot
         n = snap.read()
-        ids = KeyedDeltas.key_ids(snap, n)
         # struct open_counts {opens, failed} per CPU -> (n, 2) totals
         totals = np.frombuffer(snap.values, dtype=np.uint64, count=n * self._comm_cpus * 2).reshape(
             n, self._comm_cpus, 2).sum(axis=1, dtype=np.uint64)
-        deltas = self._comms.update(ids, totals)
-        total_opens, total_failed = (float(x) for x in deltas.sum(axis=0, dtype=np.uint64)) if n else (0.0, 0.0)
-        for i in np.flatnonzero(deltas.any(axis=1)):
-            attrs = self._attrs.get(int(ids[i]))
+        deltas = self._comms.update_snapshot(snap, n, totals)
+        moved = np.flatnonzero(deltas.any(axis=1))
+        increases = deltas[moved].tolist()
+        total_opens = float(sum(d[0] for d in increases))
+        total_failed = float(sum(d[1] for d in increases))
+        for i, (d_opens, d_failed) in zip(moved.tolist(), increases):
+            comm = snap.keys[i].comm  # bytes up to the NUL
+            attrs = self._attrs.get(comm)
             if attrs is None:
-                attrs = self._attrs[int(ids[i])] = {"process.executable.name": decode_comm(snap.keys[i].comm)}
-            d_opens, d_failed = int(deltas[i, 0]), int(deltas[i, 1])
+                attrs = self._attrs[comm] = {"process.executable.name": decode_comm(comm)}
             if d_opens:
                 reading.counters.append(("otel_ebpf_receiver.file_opens", d_opens, attrs))
             if d_failed:

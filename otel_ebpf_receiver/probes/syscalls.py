@@ -135,14 +135,13 @@ class SyscallsProbe(Probe):
 
         snap = self._snapshots["syscall_errors"]
         n = snap.read()  # cumulative (exact); a plain hash: keys are never evicted
-        keys = np.frombuffer(snap.keys, dtype=np.uint64, count=n).copy()
-        error_deltas = self._errors.update(keys, snap.u64_values(n, self._ncpu_possible))
+        error_deltas = self._errors.update_snapshot(snap, n, snap.u64_values(n, self._ncpu_possible))
         moved = np.flatnonzero(error_deltas)
         increases = error_deltas[moved].tolist()
         total_errors = float(sum(increases))
+        keys = np.frombuffer(snap.keys, dtype=np.uint64, count=n)[moved].tolist()  # struct error_key as one u64
         reading.counters.extend(("otel_ebpf_receiver.syscalls.failed", increase,
-                                 attrs.get(key) or self._error_attrs(key))
-                                for key, increase in zip(keys[moved].tolist(), increases))
+                                 attrs.get(key) or self._error_attrs(key)) for key, increase in zip(keys, increases))
 
         stats = percpu_array_u64(self.table("stats"))  # before the drain: inserted keys it counts were drained
         snap = self._snapshots["process_counts"]
