@@ -146,3 +146,21 @@ def test_drained_paths_count_each_window_exactly_and_a_full_map_counts_evictions
             assert after.map_evictions >= reading.map_evictions
     finally:
         probe.close()
+
+
+def test_top_process_names_are_reused_while_in_the_top_and_read_again_at_least_every_refresh():
+    from otel_ebpf_receiver.probes.syscalls import TopNames
+
+    reads: list[int] = []
+    names = {1: "old", 2: "two"}
+    top = TopNames(read=lambda pid: reads.append(pid) or names[pid], refresh=3)
+    for window in range(7):
+        top.next_window()
+        assert top.name(1) in ("old", "new")
+        if window == 1:
+            names[1] = "new"  # an exec while it stays in the top: shown once read again
+        if window in (0, 4):
+            assert top.name(2) == "two"  # left the top in between: read afresh when it comes back
+    assert reads == [1, 2, 1, 2, 1]  # pid 1 at windows 0, 3, 6; pid 2 each time it entered the top
+    top.next_window()
+    assert top.name(1) == "new"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from .base import COUNTER, GAUGE, Feature, Hook, Metric, Probe, Reading, TopItem
 from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U32, U64, MapContract
 
 MAX_SYSCALLS = 512  # x86_64 has ~460; all are read each window, with one lookup
+NAME_REFRESH_WINDOWS = 10  # a top process's name is read again from /proc at least this often
 SYSCALL_NAME = "otel_ebpf_receiver.syscall.name"  # no semantic-convention attribute names a syscall
 
 
@@ -50,6 +52,29 @@ def process_name(pid: int) -> str:
         return "[exited]"
     finally:
         os.close(fd)
+
+
+class TopNames:
+    """Names of the top processes, from /proc, reused while a process stays in the top N for up to ``refresh``
+    windows: five procfs reads were a fifth of this probe's window. A process that stays busy across an exec shows
+    its old name for at most that many windows; one that enters the top is always read afresh."""
+
+    def __init__(self, read: Callable[[int], str] = process_name, refresh: int = NAME_REFRESH_WINDOWS) -> None:
+        self._read, self._refresh = read, refresh
+        self._window = 0
+        self._last: dict[int, tuple[str, int]] = {}  # last window's top: pid -> (name, window it was read)
+        self._this: dict[int, tuple[str, int]] = {}
+
+    def next_window(self) -> None:
+        self._window += 1
+        self._last, self._this = self._this, {}
+
+    def name(self, pid: int) -> str:
+        cached = self._last.get(pid)
+        if cached is None or cached[1] <= self._window - self._refresh:
+            cached = (self._read(pid), self._window)
+        self._this[pid] = cached
+        return cached[0]
 
 
 class SyscallsProbe(Probe):
@@ -93,6 +118,7 @@ class SyscallsProbe(Probe):
         self._ncpu_possible = possible_cpus()
         self._snapshots: dict[str, MapSnapshot] = {}
         self._counts: PerCpuSlots | None = None
+        self._top_names = TopNames()
         self._drained = 0  # process_counts entries drained since load (evictions = inserted - drained)
         self._evictions = 0
         self._ncpu = os.cpu_count() or 1
@@ -150,10 +176,11 @@ class SyscallsProbe(Probe):
         pids = snap.u32_keys(n)
         samples = snap.u64_values(n, self._ncpu_possible)
         top = top_indices(samples, self.top_n)
+        self._top_names.next_window()
         active = int(np.count_nonzero(samples))
         for i in top:
             pid, rate = int(pids[i]), float(samples[i]) / seconds
-            command = process_name(pid)
+            command = self._top_names.name(pid)
             reading.top.append(TopItem(f"{command} (pid {pid})", rate, "calls/s"))
             reading.gauges.append(("otel_ebpf_receiver.syscalls.top_process.rate", rate,
                                    {"process.pid": pid, "process.executable.name": command}))
