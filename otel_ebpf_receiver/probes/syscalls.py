@@ -98,7 +98,8 @@ class SyscallsProbe(Probe):
     )
 
     # force_tracepoint: use the classic tracepoint even where the syscall hub's raw tracepoint works.
-    # process_sample_shift: per-process counts are sampled every 2^shift calls (0 = count every call, exact).
+    # process_sample_shift: per-process counts are sampled every 2^shift calls (0 = count every call; the map is
+    # drained each window, so an increment racing with the drain may still be lost).
     defaults = {"top_processes": 5, "max_processes": 4096, "force_tracepoint": False, "process_sample_shift": 6}
     maps = {"syscall_counts": MapContract(value={"count": f"({MAX_SYSCALLS},)<u8"}),
             "syscall_errors": MapContract(key={"nr": None, "err": None}, value=U64),
