@@ -60,10 +60,11 @@ def test_top_indices_largest_first_and_only_positive():
 def test_per_cpu_slots_and_a_drained_map_read_what_was_written():
     from bcc import BPF
 
-    from otel_ebpf_receiver.kernel.maps import MapSnapshot, PerCpuSlots
+    from otel_ebpf_receiver.kernel.maps import MapSnapshot, PerCpuSlots, percpu_array_u64
 
     bpf = BPF(text="struct slots { u64 count[16]; };\n"
                    "BPF_PERCPU_ARRAY(slots, struct slots, 1);\n"
+                   "BPF_PERCPU_ARRAY(health, u64, 8);\n"
                    'BPF_TABLE("lru_hash", u32, u64, drained, 64);\n')
     try:
         table = bpf["slots"]
@@ -75,6 +76,13 @@ def test_per_cpu_slots_and_a_drained_map_read_what_was_written():
         totals = PerCpuSlots(table).read()
         ncpu = len(value)
         assert totals[3] == sum(10 + c for c in range(ncpu)) and totals[15] == ncpu and totals.sum() == totals[3] + ncpu
+
+        health = bpf["health"]
+        per_cpu = health.Leaf()
+        for cpu in range(ncpu):
+            per_cpu[cpu] = 1 << (8 * cpu)
+        health[health.Key(1)] = per_cpu
+        assert percpu_array_u64(health) == [0, sum(1 << (8 * c) for c in range(ncpu)), 0, 0, 0, 0, 0, 0]
 
         drained = bpf["drained"]
         snap = MapSnapshot(drained)

@@ -133,18 +133,23 @@ def possible_cpus() -> int:
     return len(get_possible_cpus())
 
 
-def percpu_array_u64(table: Any) -> np.ndarray:
-    """All slots of a per-CPU u64 array, summed over CPUs (buffers reused across windows)."""
+def percpu_array_u64(table: Any) -> list[int]:
+    """All slots of a per-CPU u64 array, summed over CPUs, as Python ints (buffers reused across windows).
+
+    A list, not a numpy array: callers index a few slots (map-health counters, a probe's totals), and after the
+    interval's pause each numpy call costs tens of µs of cold caches, more than this read itself."""
     snap = getattr(table, "_oer_snapshot", None)
     if snap is None:
         snap = table._oer_snapshot = MapSnapshot(table)
     n = snap.read()
     ncpu = ct.sizeof(table.Leaf) // 8
+    flat = memoryview(snap.values).cast("B").cast("Q")[: n * ncpu].tolist()
+    per_slot = flat if ncpu == 1 else list(map(sum, zip(*[iter(flat)] * ncpu)))
     if n == table.max_entries:  # an array's batch returns every slot, in index order
-        return snap.u64_values(n, ncpu)
-    totals = np.zeros(table.max_entries, dtype=np.uint64)
-    keys = snap.u32_keys(n)
-    totals[keys] = snap.u64_values(n, ncpu)
+        return per_slot
+    totals = [0] * table.max_entries
+    for key, total in zip(snap.u32_keys(n).tolist(), per_slot):
+        totals[key] = total
     return totals
 
 
