@@ -51,6 +51,30 @@ def test_keyed_deltas_of_an_empty_map():
     assert deltas.update(ids(), ids()).tolist() == []
 
 
+class FakeSnapshot:
+    """What update_snapshot reads of a MapSnapshot: the keys buffer and the table's key type."""
+
+    def __init__(self, keys: list[int]) -> None:
+        import ctypes as ct
+
+        self.table = type("Table", (), {"Key": ct.c_uint64})
+        self.keys = (ct.c_uint64 * max(len(keys), 1))(*keys)
+
+
+def test_keyed_deltas_from_snapshots_fast_and_slow_paths_agree_and_start_empty():
+    deltas = KeyedDeltas()
+    pairs = lambda *rows: np.array(rows, dtype=U64).reshape(-1, 2)  # noqa: E731
+    assert deltas.update_snapshot(FakeSnapshot([]), 0, pairs()).shape == (0, 2)  # nothing opened yet
+    assert deltas.update_snapshot(FakeSnapshot([4, 9]), 2, pairs((3, 1), (5, 0))).tolist() == [[3, 1], [5, 0]]
+    # same keys, same order: matched by their bytes
+    assert deltas.update_snapshot(FakeSnapshot([4, 9]), 2, pairs((4, 1), (7, 2))).tolist() == [[1, 0], [2, 2]]
+    # a new key, the order changed: matched by id
+    assert deltas.update_snapshot(FakeSnapshot([9, 1, 4]), 3, pairs((8, 2), (6, 6), (4, 1))).tolist() == \
+        [[1, 0], [6, 6], [0, 0]]
+    assert deltas.update_snapshot(FakeSnapshot([9, 1, 4]), 3, pairs((9, 2), (6, 6), (4, 3))).tolist() == \
+        [[1, 0], [0, 0], [0, 2]]
+
+
 def test_top_indices_largest_first_and_only_positive():
     assert top_indices(ids(0, 5, 1, 9, 0), 2).tolist() == [3, 1]
     assert top_indices(ids(0, 0), 3).tolist() == []

@@ -170,13 +170,13 @@ class KeyedDeltas:
     def __init__(self) -> None:
         self._ids = np.zeros(0, dtype=np.uint64)      # the previous snapshot, in the map's order
         self._values = np.zeros(0, dtype=np.uint64)
-        self._raw = b""                               # its keys' bytes (see update_snapshot)
+        self._raw: bytes | None = None                # its keys' bytes (see update_snapshot)
 
     def update_snapshot(self, snapshot: MapSnapshot, count: int, values: np.ndarray) -> np.ndarray:
         """:meth:`update` for the first ``count`` keys of a snapshot. The usual window of a cumulative map has the
         same keys in the same order as the last one: one bytes comparison then stands for matching them."""
         raw = ct.string_at(snapshot.keys, count * ct.sizeof(snapshot.table.Key))
-        if raw == self._raw:
+        if raw == self._raw and self._values.shape == values.shape:
             previous = self._values
             deltas = np.where(values >= previous, values - previous, values)
             self._values = values.copy()
@@ -193,13 +193,14 @@ class KeyedDeltas:
             padded[:, :key_size] = raw
             words = padded.view(np.uint64)
         else:
-            words = np.frombuffer(snapshot.keys, dtype=np.uint64, count=count * key_size // 8).reshape(count, -1)
+            words = np.frombuffer(snapshot.keys, dtype=np.uint64, count=count * key_size // 8).reshape(
+                count, key_size // 8)  # not -1: an empty map has no rows to infer it from
         return (words * _FOLD[: words.shape[1]]).sum(axis=1, dtype=np.uint64)  # arrays wrap mod 2^64 silently
 
     def update(self, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
         """Increase of each current key since the previous call (same order as ``ids``). ``values`` is (n,) or
         (n, columns): each column is compared on its own."""
-        if len(ids) == len(self._ids) and np.array_equal(ids, self._ids):
+        if self._values.shape == values.shape and np.array_equal(ids, self._ids):
             previous = self._values  # the usual window: no key came or went, and a hash iterates in the same order
         else:
             previous = np.zeros_like(values)
