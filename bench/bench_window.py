@@ -7,6 +7,10 @@ Windows are stepped with a short gap while the host does its ordinary work, so t
 keys; the table gives the median and p99 of Agent.step() and its parts in wall-clock time, and the median of the
 CPU time this thread spent on them (time.thread_time): on a busy host the wall clock also counts the time the
 scheduler gave other processes, the CPU time does not. Pin it (`taskset -c 0`) as the README does.
+
+The last row steps the agent once more right after each measured window: the same code with warm caches and
+almost nothing new in the maps. The difference to the whole window is mostly what it costs to bring code and data
+back into the caches after the pause, which this machine kind charges whatever the agent does.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ def main() -> int:
     infer: list[tuple[float, float]] = []
     record: list[tuple[float, float]] = []
     whole: list[tuple[float, float]] = []
+    again: list[tuple[float, float]] = []
     wall, cpu = time.perf_counter, time.thread_time
 
     def timed(into: list, work):
@@ -67,6 +72,8 @@ def main() -> int:
                 timed(infer, lambda: model.predict(window.values))
             time.sleep(args.gap)
             timed(whole, lambda: agent.step(1.0))
+            # the same step again at once: caches warm, and nearly nothing new in the maps (a floor, not a window)
+            timed(again, lambda: agent.step(1.0))
     finally:
         agent.close()
     print(f"\nPer-window cost, {args.windows} windows, probes: {', '.join(p.name for p in probes)}\n")
@@ -85,6 +92,7 @@ def main() -> int:
         row("state model inference (onnxruntime)", infer)
     row("record into the SDK (counters, gauges, histograms, self-metrics)", record)
     row("whole window (read + features + infer + record)", whole, bold=True)
+    row("the same step again right after (warm caches, maps nearly empty: a floor)", again)
     print(f"\nLoad average at the end: {' '.join(open('/proc/loadavg').read().split()[:3])}")
     share = statistics.median(v[0] for v in whole) / config.interval * 100
     print(f"\nAt a {config.interval:g} s interval that is {share:.3f} % of one core.")
