@@ -2,8 +2,9 @@
 //
 // The path is read at sys_exit, when we know whether the open succeeded; user memory is still mapped then. In the
 // syscall hub (SYSCALL_HUB, bpf/syscall_hub.bpf.c) the path pointer is still in the saved registers at exit; with
-// the classic tracepoints it is saved at sys_enter. Paths are unbounded keys, so they live in an LRU map and
-// user space counts what was evicted (new keys inserted minus entries present).
+// the classic tracepoints it is saved at sys_enter. Paths are unbounded keys, so they live in an LRU map that user
+// space drains each window (only the top paths are reported); it counts what was evicted as new keys inserted minus
+// entries drained. The counts per process name stay cumulative (exact) and are never deleted.
 #include <linux/sched.h>
 
 #include "common.bpf.h"
@@ -16,7 +17,7 @@
 #define MAX_COMMS 4096
 #endif
 #ifndef MAX_PATHS
-#define MAX_PATHS 8192
+#define MAX_PATHS 4096  // distinct paths opened in one window (drained each window)
 #endif
 #ifndef PATH_BYTES
 #define PATH_BYTES 128

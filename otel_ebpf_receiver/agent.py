@@ -18,7 +18,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from .config import Config
 from .features import FeatureWindow, merge
@@ -227,8 +227,11 @@ class Agent:
         gauge_state: dict[str, dict[str, str]] = {}
         all_readings = [(r, state) for r in readings.values()] + [(s.read(seconds), decided) for s in self.sources]
         for reading, attributes in all_readings:
+            by_metric: dict[str, list[tuple[float, Mapping[str, Any]]]] = {}
             for metric, value, attrs in reading.counters:
-                self.sink.add(metric, value, attrs, attributes)
+                by_metric.setdefault(metric, []).append((value, attrs))
+            for metric, increases in by_metric.items():
+                self.sink.add_all(metric, increases, attributes)
             for metric, value, attrs in reading.gauges:
                 gauges[metric].append((value, attrs))
                 gauge_state[metric] = attributes

@@ -370,6 +370,10 @@ class MetricSink:
         self.meter = meter
         self.cardinality_limit = cardinality_limit
         self._counters: dict[str, dict[frozenset, list]] = {}  # name -> attribute set -> [attributes, total]
+        # (name, state items, attribute items) as given -> the same [attributes, total] entry: a window's adds then
+        # skip building the merged dict and its frozenset (most series come back every window). Only series under
+        # the cardinality limit are remembered, so this stays as bounded as the series themselves.
+        self._entries: dict[tuple, list] = {}
         self._histograms: dict[str, Any] = {}
         self._latest: dict[str, list[tuple[float, dict[str, Any]]]] = {}
         self._lock = threading.Lock()
@@ -409,23 +413,36 @@ class MetricSink:
         return observe
 
     def add(self, name: str, value: float, attributes: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-        if not value:
-            return
-        if value < 0:  # what the SDK's Counter.add does with one: drop it, say so
-            log.warning("counter %s: negative increase %r dropped", name, value)
-            return
-        merged = {**attributes, **state}
-        key = frozenset(merged.items())
+        self.add_all(name, ((value, attributes),), state)
+
+    def add_all(self, name: str, increases: Iterable[tuple[float, Mapping[str, Any]]],
+                state: Mapping[str, Any]) -> None:
+        """Add each (increase, attributes) of one counter, all with the same state attributes, under one lock."""
+        state_items = tuple(state.items())
+        entries = self._entries
         with self._lock:
             series = self._counters[name]
-            entry = series.get(key)
-            if entry is None:
-                if len(series) >= self.cardinality_limit:  # as the SDK: the limit, then one overflow series
-                    key, merged = OVERFLOW_KEY, dict(OVERFLOW_ATTRIBUTES)
-                    entry = series.get(key)
+            for value, attributes in increases:
+                if not value:
+                    continue
+                if value < 0:  # what the SDK's Counter.add does with one: drop it, say so
+                    log.warning("counter %s: negative increase %r dropped", name, value)
+                    continue
+                fast = (name, state_items, tuple(attributes.items()))
+                entry = entries.get(fast)
                 if entry is None:
-                    entry = series[key] = [merged, 0]
-            entry[1] += value
+                    merged = {**attributes, **state}
+                    key = frozenset(merged.items())
+                    entry = series.get(key)
+                    if entry is None:
+                        if len(series) >= self.cardinality_limit:  # as the SDK: the limit, then one overflow series
+                            key, merged = OVERFLOW_KEY, dict(OVERFLOW_ATTRIBUTES)
+                            entry = series.get(key)
+                        if entry is None:
+                            entry = series[key] = [merged, 0]
+                    if key is not OVERFLOW_KEY:
+                        entries[fast] = entry
+                entry[1] += value
 
     def set_gauges(self, values: Mapping[str, list[tuple[float, Mapping[str, Any]]]], state: Mapping[str, Any]) -> None:
         """Replace the latest values of the given gauges (each list is this window's complete set). A gauge keeps

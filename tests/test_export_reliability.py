@@ -186,6 +186,28 @@ def test_a_flood_of_forged_sources_keeps_every_metric_within_the_cap():
         assert sum(p.value for n, p in points if n == "test.packets") == 2 * 400 * (window + 1)
 
 
+def test_a_windows_adds_in_one_call_total_as_single_adds_and_remember_only_capped_series():
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry("none", metric_readers=[reader], cardinality_limit=CAP)
+    sink = MetricSink(telemetry.meter, [Metric("test.calls", COUNTER, "{call}", "d", ("name", "error.type"))],
+                      cardinality_limit=CAP)
+    other_state = {"system.state": "overloaded"}
+    for window in range(3):
+        sink.add_all("test.calls", [(5, {"name": "read"}), (0, {"name": "idle"}), (-1, {"name": "bad"}),
+                                    (2, {"name": "close", "error.type": "EBADF"})], STATE)
+        # the same series with its attributes in another order: one series, not two
+        sink.add("test.calls", 1, {"error.type": "EBADF", "name": "close"}, STATE)
+        sink.add_all("test.calls", [(7, {"name": "read"})], other_state)
+    points = {(p.attributes.get("name"), p.attributes.get("error.type"), p.attributes["system.state"]): p.value
+              for n, p in data_points(reader) if n == "test.calls"}
+    assert points == {("read", None, "normal"): 15, ("close", "EBADF", "normal"): 9, ("read", None, "overloaded"): 21}
+    # a flood past the cap goes to the overflow series and is not remembered per attribute set
+    sink.add_all("test.calls", [(1, {"name": f"n{i}"}) for i in range(1000)], STATE)
+    assert len(sink._entries) <= CAP + 2
+    total = sum(p.value for n, p in data_points(reader) if n == "test.calls")
+    assert total == 15 + 9 + 21 + 1000
+
+
 def test_the_cap_is_a_setting_with_the_specs_default(tmp_path):
     assert Config().max_series_per_metric == 2000
     path = tmp_path / "c.yaml"

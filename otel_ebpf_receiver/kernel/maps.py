@@ -1,8 +1,15 @@
-"""Fast, read-only snapshots of bcc maps.
+"""Fast snapshots of bcc maps.
 
 bcc's ``items()`` makes one bpf() syscall and several Python objects per entry; a 10,240-entry per-CPU map then
 costs milliseconds per window. Here one BPF_MAP_LOOKUP_BATCH call (kernel ≥ 5.6) fills preallocated buffers
 that numpy views without copying, and entries are only turned into Python objects for the few keys we report.
+
+What a read costs in the kernel (measured on this machine kind, 2 CPUs): a hash map's batch walks every bucket,
+~3 ns per empty one (a 10,240-entry map has 16,384 buckets: ~45 µs even when empty) and ~150 ns per entry; an
+array's batch copies its elements one by one (~170 ns each: 512 per-CPU u64 slots, ~90 µs). Counters that are
+read all together therefore live in one array element holding a struct (:class:`PerCpuSlots`: one lookup, ~3 µs),
+and maps keyed by what comes and goes (processes, paths) are drained each window where their counts may be
+approximate (:meth:`MapSnapshot.drain`).
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ class MapSnapshot:
         self.keys = (table.Key * self.capacity)()
         self.values = (table.Leaf * self.capacity)()
         self._batch_supported = True
+        # The batch call's arguments, built once: ctypes objects cost more than the call on a small map.
+        self._key_size, self._leaf_size = ct.sizeof(table.Key), ct.sizeof(table.Leaf)
+        self._in_batch, self._out_batch, self._count = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        self._first = (ct.byref(self._out_batch), ct.byref(self.keys), ct.byref(self.values), ct.byref(self._count))
 
     def read(self) -> int:
         """Fill the buffers; return how many entries are valid."""
@@ -55,20 +66,17 @@ class MapSnapshot:
 
     def _read_batch(self, delete: bool = False) -> int:
         batch = self._lib.bpf_lookup_and_delete_batch if delete else self._lib.bpf_lookup_batch
-        key_size, leaf_size = ct.sizeof(self.table.Key), ct.sizeof(self.table.Leaf)
-        in_batch = ct.c_uint32(0)
-        out_batch = ct.c_uint32(0)
+        fd, count = self.table.map_fd, self._count
         total = 0
         while total < self.capacity:
-            count = ct.c_uint32(self.capacity - total)
-            res = batch(
-                self.table.map_fd,
-                ct.byref(in_batch) if total else None,
-                ct.byref(out_batch),
-                ct.byref(self.keys, key_size * total),
-                ct.byref(self.values, leaf_size * total),
-                ct.byref(count),
-            )
+            count.value = self.capacity - total
+            if total == 0:
+                res = batch(fd, None, *self._first)
+            else:  # the kernel stopped early (its buffer, a signal): go on from where it stopped
+                self._in_batch.value = self._out_batch.value
+                res = batch(fd, ct.byref(self._in_batch), ct.byref(self._out_batch),
+                            ct.byref(self.keys, self._key_size * total), ct.byref(self.values, self._leaf_size * total),
+                            ct.byref(count))
             err = -res if res < 0 else ct.get_errno()  # libbpf returns -errno and also sets errno
             total += count.value
             if res != 0:
@@ -77,7 +85,6 @@ class MapSnapshot:
                 raise OSError(err, f"BPF_MAP_LOOKUP{'_AND_DELETE' if delete else ''}_BATCH on {self.table.name!r}")
             if count.value == 0:
                 break
-            in_batch.value = out_batch.value
         return total
 
     def _read_iter(self) -> int:
@@ -99,22 +106,50 @@ class MapSnapshot:
         return np.frombuffer(self.keys, dtype=np.uint32, count=count).copy()
 
 
+class PerCpuSlots:
+    """One element of a per-CPU array whose value is a struct of u64 counters (``struct { u64 count[N]; }``),
+    read with one BPF_MAP_LOOKUP_ELEM into a reused buffer and summed over CPUs: (N,) u64 totals."""
+
+    def __init__(self, table: Any, index: int = 0) -> None:
+        from bcc import libbcc
+
+        self._lib = libbcc.lib
+        self.table = table
+        self._key = table.Key(index)
+        self._value = table.Leaf()  # bcc: one sLeaf per possible CPU
+        ncpu = ct.sizeof(table.Leaf) // ct.sizeof(table.sLeaf)
+        self._view = np.frombuffer(self._value, dtype=np.uint64).reshape(ncpu, -1)
+
+    def read(self) -> np.ndarray:
+        if self._lib.bpf_lookup_elem(self.table.map_fd, ct.byref(self._key), ct.byref(self._value)) < 0:
+            err = ct.get_errno()
+            raise OSError(err, f"BPF_MAP_LOOKUP_ELEM on {self.table.name!r}")
+        return self._view.sum(axis=0, dtype=np.uint64)
+
+
 def possible_cpus() -> int:
     from bcc.utils import get_possible_cpus
 
     return len(get_possible_cpus())
 
 
-def percpu_array_u64(table: Any) -> np.ndarray:
-    """All slots of a per-CPU u64 array, summed over CPUs (buffers reused across windows)."""
+def percpu_array_u64(table: Any) -> list[int]:
+    """All slots of a per-CPU u64 array, summed over CPUs, as Python ints (buffers reused across windows).
+
+    A list, not a numpy array: callers index a few slots (map-health counters, a probe's totals), and after the
+    interval's pause each numpy call costs tens of µs of cold caches, more than this read itself."""
     snap = getattr(table, "_oer_snapshot", None)
     if snap is None:
         snap = table._oer_snapshot = MapSnapshot(table)
     n = snap.read()
     ncpu = ct.sizeof(table.Leaf) // 8
-    totals = np.zeros(table.max_entries, dtype=np.uint64)
-    keys = snap.u32_keys(n)
-    totals[keys] = snap.u64_values(n, ncpu)
+    flat = memoryview(snap.values).cast("B").cast("Q")[: n * ncpu].tolist()
+    per_slot = flat if ncpu == 1 else list(map(sum, zip(*[iter(flat)] * ncpu)))
+    if n == table.max_entries:  # an array's batch returns every slot, in index order
+        return per_slot
+    totals = [0] * table.max_entries
+    for key, total in zip(snap.u32_keys(n).tolist(), per_slot):
+        totals[key] = total
     return totals
 
 
@@ -133,8 +168,21 @@ class KeyedDeltas:
     """
 
     def __init__(self) -> None:
-        self._ids = np.zeros(0, dtype=np.uint64)
+        self._ids = np.zeros(0, dtype=np.uint64)      # the previous snapshot, in the map's order
         self._values = np.zeros(0, dtype=np.uint64)
+        self._raw: bytes | None = None                # its keys' bytes (see update_snapshot)
+
+    def update_snapshot(self, snapshot: MapSnapshot, count: int, values: np.ndarray) -> np.ndarray:
+        """:meth:`update` for the first ``count`` keys of a snapshot. The usual window of a cumulative map has the
+        same keys in the same order as the last one: one bytes comparison then stands for matching them."""
+        raw = ct.string_at(snapshot.keys, count * ct.sizeof(snapshot.table.Key))
+        if raw == self._raw and self._values.shape == values.shape:
+            previous = self._values
+            deltas = np.where(values >= previous, values - previous, values)
+            self._values = values.copy()
+            return deltas
+        self._raw = raw
+        return self.update(self.key_ids(snapshot, count), values)
 
     @staticmethod
     def key_ids(snapshot: MapSnapshot, count: int) -> np.ndarray:
@@ -145,26 +193,34 @@ class KeyedDeltas:
             padded[:, :key_size] = raw
             words = padded.view(np.uint64)
         else:
-            words = np.frombuffer(snapshot.keys, dtype=np.uint64, count=count * key_size // 8).reshape(count, -1)
-        with np.errstate(over="ignore"):
-            return (words * _FOLD[: words.shape[1]]).sum(axis=1, dtype=np.uint64)
+            words = np.frombuffer(snapshot.keys, dtype=np.uint64, count=count * key_size // 8).reshape(
+                count, key_size // 8)  # not -1: an empty map has no rows to infer it from
+        return (words * _FOLD[: words.shape[1]]).sum(axis=1, dtype=np.uint64)  # arrays wrap mod 2^64 silently
 
     def update(self, ids: np.ndarray, values: np.ndarray) -> np.ndarray:
-        """Increase of each current key since the previous call (same order as ``ids``)."""
-        previous = np.zeros_like(values)
-        if len(self._ids) and len(ids):
-            pos = np.searchsorted(self._ids, ids)
-            pos_clipped = np.minimum(pos, len(self._ids) - 1)
-            found = self._ids[pos_clipped] == ids
-            previous[found] = self._values[pos_clipped[found]]
+        """Increase of each current key since the previous call (same order as ``ids``). ``values`` is (n,) or
+        (n, columns): each column is compared on its own."""
+        if self._values.shape == values.shape and np.array_equal(ids, self._ids):
+            previous = self._values  # the usual window: no key came or went, and a hash iterates in the same order
+        else:
+            previous = np.zeros_like(values)
+            if len(self._ids) and len(ids):
+                order = np.argsort(self._ids)
+                sorted_ids = self._ids[order]
+                pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+                found = sorted_ids[pos] == ids
+                previous[found] = self._values[order[pos[found]]]
         deltas = np.where(values >= previous, values - previous, values)
-        order = np.argsort(ids)
-        self._ids, self._values = ids[order], values[order]
+        self._ids, self._values = ids.copy(), values.copy()
         return deltas
 
 
 def top_indices(values: np.ndarray, n: int) -> np.ndarray:
     """Indices of the n largest positive values, largest first."""
+    if len(values) <= 256:  # the usual window: a sort of Python ints is cheaper than four numpy calls
+        listed = values.tolist()
+        order = sorted((i for i, v in enumerate(listed) if v > 0), key=listed.__getitem__, reverse=True)
+        return np.array(order[:n], dtype=np.intp)
     positive = np.flatnonzero(values > 0)
     if len(positive) > n:
         positive = positive[np.argpartition(values[positive], -n)[-n:]]

@@ -1,14 +1,23 @@
 """file_open: file opens and failed opens per process name; the most-opened paths (the talk's "how many times is
-this file opened")."""
+this file opened").
+
+How a window reads (kept to two batch reads and numpy, see kernel/maps.py): opens and failures per process name
+stay cumulative in their per-CPU hash (exact counts) and are compared by key in numpy; the path counts are
+drained each window (a top-N view: an increment racing with the drain may be lost), so the read holds only the
+paths opened this window instead of every path the LRU map still remembers. Only the names that moved and the top
+paths become Python objects.
+"""
 
 from __future__ import annotations
 
+import ctypes as ct
 import os
 
+import numpy as np
 
 from ..kernel.maps import KeyedDeltas, MapSnapshot, percpu_array_u64, top_indices
-from .base import (COUNTER, GAUGE, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, decode_comm,
-                   hook_exists, log1p_rate, ratio)
+from .base import (COUNTER, GAUGE, Feature, Hook, Metric, Probe, Reading, TopItem, decode_comm, hook_exists,
+                   log1p_rate, ratio)
 from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U64, MapContract
 
 OPTIONAL_HOOKS = {"HAVE_SYS_ENTER_OPEN": "open", "HAVE_SYS_ENTER_OPENAT2": "openat2"}
@@ -33,7 +42,7 @@ class FileOpenProbe(Probe):
     )
 
     # force_tracepoint: the classic openat/open/openat2 tracepoints even where the syscall hub works.
-    defaults = {"top_paths": 5, "max_paths": 8192, "force_tracepoint": False}
+    defaults = {"top_paths": 5, "max_paths": 4096, "force_tracepoint": False}
     maps = {"comm_counts": MapContract(key={"comm": None}, value={"opens": U64, "failed": U64}),
             "path_counts": MapContract(key={"path": None}, value=U64),
             "stats": MapContract(value=U64)}
@@ -44,9 +53,10 @@ class FileOpenProbe(Probe):
         super().__init__(settings)
         self.top_n = self.settings["top_paths"]
         self.max_paths = self.settings["max_paths"]
-        self._opens = CounterDeltas()
-        self._failed = CounterDeltas()
-        self._paths = KeyedDeltas()
+        self._comms = KeyedDeltas()  # (opens, failed) per process name, cumulative in the kernel
+        self._attrs: dict[bytes, dict[str, str]] = {}  # comm -> attributes
+        self._drained = 0  # path_counts entries drained since load (evictions = inserted - drained)
+        self._evictions = 0
         self._ncpu = os.cpu_count() or 1
 
     def cflags(self) -> list[str]:
@@ -59,46 +69,55 @@ class FileOpenProbe(Probe):
     def on_loaded(self) -> None:
         self._comm_snapshot = MapSnapshot(self.bpf["comm_counts"])
         self._path_snapshot = MapSnapshot(self.bpf["path_counts"])
+        table = self.bpf["comm_counts"]
+        self._comm_cpus = ct.sizeof(table.Leaf) // ct.sizeof(table.sLeaf)
         if self.hub is None:
             self.mode = "tracepoint (" + ", ".join(
                 ["openat"] + [s for d, s in OPTIONAL_HOOKS.items() if f"-D{d}" in self.cflags()]) + ")"
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
-        total_opens = total_failed = 0.0
         snap = self._comm_snapshot
-        for i in range(snap.read()):
-            comm = decode_comm(snap.keys[i].comm)
-            per_cpu = snap.values[i]
-            opens = sum(v.opens for v in per_cpu)
-            failed = sum(v.failed for v in per_cpu)
-            d_opens, d_failed = self._opens.delta(comm, opens), self._failed.delta(comm, failed)
-            attrs = {"process.executable.name": comm}
+        n = snap.read()
+        # struct open_counts {opens, failed} per CPU -> (n, 2) totals
+        totals = np.frombuffer(snap.values, dtype=np.uint64, count=n * self._comm_cpus * 2).reshape(
+            n, self._comm_cpus, 2).sum(axis=1, dtype=np.uint64)
+        deltas = self._comms.update_snapshot(snap, n, totals)
+        moved = np.flatnonzero(deltas.any(axis=1))
+        increases = deltas[moved].tolist()
+        total_opens = float(sum(d[0] for d in increases))
+        total_failed = float(sum(d[1] for d in increases))
+        for i, (d_opens, d_failed) in zip(moved.tolist(), increases):
+            comm = snap.keys[i].comm  # bytes up to the NUL
+            attrs = self._attrs.get(comm)
+            if attrs is None:
+                attrs = self._attrs[comm] = {"process.executable.name": decode_comm(comm)}
             if d_opens:
-                total_opens += d_opens
                 reading.counters.append(("otel_ebpf_receiver.file_opens", d_opens, attrs))
             if d_failed:
-                total_failed += d_failed
                 reading.counters.append(("otel_ebpf_receiver.file_open_failures", d_failed, attrs))
 
+        stats = percpu_array_u64(self.table("stats"))  # before the drain: inserted keys it counts were drained
         snap = self._path_snapshot
-        n = snap.read()
-        deltas = self._paths.update(KeyedDeltas.key_ids(snap, n), snap.u64_values(n))
-        successful = float(deltas.sum())
-        top = top_indices(deltas, self.top_n)
+        n = snap.drain()
+        self._drained += n
+        hits = snap.u64_values(n)
+        successful = float(hits.sum())
+        top = top_indices(hits, self.top_n)
         for i in top:
             path = snap.keys[i].path.decode("utf-8", "replace")  # ctypes stops at the NUL
-            rate = float(deltas[i]) / seconds
+            rate = float(hits[i]) / seconds
             reading.top.append(TopItem(path, rate, "opens/s"))
             reading.gauges.append(("otel_ebpf_receiver.file_opens.top_path.rate", rate, {"file.path": path}))
 
-        stats = percpu_array_u64(self.table("stats"))
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
-        reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n)
+        # Inserted before the stats read minus drained so far: a lower bound of the evictions, kept monotonic.
+        self._evictions = max(self._evictions, int(stats[STAT_NEW_KEYS]) - self._drained)
+        reading.map_evictions = self._evictions
         reading.rate, reading.rate_unit = total_opens / seconds, "opens/s"
         reading.features = {
             "file_open.rate_log1p": log1p_rate(total_opens / self._ncpu, seconds),
             "file_open.failure_ratio": ratio(total_failed, total_opens),
-            "file_open.top_path_share": ratio(float(deltas[top[0]]), successful) if len(top) else 0.0,
+            "file_open.top_path_share": ratio(float(hits[top[0]]), successful) if len(top) else 0.0,
         }
         return reading
