@@ -9,7 +9,8 @@ condition starts the real agent CLI, waits until its probes are attached, measur
 conditions alternate order round by round and each figure is the median over rounds of the increase over
 "nothing attached" measured in the same round.
 
-Then nginx (1 worker, static file, loopback, private config and port) under `wrk -t1 -c32 -d10s`, in rounds of
+Then nginx (1 worker, static file, loopback, private config and port, pinned to the first CPU) under `wrk -t1
+-c32 -d10s` (pinned to the last), in rounds of
 three conditions, order rotated: without the agent, with empty programs on the hooks the agent runs on a web
 server's hot path (sys_exit, sched_switch, sched_wakeup, sched_wakeup_new: the floor any agent hooking there pays),
 and with the agent (every probe): the medians of the rounds' requests/s ratios to "without". `--nginx-only` skips
@@ -274,8 +275,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def process_cpu_seconds(master: int) -> float:
+    """User + system CPU time of nginx's worker processes (the master's children), from /proc/PID/stat. The BPF
+    programs run inside the worker's system calls and context switches, so what they cost it is counted here, on
+    the process that pays it, beside the requests/s of the whole machine."""
+    total = 0
+    tick = os.sysconf("SC_CLK_TCK")
+    for task in Path(f"/proc/{master}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            fields = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return total / tick
+
+
+def pinned(cpu: int) -> list[str]:
+    """taskset prefix: nginx on the first CPU, wrk on the last, so that where the scheduler puts them does not vary
+    from run to run (with one CPU, nothing to pin)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ["taskset", "-c", str(cpus[cpu])] if len(cpus) > 1 else []
+
+
 def wrk_requests_per_second(port: int, seconds: int) -> float:
-    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/index.html"],
+    out = subprocess.run([*pinned(-1), "wrk", "-t1", "-c32", f"-d{seconds}s", f"http://127.0.0.1:{port}/index.html"],
                          capture_output=True, text=True, timeout=seconds + 30, check=True).stdout
     match = re.search(r"Requests/sec:\s*([\d.]+)", out)
     if not match or re.search(r"Non-2xx", out):
@@ -292,7 +313,8 @@ def nginx_pairs(pairs: int, seconds: int) -> list[dict[str, float]]:
         (Path(tmp) / "www").mkdir()
         (Path(tmp) / "www" / "index.html").write_text("x" * 1024)  # 1 KiB static file
         (Path(tmp) / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
-        nginx = subprocess.Popen(["nginx", "-p", tmp, "-c", f"{tmp}/nginx.conf"], stderr=subprocess.PIPE, text=True)
+        nginx = subprocess.Popen([*pinned(0), "nginx", "-p", tmp, "-c", f"{tmp}/nginx.conf"], stderr=subprocess.PIPE,
+                                 text=True)
         argv = {"without": (None, ""), "floor": ([sys.executable, "-c", EMPTY_HOT_HOOKS], "attached"),
                 "with": (AGENT, "attached ")}
         try:
@@ -308,10 +330,15 @@ def nginx_pairs(pairs: int, seconds: int) -> list[dict[str, float]]:
                 order = NGINX_CONDITIONS[pair % 3:] + NGINX_CONDITIONS[:pair % 3]
                 for name in (order if pair % 2 == 0 else tuple(reversed(order))):
                     with Condition(f"nginx: {name}", *argv[name]):
+                        cpu_before = process_cpu_seconds(nginx.pid)
                         sample[name] = wrk_requests_per_second(port, seconds)
+                        cpu = process_cpu_seconds(nginx.pid) - cpu_before
+                        sample[f"{name} cpu"] = cpu * 1e6 / (sample[name] * seconds)  # µs per request
                 results.append(sample)
-                print(f"nginx round {pair + 1}/{pairs}: " + " / ".join(f"{k} {v:.0f}" for k, v in sample.items())
-                      + " req/s", file=sys.stderr)
+                print(f"nginx round {pair + 1}/{pairs}: " + " / ".join(f"{k} {v:.0f}" if "cpu" not in k
+                                                                       else f"{k} {v:.2f} µs"
+                                                                       for k, v in sample.items()) + " req/s",
+                      file=sys.stderr)
         finally:
             nginx.send_signal(signal.SIGTERM)
             try:
@@ -417,7 +444,8 @@ def print_report(args, samples, rss, memory, pairs, load_before, load_after, kno
         print("\n(+ns: added per call / per context switch over nothing attached in the same round; "
               "vs syscount: that increase divided by syscount's)")
     if pairs:
-        print(f"\nnginx (1 worker, 1 KiB static file, loopback) under wrk -t1 -c32 -d{args.wrk_seconds}s, "
+        print(f"\nnginx (1 worker, 1 KiB static file, loopback, on the first CPU) under wrk -t1 -c32 "
+              f"-d{args.wrk_seconds}s (on the last CPU), "
               f"{len(pairs)} rounds, conditions rotated; the floor is empty programs on the agent's hot hooks "
               f"(sys_exit, sched_switch, sched_wakeup, sched_wakeup_new):\n")
         print("| round | without req/s | floor req/s | with agent (every probe) req/s | floor ratio | agent ratio |")
@@ -428,6 +456,16 @@ def print_report(args, samples, rss, memory, pairs, load_before, load_after, kno
         floor = statistics.median(s["floor"] / s["without"] for s in pairs)
         agent = statistics.median(s["with"] / s["without"] for s in pairs)
         print(f"| median | | | | {floor:.3f} ({(floor - 1) * 100:+.1f} %) | {agent:.3f} ({(agent - 1) * 100:+.1f} %) |")
+        print("\nnginx worker CPU time per request (user + system, from /proc):\n")
+        print("| round | without µs | floor µs | with agent µs | floor added | agent added |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for i, s in enumerate(pairs, 1):
+            print(f"| {i} | {s['without cpu']:.2f} | {s['floor cpu']:.2f} | {s['with cpu']:.2f} | "
+                  f"{(s['floor cpu'] / s['without cpu'] - 1) * 100:+.1f} % | "
+                  f"{(s['with cpu'] / s['without cpu'] - 1) * 100:+.1f} % |")
+        floor_cpu = statistics.median(s["floor cpu"] / s["without cpu"] for s in pairs)
+        agent_cpu = statistics.median(s["with cpu"] / s["without cpu"] for s in pairs)
+        print(f"| median | | | | {(floor_cpu - 1) * 100:+.1f} % | {(agent_cpu - 1) * 100:+.1f} % |")
     if memory:
         print(f"\nAgent (every probe) memory, a few seconds after start:\n\n{memory}")
 
