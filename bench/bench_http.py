@@ -35,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_probes import NGINX_CONF, free_port  # noqa: E402  (the same nginx as the agent-wide bench)
+from nginx_load import NGINX_CONF, free_port  # noqa: E402  (the same nginx as the agent-wide bench)
 
 # The condition's program around the tree's part; the loader below answers each line on stdin with the time spent
 # in the part and the number of calls so far (nginx worker only, summed over CPUs).
