@@ -25,7 +25,6 @@ import argparse
 import os
 import random
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from nginx_load import NGINX_CONF, free_port  # noqa: E402  (the same nginx as the agent-wide bench)
+from bench_probes import stop  # noqa: E402
+from nginx_load import running_nginx  # noqa: E402  (the same nginx as the agent-wide bench)
 
 # The condition's program around the tree's part; the loader below answers each line on stdin with the time spent
 # in the part and the number of calls so far (nginx worker only, summed over CPUs).
@@ -140,12 +140,7 @@ def agent_run(tree: str, port: int, seconds: int) -> float:
             time.sleep(0.5)  # the first window's reads are over
             return wrk(port, seconds)[0]
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def main() -> int:
@@ -168,42 +163,25 @@ def main() -> int:
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in conditions}
     pairs: list[dict[str, float]] = []
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
-        port = free_port()
-        (Path(tmp) / "www").mkdir()
-        (Path(tmp) / "www" / "index.html").write_text("x" * 1024)
-        (Path(tmp) / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
-        nginx = subprocess.Popen(["nginx", "-p", tmp, "-c", f"{tmp}/nginx.conf"], stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 10
-            while subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/index.html"]).returncode:
-                if nginx.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("nginx did not start")
-                time.sleep(0.2)
-            workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
-            if len(workers) != 1:
-                raise RuntimeError(f"expected one nginx worker, found {workers}")
-            worker = int(workers[0])
-            wrk(port, 2)  # warm-up
-            for rnd in range(args.rounds):
-                for name, path, with_http in random.sample(conditions, len(conditions)):
-                    results[name].append(measure(path, with_http, worker, port, args.seconds))
-                print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
-                    f"{name} {results[name][-1][0]:.0f} ns/request" for name, _, _ in conditions), file=sys.stderr)
-            for pair in range(args.agent_pairs):
-                order = [("without", None)] + trees
-                sample = {}
-                for name, path in order if pair % 2 == 0 else reversed(order):
-                    sample[name] = wrk(port, args.seconds)[0] if path is None else agent_run(path, port, args.seconds)
-                pairs.append(sample)
-                print(f"agent pair {pair + 1}/{args.agent_pairs}: " + ", ".join(f"{k} {v:.0f}" for k, v in
-                                                                                sample.items()), file=sys.stderr)
-        finally:
-            nginx.send_signal(signal.SIGTERM)
-            try:
-                nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                nginx.kill()
+    with running_nginx(cpu=None) as (nginx, port):
+        workers = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()
+        if len(workers) != 1:
+            raise RuntimeError(f"expected one nginx worker, found {workers}")
+        worker = int(workers[0])
+        wrk(port, 2)  # warm-up
+        for rnd in range(args.rounds):
+            for name, path, with_http in random.sample(conditions, len(conditions)):
+                results[name].append(measure(path, with_http, worker, port, args.seconds))
+            print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(
+                f"{name} {results[name][-1][0]:.0f} ns/request" for name, _, _ in conditions), file=sys.stderr)
+        for pair in range(args.agent_pairs):
+            order = [("without", None)] + trees
+            sample = {}
+            for name, path in order if pair % 2 == 0 else reversed(order):
+                sample[name] = wrk(port, args.seconds)[0] if path is None else agent_run(path, port, args.seconds)
+            pairs.append(sample)
+            print(f"agent pair {pair + 1}/{args.agent_pairs}: " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                                                            sample.items()), file=sys.stderr)
     load_after = os.getloadavg()[0]
     print(f"\nhttp part per nginx request (wrk -t1 -c32 -d{args.seconds}s, 1 worker, 1 KiB file), median of "
           f"{args.rounds} shuffled rounds (range); load average {load_before:.1f} before, {load_after:.1f} after\n")

@@ -47,8 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_syscalls import foreign_syscall_programs  # noqa: E402  (the same refusal as bench_syscalls.py)
-from nginx_load import (NGINX_CONF, free_port, pinned, process_cpu_seconds,  # noqa: E402
-                        wrk_requests_per_second)
+from nginx_load import process_cpu_seconds, running_nginx, wrk_requests_per_second  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build" / "bench"
@@ -255,48 +254,28 @@ def memory_report(pid: int) -> str:
 # -- nginx under wrk ----------------------------------------------------------------------------------------------
 
 
-
 def nginx_pairs(pairs: int, seconds: int) -> list[dict[str, float]]:
     """Requests/s per round: without the agent, with the empty programs on its hot hooks (the floor), with the
     agent (every probe); the order rotates round by round."""
     results = []
-    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
-        port = free_port()
-        (Path(tmp) / "www").mkdir()
-        (Path(tmp) / "www" / "index.html").write_text("x" * 1024)  # 1 KiB static file
-        (Path(tmp) / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
-        nginx = subprocess.Popen([*pinned(0), "nginx", "-p", tmp, "-c", f"{tmp}/nginx.conf"], stderr=subprocess.PIPE,
-                                 text=True)
-        argv = {"without": (None, ""), "floor": ([sys.executable, "-c", EMPTY_HOT_HOOKS], "attached"),
-                "with": (AGENT, "attached ")}
-        try:
-            deadline = time.monotonic() + 10
-            while subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/index.html"]).returncode:
-                if nginx.poll() is not None or time.monotonic() > deadline:
-                    said = nginx.stderr.read() if nginx.poll() is not None else "no answer in 10 s"
-                    raise RuntimeError(f"nginx did not start: {said}")
-                time.sleep(0.2)
-            wrk_requests_per_second(port, 2)  # warm-up
-            for pair in range(pairs):
-                sample: dict[str, float] = {}
-                order = NGINX_CONDITIONS[pair % 3:] + NGINX_CONDITIONS[:pair % 3]
-                for name in (order if pair % 2 == 0 else tuple(reversed(order))):
-                    with Condition(f"nginx: {name}", *argv[name]):
-                        cpu_before = process_cpu_seconds(nginx.pid)
-                        sample[name] = wrk_requests_per_second(port, seconds)
-                        cpu = process_cpu_seconds(nginx.pid) - cpu_before
-                        sample[f"{name} cpu"] = cpu * 1e6 / (sample[name] * seconds)  # µs per request
-                results.append(sample)
-                print(f"nginx round {pair + 1}/{pairs}: " + " / ".join(f"{k} {v:.0f}" if "cpu" not in k
-                                                                       else f"{k} {v:.2f} µs"
-                                                                       for k, v in sample.items()) + " req/s",
-                      file=sys.stderr)
-        finally:
-            nginx.send_signal(signal.SIGTERM)
-            try:
-                nginx.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                nginx.kill()
+    argv = {"without": (None, ""), "floor": ([sys.executable, "-c", EMPTY_HOT_HOOKS], "attached"),
+            "with": (AGENT, "attached ")}
+    with running_nginx(cpu=0) as (nginx, port):
+        wrk_requests_per_second(port, 2)  # warm-up
+        for pair in range(pairs):
+            sample: dict[str, float] = {}
+            order = NGINX_CONDITIONS[pair % 3:] + NGINX_CONDITIONS[:pair % 3]
+            for name in (order if pair % 2 == 0 else tuple(reversed(order))):
+                with Condition(f"nginx: {name}", *argv[name]):
+                    cpu_before = process_cpu_seconds(nginx.pid)
+                    sample[name] = wrk_requests_per_second(port, seconds)
+                    cpu = process_cpu_seconds(nginx.pid) - cpu_before
+                    sample[f"{name} cpu"] = cpu * 1e6 / (sample[name] * seconds)  # µs per request
+            results.append(sample)
+            print(f"nginx round {pair + 1}/{pairs}: " + " / ".join(f"{k} {v:.0f}" if "cpu" not in k
+                                                                   else f"{k} {v:.2f} µs"
+                                                                   for k, v in sample.items()) + " req/s",
+                  file=sys.stderr)
     return results
 
 

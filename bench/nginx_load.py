@@ -7,7 +7,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 NGINX_CONF = """
 worker_processes 1;
@@ -60,3 +64,28 @@ def wrk_requests_per_second(port: int, seconds: int) -> float:
     if not match or re.search(r"Non-2xx", out):
         raise RuntimeError(f"wrk: unexpected output: {out[-300:]}")
     return float(match[1])
+
+
+@contextmanager
+def running_nginx(cpu: int | None = 0) -> Iterator[tuple[subprocess.Popen, int]]:
+    """nginx serving a 1 KiB index.html from a private directory and port (pinned to ``cpu`` unless None), answering
+    before this yields (process, port); stopped with SIGTERM afterwards."""
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
+        port = free_port()
+        (Path(tmp) / "www").mkdir()
+        (Path(tmp) / "www" / "index.html").write_text("x" * 1024)  # 1 KiB static file
+        (Path(tmp) / "nginx.conf").write_text(NGINX_CONF.format(tmp=tmp, port=port))
+        nginx = subprocess.Popen([*(pinned(cpu) if cpu is not None else []), "nginx", "-p", tmp, "-c",
+                                  f"{tmp}/nginx.conf"], stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 10
+            while subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{port}/index.html"]).returncode:
+                if nginx.poll() is not None or time.monotonic() > deadline:
+                    said = nginx.stderr.read() if nginx.poll() is not None else "no answer in 10 s"
+                    raise RuntimeError(f"nginx did not start: {said}")
+                time.sleep(0.2)
+            yield nginx, port
+        finally:
+            from bench_probes import stop  # here: bench_probes imports this module
+
+            stop(nginx)
