@@ -7,52 +7,19 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
+from model_export.lab.pressure import MemoryCgroup
 from otel_ebpf_receiver.probes.memory import MemoryProbe
 
-from .helpers import PYTHON, unique_name
+from .helpers import unique_name
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
 
 LIMIT = 32 << 20
-
-
-class MemoryCgroup:
-    """A memory-limited cgroup (v2 memory.max where the unified hierarchy has the memory controller, else v1
-    memory.limit_in_bytes), swap off inside it so that pressure cannot be relieved by swapping."""
-
-    def __init__(self, limit: int) -> None:
-        v2 = Path("/sys/fs/cgroup")
-        controllers = v2 / "cgroup.controllers"
-        if controllers.exists() and "memory" in controllers.read_text().split():
-            self.path, files = v2 / unique_name("oer-mem"), {"memory.max": limit, "memory.swap.max": 0}
-        else:
-            self.path = Path("/sys/fs/cgroup/memory") / unique_name("oer-mem")
-            files = {"memory.limit_in_bytes": limit, "memory.memsw.limit_in_bytes": limit}
-        self.path.mkdir()
-        for name, value in files.items():
-            if (self.path / name).exists():
-                (self.path / name).write_text(str(value))
-
-    def run(self, code: str, *args: str) -> subprocess.CompletedProcess:
-        """Run Python code as the cgroup's only process (it moves itself in before doing anything)."""
-        prologue = f"open({str(self.path / 'cgroup.procs')!r}, 'w').write(str(__import__('os').getpid()))\n"
-        return subprocess.run([PYTHON, "-c", prologue + code, *args], capture_output=True, text=True, timeout=120)
-
-    def remove(self) -> None:
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:  # a killed process is still leaving
-                time.sleep(0.1)
-        self.path.rmdir()
 
 
 @pytest.fixture(scope="module")
@@ -68,10 +35,9 @@ def probe():
 
 @pytest.fixture
 def cgroup():
-    if not Path("/sys/fs/cgroup/memory").is_dir() and "memory" not in \
-            Path("/sys/fs/cgroup/cgroup.controllers").read_text(errors="replace"):
+    if not MemoryCgroup.available():
         pytest.skip("no memory cgroup controller on this host")
-    group = MemoryCgroup(LIMIT)
+    group = MemoryCgroup(LIMIT, unique_name("oer-mem"))
     try:
         yield group
     finally:

@@ -124,7 +124,7 @@ class Lab:
             self._add_netns(host.netns)
             _sysctl(host.netns, "net.ipv6.conf.default.accept_ra", "0")
             _sysctl(host.netns, "net.ipv6.conf.default.router_solicitations", "0")
-            peer = f"p{port}"
+            peer = self.switch_port(port)
             ip("link", "add", peer, "type", "veth", "peer", "name", host.ifname, "netns", host.netns,
                netns=self.switch_ns)
             ip("link", "set", peer, "master", "br0", "up", netns=self.switch_ns)
@@ -138,6 +138,16 @@ class Lab:
                 if other is not host:
                     for addr in (other.ipv4, other.ipv6):
                         host.ip("neigh", "replace", addr, "lladdr", other.mac, "dev", host.ifname, "nud", "permanent")
+
+    @staticmethod
+    def switch_port(index: int) -> str:
+        """The switch's port towards the index-th host (the victim is 0, client i is i + 1)."""
+        return f"p{index}"
+
+    def switch(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a command in the switch's namespace (e.g. ``tc`` on its ports)."""
+        return subprocess.run(["ip", "netns", "exec", self.switch_ns, *argv], timeout=30, check=check,
+                              capture_output=True, text=True)
 
     def _add_netns(self, name: str) -> None:
         ip("netns", "add", name)

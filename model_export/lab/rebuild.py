@@ -4,12 +4,15 @@
 
 1. Records the scenario lab's training plan (model_export.lab.scenarios.TRAINING_PLAN: idle, the host's own
    telemetry stack at rest, mixed web/file/build work, developer work, heavy iperf3 transfers, a database reading its volume — all labelled ``normal`` — then exec and
-   file-open storms, CPU saturation, a disk I/O storm, the database's storage slowed, the lab API failing, SYN, UDP
-   and random-source floods) with every probe this host can run, XDP on the lab victim's eth0, into
-   build/model/windows.csv (``--windows`` reuses a recording instead). About 14 minutes.
+   file-open storms, CPU saturation, a disk I/O storm, the database's storage slowed, memory pressure in a cgroup,
+   refused connections, a degraded link, the lab API failing, SYN, UDP and random-source floods, and the benign
+   look-alikes of the new families: page-cache reads, a niced batch job, healthy short connections) with every
+   probe this host can run, XDP on the lab victim's eth0, into build/model/windows.csv (``--windows`` reuses a
+   recording instead). About 20 minutes.
 2. ``network.onnx``: every recorded feature, every scenario. States: normal, exec_storm, file_open_storm,
-   cpu_saturated, io_storm, io_degraded, api_degraded, syn_flood, udp_flood, random_source_flood — the flood
-   states are the ones mitigation acts on (MitigationSettings.attack_states).
+   cpu_saturated, io_storm, io_degraded, memory_pressure, connection_refused, link_degraded, api_degraded,
+   syn_flood, udp_flood, random_source_flood — the flood states are the ones mitigation acts on
+   (MitigationSettings.attack_states).
 3. ``default.onnx``: the host probes' features only (every recorded column not starting with ``xdp.``), for hosts
    without the XDP probe; trained without the flood windows: a host-only model cannot see a flood, only the lab's
    own attacker process (hping3 shares this kernel, so its send loop shows in the syscall features), which a real
@@ -17,7 +20,8 @@
 4. ``core.onnx``: the same, on the features of the three probes every supported kernel runs (syscalls, file_open,
    exec) — what serves when a newer probe (tcp, block_io, sched, http) cannot attach here, or when the agent runs
    with ``--probes syscalls,file_open,exec``. Without it no bundled model would fit such a host.
-   io_degraded and api_degraded are left out of every model without block_io or http features (SEEN_BY).
+   States only one probe sees (io_degraded, api_degraded, memory_pressure, connection_refused, link_degraded) are
+   left out of every model without that probe's features (SEEN_BY).
 
 Every model gets the explanation output ``normal_deviation`` (model/contract.py, "Explanations") and benign bounds
 per feature (metadata ``feature_bounds``, margin :data:`BOUNDS_MARGIN`; contract.py, "Novelty") from the export.
@@ -111,7 +115,8 @@ SHIPPED_WINDOWS = Path(__file__).resolve().parent / "data" / "training-windows.c
 
 # States that only one probe can see. A model without that probe's features does not learn them: their windows
 # would teach it that the state looks like normal (a slow volume or a failing API changes little else).
-SEEN_BY = {"io_degraded": "block_io.", "api_degraded": "http."}
+SEEN_BY = {"io_degraded": "block_io.", "api_degraded": "http.", "memory_pressure": "memory.",
+           "connection_refused": "tcp.", "link_degraded": "tcp."}
 
 
 def model_spec(filename: str) -> ModelSpec:

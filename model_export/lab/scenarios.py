@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator, Sequence
 
 from . import workloads
+from .connections import connection_refused, link_degraded, short_connections
 from .record import Recorder
 from .testbed import Testbed, http_load, say_default
 from .traffic import (RAMP_FINAL_PPS, RAMP_STEPS, Drive, api_degraded, forged_source_flood, heavy_transfer,
-                      paced_transfer, ramp, random_source_flood, syn_flood, udp_flood)
+                      paced_transfer, ramp, random_source_flood, random_source_udp_flood, syn_flood, udp_flood)
 
 
 def _host(name: str) -> Callable[[Testbed, float], ContextManager[Drive]]:
@@ -97,6 +98,26 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("io_degraded", "io_degraded", HOST_KIND,
              "the same database with its storage capped to 25 reads/s (block cgroup): fewer, slow reads",
              _host("io_degraded"), 30),
+    Scenario("random_source_udp_flood", "random_source_flood", FLOOD_KIND,
+             "hping3 --udp --rand-source from client1: the same state by another protocol", random_source_udp_flood,
+             30),
+    # Issue 13, item 2: an incident per resource beside a benign look-alike (busy the same way, healthy).
+    Scenario("memory_pressure", "memory_pressure", HOST_KIND,
+             "a reader re-reading 4x its cgroup's memory limit: page cache reclaimed on its behalf, over and over",
+             _host("memory_pressure"), 30),
+    Scenario("cache_reads", "normal", BENIGN_KIND, "the same reader without a limit: page cache hits, no reclaim",
+             _host("cache_reads"), 30),
+    Scenario("batch_cpu", "normal", BENIGN_KIND, "one CPU-bound batch job at nice 19 (cpu_saturated's look-alike)",
+             _host("batch_cpu"), 30),
+    Scenario("connection_refused", "connection_refused", HOST_KIND,
+             "client2 reconnecting 200/s to a victim port nothing listens on: a reset per attempt",
+             connection_refused, 30),
+    Scenario("short_connections", "normal", BENIGN_KIND,
+             "client2 opening 200 connections/s to an upstream that answers and closes (healthy churn)",
+             short_connections, 30),
+    Scenario("link_degraded", "link_degraded", HOST_KIND,
+             "the lab switch's ports shaped to 128 kbit/s, small queues (tc tbf), while the clients keep asking",
+             link_degraded, 30, quiet_half=False),
     Scenario("api_degraded", "api_degraded", HOST_KIND,
              "the victim's API answers every other request 503, all of them 250 ms late", api_degraded, 30,
              quiet_half=False),
@@ -112,14 +133,17 @@ TRAINING_PLAN: tuple[tuple[str, float], ...] = (
     ("paced_transfer", 30), ("db_reads", 40),
     ("exec_storm", 35), ("file_open_storm", 35), ("cpu_saturated", 35), ("disk_io_storm", 35), ("io_degraded", 40),
     ("api_degraded", 40),
-    ("syn_flood", 40), ("udp_flood", 40), ("random_source_flood", 35),
+    ("memory_pressure", 35), ("connection_refused", 35), ("link_degraded", 40),
+    ("syn_flood", 40), ("udp_flood", 40), ("random_source_flood", 35), ("random_source_udp_flood", 30),
+    ("cache_reads", 35), ("batch_cpu", 35), ("short_connections", 35),
     ("normal", 45), ("idle", 30), ("dev_work", 30), ("telemetry_stack", 30),
 )
 
 REPORT_PLAN: tuple[str, ...] = (
-    "normal", "idle", "telemetry_stack", "dev_work", "heavy_transfer", "paced_transfer", "syn_flood", "udp_flood", "random_source_flood",
-    "forged_source_flood", "ramp", "exec_storm", "file_open_storm", "cpu_saturated", "disk_io_storm", "db_reads",
-    "io_degraded", "api_degraded",
+    "normal", "idle", "telemetry_stack", "dev_work", "heavy_transfer", "paced_transfer", "syn_flood", "udp_flood",
+    "random_source_flood", "random_source_udp_flood", "forged_source_flood", "ramp", "exec_storm", "file_open_storm",
+    "cpu_saturated", "batch_cpu", "disk_io_storm", "db_reads", "io_degraded", "memory_pressure", "cache_reads",
+    "connection_refused", "short_connections", "link_degraded", "api_degraded",
 )
 
 

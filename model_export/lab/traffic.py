@@ -70,6 +70,12 @@ def random_source_flood(bed: Testbed, seconds: float) -> ContextManager[Drive]:
     return _hping(bed, seconds, ["-S", "--rand-source", "-p", str(HTTP_PORT)])
 
 
+def random_source_udp_flood(bed: Testbed, seconds: float) -> ContextManager[Drive]:
+    """Small UDP datagrams with a random forged IPv4 source each: the same state as the SYN variant (many
+    sources, no single one to block), by another protocol."""
+    return _hping(bed, seconds, ["--udp", "--rand-source", "-p", str(UDP_PORT), "-d", "32"])
+
+
 def forged_source_flood(bed: Testbed, seconds: float) -> ContextManager[Drive]:
     """SYNs from the attacker claiming to come from a benign client (client0): blocking that address would cut
     the benign client off, so it must be protected (the lab's report allowlists it)."""

@@ -11,7 +11,6 @@ import contextlib
 import http.server
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -22,36 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-DEFAULT_MAX_SECONDS = 600
-
-
-def _python_loop(body: str, max_seconds: float) -> list[str]:
-    """argv of a child that runs ``body`` repeatedly until max_seconds passed."""
-    code = ("import os, sys, time\n"
-            f"deadline = time.monotonic() + {max_seconds}\n"
-            "while time.monotonic() < deadline:\n"
-            + "".join(f"    {line}\n" for line in body.splitlines()))
-    return [sys.executable, "-c", code]
-
-
-@contextlib.contextmanager
-def _children(argvs: list[list[str]], graceful: bool = False, **kwargs) -> Iterator[list[subprocess.Popen]]:
-    """Run each argv in its own process group; kill the groups on exit. ``graceful``: SIGTERM first and up to 15 s
-    to exit (the agent detaches its probes and flushes its telemetry on SIGTERM), then SIGKILL."""
-    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              **kwargs) for argv in argvs]
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if graceful:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(15)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+from .pressure import batch_cpu, cache_reads, memory_pressure
+from .processes import DEFAULT_MAX_SECONDS, children, python_loop
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -149,7 +120,7 @@ def dev_work(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
             "subprocess.run(['git', '--version'], check=False, stdout=subprocess.DEVNULL)\n"
             "time.sleep(1.0)"
         )
-        with _children([_python_loop(body, max_seconds)]):
+        with children([python_loop(body, max_seconds)]):
             yield
 
 
@@ -158,7 +129,7 @@ def exec_storm(max_seconds: float = DEFAULT_MAX_SECONDS, workers: int = 1) -> It
     """Processes started as fast as one shell loop can: the talk's execve example gone wrong."""
     loop = f"end=$(( $(date +%s) + {int(max_seconds)} )); while [ $(date +%s) -lt $end ]; do " \
            + "for i in 1 2 3 4 5 6 7 8 9 10; do /bin/true; done; done"
-    with _children([["/bin/sh", "-c", loop] for _ in range(workers)]):
+    with children([["/bin/sh", "-c", loop] for _ in range(workers)]):
         yield
 
 
@@ -167,7 +138,7 @@ def file_open_storm(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
     """One process opening the same file in a tight loop ("how many times is this file opened")."""
     with tempfile.NamedTemporaryFile(prefix="oer-hot-") as hot:
         body = f"for _ in range(1000):\n    os.close(os.open({hot.name!r}, os.O_RDONLY))"
-        with _children([_python_loop(body, max_seconds)]):
+        with children([python_loop(body, max_seconds)]):
             yield
 
 
@@ -178,8 +149,8 @@ def cpu_saturated(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
     if shutil.which("stress-ng"):
         argv = [["stress-ng", "--cpu", str(workers), "--timeout", f"{int(max_seconds)}s", "--quiet"]]
     else:
-        argv = [_python_loop("x = sum(i * i for i in range(10000))", max_seconds) for _ in range(workers)]
-    with _children(argv):
+        argv = [python_loop("x = sum(i * i for i in range(10000))", max_seconds) for _ in range(workers)]
+    with children(argv):
         yield
 
 
@@ -194,7 +165,7 @@ def disk_io_storm(max_seconds: float = DEFAULT_MAX_SECONDS, directory: str | Non
                      "--time_based", "--output=/dev/null"]]
         else:
             argv = [["dd", "if=/dev/zero", f"of={tmp}/f", "bs=1M", "count=2048", "oflag=direct"]]
-        with _children(argv):
+        with children(argv):
             yield
 
 
@@ -316,7 +287,7 @@ def database_reads(max_seconds: float = DEFAULT_MAX_SECONDS, degraded: bool = Fa
             if degraded:
                 throttle.limit_reads(DB_DEGRADED_IOPS)
             argv = [sys.executable, "-c", _DB_READER, device, str(DB_READ_IOPS), str(max_seconds)]
-            with _children([argv], preexec_fn=throttle.join):
+            with children([argv], preexec_fn=throttle.join):
                 yield volume
         finally:
             if device:
@@ -338,7 +309,7 @@ def backup(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
     disk I/O storms that the bundled models never saw — what `otel-ebpf-lab adapt` is for."""
     loop = (f"end=$(( $(date +%s) + {int(max_seconds)} )); while [ $(date +%s) -lt $end ]; do "
             "tar -cf - /usr/lib /usr/share 2>/dev/null | cat > /dev/null; done")
-    with _children([["timeout", "-s", "KILL", str(int(max_seconds)), "nice", "-n", "10", "/bin/sh", "-c", loop]]):
+    with children([["timeout", "-s", "KILL", str(int(max_seconds)), "nice", "-n", "10", "/bin/sh", "-c", loop]]):
         yield
 
 
@@ -402,12 +373,12 @@ def telemetry_stack(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[Teleme
                      "OTEL_BLRP_SCHEDULE_DELAY": "1000"}
         os.makedirs(f"{tmp}/models")
         seconds = str(int(max_seconds))
-        with _children([["timeout", "-s", "KILL", seconds, str(COLLECTOR_BIN), f"--config={COLLECTOR_CONFIG}"]],
+        with children([["timeout", "-s", "KILL", seconds, str(COLLECTOR_BIN), f"--config={COLLECTOR_CONFIG}"]],
                        env=collector_env) as collector, \
-             _children([["timeout", "-s", "KILL", seconds, PROMETHEUS_BIN, f"--config.file={tmp}/prometheus.yml",
+             children([["timeout", "-s", "KILL", seconds, PROMETHEUS_BIN, f"--config.file={tmp}/prometheus.yml",
                          f"--storage.tsdb.path={tmp}/tsdb", f"--web.listen-address=127.0.0.1:{ports['web']}",
                          "--log.level=warn"]]) as prometheus, \
-             _children([["timeout", "-s", "TERM", seconds, sys.executable, "-m", "otel_ebpf_receiver", "run",
+             children([["timeout", "-s", "TERM", seconds, sys.executable, "-m", "otel_ebpf_receiver", "run",
                          "--live", "off", "--probes", TELEMETRY_AGENT_PROBES, "--model-dir", f"{tmp}/models"]],
                        graceful=True, env=agent_env, cwd=REPO) as agent:
             yield TelemetryStack(Path(tmp, "export"), f"http://127.0.0.1:{ports['web']}",
@@ -427,4 +398,7 @@ WORKLOADS: dict[str, Callable[..., contextlib.AbstractContextManager]] = {
     "io_degraded": io_degraded,
     "telemetry_stack": telemetry_stack,
     "backup": backup,
+    "memory_pressure": memory_pressure,
+    "cache_reads": cache_reads,
+    "batch_cpu": batch_cpu,
 }

@@ -1,0 +1,81 @@
+"""Issue 13, item 2: each new incident family moves the features it is there for, and its benign look-alike —
+busy the same way — does not. Driven in the lab with every probe recording, as `make model` records them."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import pytest
+
+from model_export.lab.connections import CONNECT_RATE
+from model_export.lab.record import Recorder
+from model_export.lab.scenarios import SCENARIOS, record_scenario
+
+pytestmark = [pytest.mark.bpf, pytest.mark.timeout(420)]
+
+PLAN = (("memory_pressure", 10), ("cache_reads", 10), ("connection_refused", 8), ("short_connections", 8),
+        ("link_degraded", 12), ("paced_transfer", 8), ("random_source_udp_flood", 8))
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    """{scenario: [feature values of each of its windows]}, every scenario in one lab."""
+    from model_export.lab.testbed import Testbed
+
+    windows: dict[str, list[dict[str, float]]] = {}
+    with Testbed(say=lambda line: None) as bed:
+        recorder = Recorder(settings={"xdp": bed.xdp_settings}, say=lambda line: None)
+        recorder.start()
+        try:
+            for name, seconds in PLAN:
+                before = len(recorder.windows)
+                record_scenario(recorder, bed, SCENARIOS[name], seconds, settle_windows=2)
+                windows[name] = [values for _, _, values in recorder.windows[before:]]
+                with recorder.labelled(None, settle_windows=0):
+                    time.sleep(4)  # the load drains before the next, as `make model` records
+        finally:
+            recorder.stop()
+    return windows
+
+
+def median(recorded, scenario: str, feature: str) -> float:
+    values = [w[feature] for w in recorded[scenario]]
+    assert values, f"{scenario} recorded no window"
+    return statistics.median(values)
+
+
+def test_memory_pressure_stalls_in_reclaim_and_its_look_alike_never_does(recorded):
+    assert median(recorded, "memory_pressure", "memory.reclaim_stall_rate_log1p") > math.log1p(10)
+    assert median(recorded, "memory_pressure", "memory.reclaim_stall_share") > 0
+    assert max(w["memory.reclaim_stall_rate_log1p"] for w in recorded["cache_reads"]) == 0
+    assert all(w["memory.oom_kill_rate_log1p"] == 0 for name in ("memory_pressure", "cache_reads")
+               for w in recorded[name])
+    # Busy the same way: the look-alike reads at least as much (from the page cache).
+    assert median(recorded, "cache_reads", "syscalls.rate_log1p") >= median(recorded, "memory_pressure",
+                                                                            "syscalls.rate_log1p") - 0.5
+
+
+def test_refused_connections_reset_and_healthy_short_connections_do_not(recorded):
+    assert median(recorded, "connection_refused", "tcp.resets_rate_log1p") > math.log1p(CONNECT_RATE / 2)
+    assert median(recorded, "short_connections", "tcp.resets_rate_log1p") < math.log1p(5)
+    assert median(recorded, "short_connections", "tcp.new_connections_rate_log1p") > math.log1p(CONNECT_RATE / 2)
+
+
+def test_a_degraded_link_retransmits_where_a_paced_transfer_does_not(recorded):
+    degraded = median(recorded, "link_degraded", "tcp.retransmits_rate_log1p")
+    assert degraded > math.log1p(2)
+    assert degraded > median(recorded, "paced_transfer", "tcp.retransmits_rate_log1p") + 1
+
+
+def test_the_link_is_shaped_on_every_port_during_the_scenario_and_not_after(bed):
+    with SCENARIOS["link_degraded"].drive(bed, 1):
+        assert bed.lab.switch("tc", "qdisc", "show").stdout.count("qdisc tbf") == len(bed.lab.hosts)
+    assert "tbf" not in bed.lab.switch("tc", "qdisc", "show").stdout
+
+
+def test_a_random_source_udp_flood_has_many_sources(recorded):
+    assert SCENARIOS["random_source_udp_flood"].label == "random_source_flood"
+    assert median(recorded, "random_source_udp_flood", "xdp.distinct_sources_log1p") > math.log1p(1000)
+    assert median(recorded, "random_source_udp_flood", "xdp.top_source_share") < 0.05
