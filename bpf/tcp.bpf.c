@@ -14,7 +14,8 @@
 #define IDX_RETRANSMITS 38      // + family
 #define IDX_RST_SENT 40         // + family
 #define IDX_RST_RECEIVED 42     // + family
-#define COUNTERS 44
+#define IDX_CONNECT_FAILED 44   // + family: SYN_SENT -> CLOSE (our connection attempt was refused, reset or timed out)
+#define COUNTERS 46
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -53,6 +54,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
             bump(IDX_OPENED_SERVER + fam);
     } else if (state == TCP_CLOSE_) {
         bump(IDX_CLOSED + fam);
+        if (args->oldstate == TCP_SYN_SENT_)
+            bump(IDX_CONNECT_FAILED + fam);
     }
     return 0;
 }

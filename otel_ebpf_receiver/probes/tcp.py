@@ -11,7 +11,8 @@ from .contract import U64, MapContract
 # Indexes into tcp_counts, as in bpf/tcp.bpf.c (compared with it at load); each is followed by its IPv6 twin.
 TCP_STATES = 16
 IDX_OPENED_CLIENT, IDX_OPENED_SERVER, IDX_CLOSED, IDX_RETRANSMITS, IDX_RST_SENT, IDX_RST_RECEIVED = 32, 34, 36, 38, 40, 42
-COUNTERS = 44
+IDX_CONNECT_FAILED = 44
+COUNTERS = 46
 NETWORK_TYPES = ("ipv4", "ipv6")  # the family index: 0 = AF_INET, 1 = AF_INET6
 TCP_ROLE = "otel_ebpf_receiver.tcp.role"  # client or server: no semantic-convention attribute says which
 
@@ -40,6 +41,9 @@ class TcpProbe(Probe):
                ("network.type", TCP_ROLE)),
         Metric("otel_ebpf_receiver.tcp.connections.closed", COUNTER, "{connection}",
                "TCP sockets that reached CLOSE (including connection attempts that failed).", ("network.type",)),
+        Metric("otel_ebpf_receiver.tcp.connections.failed", COUNTER, "{connection}",
+               "TCP connection attempts of this host that failed (SYN_SENT→CLOSE: refused, reset or timed out).",
+               ("network.type",)),
         Metric("otel_ebpf_receiver.tcp.state_transitions", COUNTER, "{transition}",
                "TCP socket state changes, per new state.", ("network.type", "network.connection.state")),
         Metric("otel_ebpf_receiver.tcp.retransmits", COUNTER, "{segment}", "TCP segments retransmitted.",
@@ -51,12 +55,15 @@ class TcpProbe(Probe):
         Feature("tcp.resets_rate_log1p", "log1p(TCP resets sent + received per second)"),
         Feature("tcp.retransmits_rate_log1p", "log1p(TCP retransmitted segments per second)"),
         Feature("tcp.new_connections_rate_log1p", "log1p(TCP connections established per second, both roles)"),
+        # Connection health (issue 13): an upstream gone reads as ~1, churn that succeeds as 0, however busy.
+        Feature("tcp.connect_failure_share", "failed / finished connection attempts as client, this interval"),
     )
 
     maps = {"tcp_counts": MapContract(value=U64)}
     c_constants = {"TCP_STATES": TCP_STATES, "IDX_STATE(1, 0)": TCP_STATES, "IDX_OPENED_CLIENT": IDX_OPENED_CLIENT,
                    "IDX_OPENED_SERVER": IDX_OPENED_SERVER, "IDX_CLOSED": IDX_CLOSED, "IDX_RETRANSMITS": IDX_RETRANSMITS,
-                   "IDX_RST_SENT": IDX_RST_SENT, "IDX_RST_RECEIVED": IDX_RST_RECEIVED, "COUNTERS": COUNTERS}
+                   "IDX_RST_SENT": IDX_RST_SENT, "IDX_RST_RECEIVED": IDX_RST_RECEIVED,
+                   "IDX_CONNECT_FAILED": IDX_CONNECT_FAILED, "COUNTERS": COUNTERS}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
@@ -78,7 +85,7 @@ class TcpProbe(Probe):
     def read(self, seconds: float) -> Reading:
         reading = Reading()
         counts = percpu_array_u64(self.bpf["tcp_counts"])
-        opened = closed = resets = retransmits = 0.0
+        opened = closed = resets = retransmits = connected = failed = 0.0
 
         def delta(index: int) -> float:
             return self._deltas.delta(index, float(counts[index]))
@@ -88,10 +95,14 @@ class TcpProbe(Probe):
             for index, role in ((IDX_OPENED_CLIENT, "client"), (IDX_OPENED_SERVER, "server")):
                 d = delta(index + fam)
                 opened += d
+                connected += d if index == IDX_OPENED_CLIENT else 0.0
                 reading.counters.append(("otel_ebpf_receiver.tcp.connections.opened", d, {**attrs, TCP_ROLE: role}))
             d = delta(IDX_CLOSED + fam)
             closed += d
             reading.counters.append(("otel_ebpf_receiver.tcp.connections.closed", d, attrs))
+            d = delta(IDX_CONNECT_FAILED + fam)
+            failed += d
+            reading.counters.append(("otel_ebpf_receiver.tcp.connections.failed", d, attrs))
             for state, state_name in STATE_NAMES.items():
                 d = delta(fam * TCP_STATES + state)
                 reading.counters.append(("otel_ebpf_receiver.tcp.state_transitions", d,
@@ -108,6 +119,7 @@ class TcpProbe(Probe):
             "tcp.resets_rate_log1p": log1p_rate(resets, seconds),
             "tcp.retransmits_rate_log1p": log1p_rate(retransmits, seconds),
             "tcp.new_connections_rate_log1p": log1p_rate(opened, seconds),
+            "tcp.connect_failure_share": failed / (failed + connected) if failed else 0.0,
         }
         if seconds > 0:
             reading.rate, reading.rate_unit = opened / seconds, "connections/s"
