@@ -3,6 +3,7 @@ through the agent and the OpenTelemetry SDK's in-memory reader (the export path 
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 
@@ -50,6 +51,10 @@ def test_file_open_counts_a_known_number_of_opens_per_process(agent):
                      if n == "otel_ebpf_receiver.file_opens.top_path.rate"}
         # +1: the test itself created the file through open().
         assert 1000 <= top_paths.get(target.name, 0) <= 1001, top_paths
+        # The hottest path's rate as a feature: per CPU, over the step's 1 s.
+        rate = agent.last_window.values["file_open.top_path_rate_log1p"]
+        ncpu = os.cpu_count() or 1
+        assert math.log1p(1000 / ncpu) <= rate <= math.log1p(1001 / ncpu) + 1e-9, rate
 
 
 def test_file_open_counts_failed_opens(agent):

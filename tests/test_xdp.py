@@ -5,6 +5,7 @@ attaches the program to the victim's eth0 from the root namespace, and reads the
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -47,6 +48,7 @@ def test_exact_per_source_counts_for_icmp_and_udp_over_ipv4(probe, lab):
     assert [t.address for t in top] == [c0.ipv4, c1.ipv4]
     assert top[0].share == pytest.approx(70 / 77)
     assert reading.features["xdp.top_source_share"] == pytest.approx(70 / 77)
+    assert reading.features["xdp.udp_rate_log1p"] == pytest.approx(math.log1p(57))
     assert gauge(reading, "otel_ebpf_receiver.xdp.top_source.packet_rate", {"source.address": c0.ipv4}) == [70.0]
 
     # The next window starts from zero for every source.
@@ -83,6 +85,7 @@ def test_tcp_flags_syn_share_and_sizes(probe, lab):
     assert probe.source_window(lab.hosts["client1"].ipv4).syn_share == 0.0
     assert reading.features["xdp.syn_ratio"] == pytest.approx(20 / 28)
     assert reading.features["xdp.syn_synack_imbalance"] > 0
+    assert reading.features["xdp.udp_rate_log1p"] == 0
 
     send_udp(lab, "client2", 4, size=1000)  # 1042-byte frames: the [1024, 2048) bucket
     reading = probe.read(1.0)

@@ -39,6 +39,8 @@ class FileOpenProbe(Probe):
         Feature("file_open.rate_log1p", "log1p(file opens per second per CPU)"),
         Feature("file_open.failure_ratio", "failed / all opens"),
         Feature("file_open.top_path_share", "share of successful opens that went to the most-opened path"),
+        # A share alone cannot tell one file opened 200,000 times a second from a quiet host's one open.
+        Feature("file_open.top_path_rate_log1p", "log1p(opens per second per CPU of the most-opened path)"),
     )
 
     # force_tracepoint: the classic openat/open/openat2 tracepoints even where the syscall hub works.
@@ -119,5 +121,6 @@ class FileOpenProbe(Probe):
             "file_open.rate_log1p": log1p_rate(total_opens / self._ncpu, seconds),
             "file_open.failure_ratio": ratio(total_failed, total_opens),
             "file_open.top_path_share": ratio(float(hits[top[0]]), successful) if len(top) else 0.0,
+            "file_open.top_path_rate_log1p": log1p_rate(float(hits[top[0]]) / self._ncpu, seconds) if len(top) else 0.0,
         }
         return reading

@@ -131,6 +131,8 @@ class XdpProbe(Probe):
     features = (
         Feature("xdp.packets_rate_log1p", "log1p(received packets per second)"),
         Feature("xdp.bytes_rate_log1p", "log1p(received bytes per second)"),
+        # UDP apart: a flood of small datagrams moves few bytes, and a host that answers no UDP sees almost none.
+        Feature("xdp.udp_rate_log1p", "log1p(received UDP datagrams per second)"),
         Feature("xdp.syn_ratio", "SYN (without ACK) / received TCP segments"),
         Feature("xdp.syn_synack_imbalance", "log1p(SYN/s) - log1p(SYN-ACK/s) received: >0 more attempts than answers"),
         Feature("xdp.distinct_sources_log1p", "log1p(distinct source addresses per second)"),
@@ -395,7 +397,7 @@ class XdpProbe(Probe):
 
         totals = self._totals()
         names = self.interfaces + ["other"]
-        sums = {k: 0.0 for k in ("packets", "bytes", "syn", "synack", "drop", "tcp")}
+        sums = {k: 0.0 for k in ("packets", "bytes", "syn", "synack", "drop", "tcp", "udp")}
         inserts = failures = 0.0
         for slot, ifname in enumerate(names):
             f = totals[slot]
@@ -417,8 +419,9 @@ class XdpProbe(Probe):
                 reading.counters.append(("otel_ebpf_receiver.xdp.packets", d, attrs))
                 reading.counters.append(("otel_ebpf_receiver.xdp.io", self._delta(("proto_bytes", slot, i), f["bytes"][i]),
                                          attrs))
-                if TRANSPORTS[i % len(TRANSPORTS)] == "tcp":
-                    sums["tcp"] += d
+                transport = TRANSPORTS[i % len(TRANSPORTS)]
+                if transport in ("tcp", "udp"):
+                    sums[transport] += d
             for i, flag in enumerate(TCP_FLAGS):
                 d = self._delta(("flag", slot, i), f["tcp_flags"][i])
                 reading.counters.append(("otel_ebpf_receiver.xdp.tcp_flags", d, {**iface, TCP_FLAG: flag}))
@@ -462,6 +465,7 @@ class XdpProbe(Probe):
         reading.features = {
             "xdp.packets_rate_log1p": log1p_rate(sums["packets"], seconds),
             "xdp.bytes_rate_log1p": log1p_rate(sums["bytes"], seconds),
+            "xdp.udp_rate_log1p": log1p_rate(sums["udp"], seconds),
             "xdp.syn_ratio": ratio(sums["syn"], sums["tcp"]),
             "xdp.syn_synack_imbalance": log1p_rate(sums["syn"], seconds) - log1p_rate(sums["synack"], seconds),
             "xdp.distinct_sources_log1p": log1p_rate(distinct, seconds),
