@@ -15,7 +15,9 @@
 #define IDX_RST_SENT 40         // + family
 #define IDX_RST_RECEIVED 42     // + family
 #define IDX_CONNECT_FAILED 44   // + family: SYN_SENT -> CLOSE (our connection attempt was refused, reset or timed out)
-#define COUNTERS 46
+#define IDX_CA_RECOVERY 46      // + family: a connection entered fast recovery (loss seen by duplicate ACKs / SACK)
+#define IDX_CA_LOSS 48          // + family: a connection entered the loss state (its retransmission timer fired)
+#define COUNTERS 50
 
 #define AF_INET_ 2
 #define AF_INET6_ 10
@@ -24,6 +26,8 @@
 #define TCP_SYN_SENT_ 2
 #define TCP_SYN_RECV_ 3
 #define TCP_CLOSE_ 7
+#define TCP_CA_RECOVERY_ 3      // include/net/tcp.h enum tcp_ca_state
+#define TCP_CA_LOSS_ 4
 
 BPF_PERCPU_ARRAY(tcp_counts, u64, COUNTERS);
 
@@ -71,6 +75,21 @@ TRACEPOINT_PROBE(tcp, tcp_receive_reset)
     bump(IDX_RST_RECEIVED + fam_index(args->family));
     return 0;
 }
+
+#ifdef HAVE_CONG_STATE_SET
+// tcp:tcp_cong_state_set (6.0+, the loader defines HAVE_CONG_STATE_SET where tracefs has it): called on congestion
+// state changes only, so it costs nothing while the network is healthy. Entering Loss is a retransmission timeout,
+// which a full-speed transfer on a good link almost never has and a lossy or overloaded link has every second.
+TRACEPOINT_PROBE(tcp, tcp_cong_state_set)
+{
+    u32 fam = fam_index(args->family);
+    if (args->cong_state == TCP_CA_LOSS_)
+        bump(IDX_CA_LOSS + fam);
+    else if (args->cong_state == TCP_CA_RECOVERY_)
+        bump(IDX_CA_RECOVERY + fam);
+    return 0;
+}
+#endif
 
 // tcp:tcp_send_reset gained an `enum sk_rst_reason` field (6.10) that bcc cannot declare from our headers, so
 // this one is a plain function attached by the loader, reading the family at an offset taken from the

@@ -59,6 +59,8 @@ AGENT_METRICS = [
      "otel_ebpf_receiver_tcp_connections_closed_total"),
     ("otel_ebpf_receiver.tcp.connections.failed", "counter", "{connection}",
      "otel_ebpf_receiver_tcp_connections_failed_total"),
+    ("otel_ebpf_receiver.tcp.congestion_events", "counter", "{event}",
+     "otel_ebpf_receiver_tcp_congestion_events_total"),
     ("otel_ebpf_receiver.tcp.state_transitions", "counter", "{transition}",
      "otel_ebpf_receiver_tcp_state_transitions_total"),
     ("otel_ebpf_receiver.tcp.retransmits", "counter", "{segment}", "otel_ebpf_receiver_tcp_retransmits_total"),

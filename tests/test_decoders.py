@@ -42,7 +42,7 @@ def test_tcp_family_index(fam, network_type):
 @pytest.mark.parametrize("constant,value", [("TCP_STATES", 16), ("IDX_STATE(1, 0)", 16), ("IDX_OPENED_CLIENT", 32),
                                             ("IDX_OPENED_SERVER", 34), ("IDX_CLOSED", 36), ("IDX_RETRANSMITS", 38),
                                             ("IDX_RST_SENT", 40), ("IDX_RST_RECEIVED", 42), ("IDX_CONNECT_FAILED", 44),
-                                            ("COUNTERS", 46)])
+                                            ("IDX_CA_RECOVERY", 46), ("IDX_CA_LOSS", 48), ("COUNTERS", 50)])
 def test_tcp_constants_checked_against_the_c_file(constant, value):
     assert tcp.TcpProbe.c_constants[constant] == value
 

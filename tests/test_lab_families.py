@@ -12,6 +12,7 @@ import pytest
 from model_export.lab.connections import CONNECT_RATE
 from model_export.lab.record import Recorder
 from model_export.lab.scenarios import SCENARIOS, record_scenario
+from otel_ebpf_receiver.probes.tcp import TcpProbe
 
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(420)]
 
@@ -69,6 +70,9 @@ def test_a_degraded_link_retransmits_where_a_paced_transfer_does_not(recorded):
     degraded = median(recorded, "link_degraded", "tcp.retransmits_rate_log1p")
     assert degraded > math.log1p(2)
     assert degraded > median(recorded, "paced_transfer", "tcp.retransmits_rate_log1p") + 1
+    if TcpProbe.sees_congestion():  # retransmission timeouts: a lossy link has them, a fast clean one does not
+        assert median(recorded, "link_degraded", "tcp.timeouts_rate_log1p") > 0
+        assert median(recorded, "paced_transfer", "tcp.timeouts_rate_log1p") == 0
 
 
 def test_the_link_is_shaped_on_every_port_during_the_scenario_and_not_after(bed):

@@ -98,6 +98,14 @@ def test_unanswered_syns_are_retransmitted(probe):
     reading = probe.read(1.0)
     assert total(reading, "otel_ebpf_receiver.tcp.retransmits", network__type="ipv4") >= 1
     assert reading.features["tcp.retransmits_rate_log1p"] > 0
+    # The SYN's retransmission timer fired: the connection entered the loss state (where the kernel says so).
+    timeouts = total(reading, "otel_ebpf_receiver.tcp.congestion_events", network__type="ipv4",
+                     otel_ebpf_receiver__tcp__congestion_state="loss")
+    if TcpProbe.sees_congestion():
+        assert timeouts >= 1
+        assert reading.features["tcp.timeouts_rate_log1p"] > 0
+    else:
+        assert timeouts == 0 and reading.features["tcp.timeouts_rate_log1p"] == 0
 
 
 def test_every_emitted_metric_is_declared(probe):

@@ -11,10 +11,11 @@ from .contract import U64, MapContract
 # Indexes into tcp_counts, as in bpf/tcp.bpf.c (compared with it at load); each is followed by its IPv6 twin.
 TCP_STATES = 16
 IDX_OPENED_CLIENT, IDX_OPENED_SERVER, IDX_CLOSED, IDX_RETRANSMITS, IDX_RST_SENT, IDX_RST_RECEIVED = 32, 34, 36, 38, 40, 42
-IDX_CONNECT_FAILED = 44
-COUNTERS = 46
+IDX_CONNECT_FAILED, IDX_CA_RECOVERY, IDX_CA_LOSS = 44, 46, 48
+COUNTERS = 50
 NETWORK_TYPES = ("ipv4", "ipv6")  # the family index: 0 = AF_INET, 1 = AF_INET6
 TCP_ROLE = "otel_ebpf_receiver.tcp.role"  # client or server: no semantic-convention attribute says which
+CONGESTION_STATE = "otel_ebpf_receiver.tcp.congestion_state"  # recovery (duplicate ACKs) or loss (timeout)
 
 # include/net/tcp_states.h, named as the semantic convention's network.connection.state values.
 STATE_NAMES = {1: "established", 2: "syn_sent", 3: "syn_recv", 4: "fin_wait_1", 5: "fin_wait_2", 6: "time_wait",
@@ -29,6 +30,7 @@ def state_name(state: int) -> str | None:
 
 SET_STATE = Hook("sock:inet_sock_set_state")
 SEND_RESET = Hook("tcp:tcp_send_reset")
+CONG_STATE_SET = Hook("tcp:tcp_cong_state_set")  # optional: 6.0+; without it the congestion counts stay 0
 
 
 class TcpProbe(Probe):
@@ -44,6 +46,10 @@ class TcpProbe(Probe):
         Metric("otel_ebpf_receiver.tcp.connections.failed", COUNTER, "{connection}",
                "TCP connection attempts of this host that failed (SYN_SENT→CLOSE: refused, reset or timed out).",
                ("network.type",)),
+        Metric("otel_ebpf_receiver.tcp.congestion_events", COUNTER, "{event}",
+               "TCP connections entering fast recovery (loss seen by duplicate ACKs) or the loss state (retransmission "
+               "timeout); kernels without tcp:tcp_cong_state_set (before 6.0) report none.",
+               ("network.type", CONGESTION_STATE)),
         Metric("otel_ebpf_receiver.tcp.state_transitions", COUNTER, "{transition}",
                "TCP socket state changes, per new state.", ("network.type", "network.connection.state")),
         Metric("otel_ebpf_receiver.tcp.retransmits", COUNTER, "{segment}", "TCP segments retransmitted.",
@@ -57,25 +63,35 @@ class TcpProbe(Probe):
         Feature("tcp.new_connections_rate_log1p", "log1p(TCP connections established per second, both roles)"),
         # Connection health (issue 13): an upstream gone reads as ~1, churn that succeeds as 0, however busy.
         Feature("tcp.connect_failure_share", "failed / finished connection attempts as client, this interval"),
+        # Link health: retransmits alone cannot tell a lossy link from a fast transfer's fast retransmits.
+        Feature("tcp.timeouts_rate_log1p", "log1p(TCP retransmission timeouts per second: connections entering loss)"),
     )
 
     maps = {"tcp_counts": MapContract(value=U64)}
     c_constants = {"TCP_STATES": TCP_STATES, "IDX_STATE(1, 0)": TCP_STATES, "IDX_OPENED_CLIENT": IDX_OPENED_CLIENT,
                    "IDX_OPENED_SERVER": IDX_OPENED_SERVER, "IDX_CLOSED": IDX_CLOSED, "IDX_RETRANSMITS": IDX_RETRANSMITS,
                    "IDX_RST_SENT": IDX_RST_SENT, "IDX_RST_RECEIVED": IDX_RST_RECEIVED,
-                   "IDX_CONNECT_FAILED": IDX_CONNECT_FAILED, "COUNTERS": COUNTERS}
+                   "IDX_CONNECT_FAILED": IDX_CONNECT_FAILED, "IDX_CA_RECOVERY": IDX_CA_RECOVERY,
+                   "IDX_CA_LOSS": IDX_CA_LOSS, "COUNTERS": COUNTERS}
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
         self._deltas = CounterDeltas()
 
     def cflags(self) -> list[str]:
+        flags = ["-DHAVE_CONG_STATE_SET"] if self.sees_congestion() else []
         fields = tracepoint_fields(SEND_RESET)
         if "family" in fields:
-            return [f"-DSEND_RESET_FAMILY_OFFSET={fields['family'][0]}"]
+            return [*flags, f"-DSEND_RESET_FAMILY_OFFSET={fields['family'][0]}"]
         if fields.get("saddr", (0, 0))[1] >= 16:  # a struct sockaddr_in(6): sa_family first
-            return [f"-DSEND_RESET_FAMILY_OFFSET={fields['saddr'][0]}"]
-        return []
+            return [*flags, f"-DSEND_RESET_FAMILY_OFFSET={fields['saddr'][0]}"]
+        return flags
+
+    @staticmethod
+    def sees_congestion() -> bool:
+        """Whether this kernel has the tracepoint the congestion counts come from (and the fields they read)."""
+        fields = tracepoint_fields(CONG_STATE_SET)
+        return "cong_state" in fields and "family" in fields
 
     def load(self) -> None:
         super().load()
@@ -85,7 +101,7 @@ class TcpProbe(Probe):
     def read(self, seconds: float) -> Reading:
         reading = Reading()
         counts = percpu_array_u64(self.bpf["tcp_counts"])
-        opened = closed = resets = retransmits = connected = failed = 0.0
+        opened = closed = resets = retransmits = connected = failed = timeouts = 0.0
 
         def delta(index: int) -> float:
             return self._deltas.delta(index, float(counts[index]))
@@ -107,6 +123,10 @@ class TcpProbe(Probe):
                 d = delta(fam * TCP_STATES + state)
                 reading.counters.append(("otel_ebpf_receiver.tcp.state_transitions", d,
                                          {**attrs, "network.connection.state": state_name}))
+            for index, state in ((IDX_CA_RECOVERY, "recovery"), (IDX_CA_LOSS, "loss")):
+                d = delta(index + fam)
+                timeouts += d if index == IDX_CA_LOSS else 0.0
+                reading.counters.append(("otel_ebpf_receiver.tcp.congestion_events", d, {**attrs, CONGESTION_STATE: state}))
             d = delta(IDX_RETRANSMITS + fam)
             retransmits += d
             reading.counters.append(("otel_ebpf_receiver.tcp.retransmits", d, attrs))
@@ -120,6 +140,7 @@ class TcpProbe(Probe):
             "tcp.retransmits_rate_log1p": log1p_rate(retransmits, seconds),
             "tcp.new_connections_rate_log1p": log1p_rate(opened, seconds),
             "tcp.connect_failure_share": failed / (failed + connected) if failed else 0.0,
+            "tcp.timeouts_rate_log1p": log1p_rate(timeouts, seconds),
         }
         if seconds > 0:
             reading.rate, reading.rate_unit = opened / seconds, "connections/s"
