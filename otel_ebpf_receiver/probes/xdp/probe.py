@@ -40,7 +40,8 @@ from ...kernel.maps import MapSnapshot
 from ...kernel.netns import NetnsError, in_netns
 from ..base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, TopItem, log1p_rate,
                     ratio)
-from .sources import SourceRate, SourceWindows, sample_shift, source_address  # noqa: F401 (re-exported)
+from .sources import (SourceRate, SourceWindows, sample_mask, sample_shift, size_counts,  # noqa: F401 (re-exported)
+                      source_address)
 from ..contract import U32, U64, MapContract, check_struct_offsets, dtype, value_type
 from .blocklist import Blocklist
 from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
@@ -84,7 +85,7 @@ MAPS = {
         "src_inserts": U64, "src_update_failures": U64, "src_sampled": U64, "size16": f"({SIZE16_SLOTS},)<u8"}),
     "per_source": MapContract(key="(16,)u1",  # struct addr16, read as bytes
                               value={"win": (2, {"packets": U64, "bytes": U64, "syns": U64, "epoch": U32})}),
-    "xdp_config": MapContract(value={"epoch": U32, "sample_shift": U32}),
+    "xdp_config": MapContract(value={"epoch": U32, "sample_shift": U32, "sample_mask": U64}),
 }
 
 
@@ -118,7 +119,8 @@ class XdpProbe(Probe):
                ("network.interface.name",)),
         Metric("otel_ebpf_receiver.xdp.malformed_packets", COUNTER, "{packet}",
                "Truncated or malformed frames (passed untouched to the kernel's stack).", ("network.interface.name",)),
-        Metric("otel_ebpf_receiver.xdp.packet.size", HISTOGRAM, "By", "Received frame sizes (log2 buckets).",
+        Metric("otel_ebpf_receiver.xdp.packet.size", HISTOGRAM, "By",
+               "Received frame sizes (log2 buckets; count and sum exact, bucket shares sampled under floods).",
                ("network.interface.name",)),
         Metric("otel_ebpf_receiver.xdp.blocklist_entries", GAUGE, "{entry}", "Blocklist entries (addresses and prefixes).",
                ("network.type",)),
@@ -363,6 +365,7 @@ class XdpProbe(Probe):
         value = table.Leaf()
         value.epoch = self._epoch
         value.sample_shift = self._shift
+        value.sample_mask = sample_mask(self._shift)
         table[ct.c_int(0)] = value
 
     def _totals(self) -> list[dict[str, np.ndarray]]:
@@ -434,9 +437,9 @@ class XdpProbe(Probe):
                     reading.counters.append(("otel_ebpf_receiver.xdp.dropped_packets", d, iface))
             reading.counters.append(("otel_ebpf_receiver.xdp.malformed_packets",
                                      self._delta(("malformed", slot), f["malformed"][0]), iface))
-            buckets = {float(2 ** i): int(self._delta(("size", slot, i), f["size_log2"][i]))
-                       for i in range(SIZE_SLOTS) if f["size_log2"][i]}
-            buckets = {bound: n for bound, n in buckets.items() if n}
+            sizes = size_counts([self._delta(("size", slot, i), f["size_log2"][i]) for i in range(SIZE_SLOTS)],
+                                int(pk), by)  # sampled with the per-source decision (sources.py)
+            buckets = {float(2 ** i): int(n) for i, n in enumerate(sizes) if n}
             if buckets:
                 reading.histograms.append(("otel_ebpf_receiver.xdp.packet.size", buckets, by, iface))
             inserts += f["src_inserts"][0]
