@@ -14,12 +14,12 @@ import math
 import socket
 import struct
 
+import numpy as np
 import pytest
 
 from otel_ebpf_receiver.kernel import bpfsys
-import numpy as np
-
-from otel_ebpf_receiver.probes.xdp.sources import MAX_SAMPLE_SHIFT, in_hash_sample, sample_mask, sample_shift, size_counts
+from otel_ebpf_receiver.probes.xdp.sources import (MAX_SAMPLE_SHIFT, in_hash_sample, sample_mask, sample_shift,
+                                                   size_counts)
 
 from .xdp_support import blocklist, counter_where, gauge, lab, pin_dir, probe, settings  # noqa: F401
 
