@@ -12,8 +12,9 @@ or 10,000 /24 prefixes, imported by this checkout), and run in a shuffled order 
 (``bpftool prog run ... repeat N``, BPF_PROG_TEST_RUN: the program's own cost, no driver), so drift and noisy
 neighbours hit both alike; the medians and their ratio are printed, with the median of the per-round ratios.
 ``--sample-shift k`` writes k (and, for a program that has it, the matching sample_mask) into each program's
-xdp_config, as the agent does under a flood; without it the config stays zero: per-source exact. Nothing is
-attached; the pin dirs are private and removed at the end.
+xdp_config, as the agent does under a flood; without it the config stays zero: per-source exact. A program that
+reads xdp_config as a direct map value (XDP_CONFIG_FD) gets an array of its own, made here as the probe makes it.
+Nothing is attached; the pin dirs are private and removed at the end.
 
 The other checkout must have bpf/xdp.bpf.c with the same map layouts (the lists are adopted through their pins).
 """
@@ -27,6 +28,7 @@ import os
 import random
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 from pathlib import Path
@@ -40,6 +42,7 @@ from otel_ebpf_receiver.probes import contract  # noqa: E402
 from otel_ebpf_receiver.probes.base import program_text  # noqa: E402
 from otel_ebpf_receiver.probes.xdp import probe as xdp  # noqa: E402
 from otel_ebpf_receiver.probes.xdp.blocklist import Blocklist  # noqa: E402
+from otel_ebpf_receiver.kernel import bpfsys  # noqa: E402
 from otel_ebpf_receiver.probes.xdp.pins import remove_pins  # noqa: E402
 from otel_ebpf_receiver.probes.xdp.sources import MAX_SAMPLE_SHIFT, sample_mask  # noqa: E402
 
@@ -76,7 +79,7 @@ def main() -> int:
         paths[name].write_bytes(frame)
     lists = {"10,000 addresses": addresses, "10,000 /24 prefixes": prefixes}
     programs: dict[tuple[str, str], int] = {}
-    loaded, pins = [], []
+    loaded, pins, config_fds = [], [], []
     try:
         for n, (label, entries) in enumerate(lists.items()):
             pin = f"/sys/fs/bpf/oer-bench-versions-{os.getpid()}-{n}"
@@ -86,13 +89,22 @@ def main() -> int:
             with Blocklist(pin, str(work / f"state{n}")) as bl:
                 bl.import_file(str(work / f"list{n}.txt"))
             for version, src in sources.items():
-                known = {k: v for k, v in xdp.C_CONSTANTS.items() if k in src.read_text()}
+                text = src.read_text()
+                known = {k: v for k, v in xdp.C_CONSTANTS.items() if k in text}
                 cflags = [f"-I{src.parent}", f'-DPIN_DIR="{pin}"', "-DIFACE_SLOTS=2", "-DIFACE_SLOT(i)=(0)",
                           # an older file may lack constants added since: check the ones it has
                           f"-DCHECK_PYTHON_CONSTANTS={contract.constant_checks(known)}"]
+                config_fd = None
+                if "XDP_CONFIG_FD" in text:  # struct config in an array of our own, read as a direct value
+                    config_fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, xdp.CONFIG.size, 1, name="xdp_config")
+                    config_fds.append(config_fd)
+                    cflags.append(f"-DXDP_CONFIG_FD={config_fd}")
                 b = BPF(text=program_text(src), cflags=cflags)
                 loaded.append(b)
-                if args.sample_shift:
+                if args.sample_shift and config_fd is not None:
+                    bpfsys.map_update(config_fd, struct.pack("=I", 0),
+                                      xdp.CONFIG.pack(1, args.sample_shift, sample_mask(args.sample_shift)))
+                elif args.sample_shift:
                     config = b["xdp_config"]
                     value = config.Leaf()
                     value.epoch, value.sample_shift = 1, args.sample_shift
@@ -114,6 +126,8 @@ def main() -> int:
     finally:
         for b in loaded:
             b.cleanup()
+        for fd in config_fds:
+            bpfsys.close(fd)
         for pin in pins:
             remove_pins(pin)
         shutil.rmtree(work, ignore_errors=True)

@@ -26,7 +26,6 @@ maps; the lists and the per-source windows live in the sibling modules.
 
 from __future__ import annotations
 
-import ctypes as ct
 import json
 import socket
 import struct
@@ -67,6 +66,10 @@ _SIZE16_TO_LOG2 = np.array([0] + [(16 * i).bit_length() for i in range(1, SIZE16
 TCP_FLAG = "otel_ebpf_receiver.tcp.flag"
 XDP_VERDICT = "otel_ebpf_receiver.xdp.verdict"
 
+# struct config (epoch, sample_shift, sample_mask), in the 1-entry array this side creates and the program reads as a
+# direct map value (the C file says why); its size and the mask's offset are in C_CONSTANTS.
+CONFIG = struct.Struct("=IIQ")
+
 C_CONSTANTS = {
     **{f"FAM_{name.upper()}": i for i, name in enumerate(FAMILIES)},
     **{f"L4_{name.upper()}": i for i, name in enumerate(TRANSPORTS)},
@@ -75,6 +78,7 @@ C_CONSTANTS = {
     "PROTO_SLOTS": PROTO_SLOTS, "SIZE_SLOTS": SIZE_SLOTS, "SIZE16_SLOTS": SIZE16_SLOTS,
     **{f"PRESENT_{name.removeprefix('block_').upper()}": i for name, i in PRESENT_INDEX.items()},
     "PRESENT_SLOTS": len(PRESENT_INDEX),
+    "XDP_CONFIG_SIZE": CONFIG.size, "XDP_CONFIG_MASK_AT": 8,  # struct config as CONFIG packs it
 }
 # struct totals (per interface slot and CPU), struct src_stats and struct config, as Python reads them: the layouts
 # themselves come from bcc's types (see load()).
@@ -85,7 +89,6 @@ MAPS = {
         "src_inserts": U64, "src_update_failures": U64, "src_sampled": U64, "size16": f"({SIZE16_SLOTS},)<u8"}),
     "per_source": MapContract(key="(16,)u1",  # struct addr16, read as bytes
                               value={"win": (2, {"packets": U64, "bytes": U64, "syns": U64, "epoch": U32})}),
-    "xdp_config": MapContract(value={"epoch": U32, "sample_shift": U32, "sample_mask": U64}),
 }
 
 
@@ -166,6 +169,7 @@ class XdpProbe(Probe):
         self._epoch = 1
         self._shift = 0  # per-source sampling shift of the current epoch (sources.py)
         self._ncpu = 1
+        self._config_fd: int | None = None  # the xdp_config array (struct config), created before compiling
         self._snapshot: MapSnapshot | None = None
         self._deltas = CounterDeltas()
         self._passed: dict[tuple[str, int], float] = {}  # per slot: the pass verdict count, derived (_totals)
@@ -207,6 +211,8 @@ class XdpProbe(Probe):
             f"-DIFACE_SLOTS={slots + 1}",
             f"-DIFACE_SLOT(i)=({expr})",
         ]
+        if self._config_fd is not None:
+            flags.append(f"-DXDP_CONFIG_FD={self._config_fd}")
         if not self.settings["per_source"]:
             flags.append("-DNO_PER_SOURCE")
         return flags
@@ -249,6 +255,7 @@ class XdpProbe(Probe):
             raise ProbeError(f"probe xdp disabled: {exc}") from None
         self._ncpu = len(get_possible_cpus())
         try:
+            self._config_fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, CONFIG.size, 1, name="xdp_config")
             super().load()
             self._write_config()
             fn = self.bpf.load_func(PROGRAM, BPF.XDP)
@@ -352,6 +359,9 @@ class XdpProbe(Probe):
         self._attached.clear()
         self._snapshot = None
         super().close()
+        if self._config_fd is not None:  # after the program: it holds its own reference until unloaded
+            bpfsys.close(self._config_fd)
+            self._config_fd = None
         if self.blocklist is not None:
             self.blocklist.close()
             self.blocklist = None
@@ -361,12 +371,8 @@ class XdpProbe(Probe):
 
     # -- each window -------------------------------------------------------------------------------------------
     def _write_config(self) -> None:
-        table = self.bpf["xdp_config"]
-        value = table.Leaf()
-        value.epoch = self._epoch
-        value.sample_shift = self._shift
-        value.sample_mask = sample_mask(self._shift)
-        table[ct.c_int(0)] = value
+        bpfsys.map_update(self._config_fd, struct.pack("=I", 0),
+                          CONFIG.pack(self._epoch, self._shift, sample_mask(self._shift)))
 
     def _totals(self) -> list[dict[str, np.ndarray]]:
         """Per interface slot: struct totals field -> its values summed over CPUs (a 1-element array for a
