@@ -255,7 +255,10 @@ class XdpProbe(Probe):
             raise ProbeError(f"probe xdp disabled: {exc}") from None
         self._ncpu = len(get_possible_cpus())
         try:
-            self._config_fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, CONFIG.size, 1, name="xdp_config")
+            try:
+                self._config_fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, CONFIG.size, 1, name="xdp_config")
+            except bpfsys.BpfError as exc:
+                raise ProbeError(f"probe xdp disabled: cannot create its config map: {exc.strerror}") from None
             super().load()
             self._write_config()
             fn = self.bpf.load_func(PROGRAM, BPF.XDP)
