@@ -4,7 +4,7 @@
 //   1. parse Ethernet (up to two VLAN tags), IPv4 / IPv6 (+ up to 4 extension headers), TCP/UDP/ICMP;
 //      every read is bounds-checked against data_end, and anything truncated or malformed is passed and
 //      counted as "malformed" — the kernel's stack decides what to do with it, never this program;
-//   2. count packets/bytes by family x transport, TCP flags, frame size (log2 buckets) in one per-CPU struct;
+//   2. count packets/bytes by family x transport and TCP flags in one per-CPU struct (frame sizes: step 5);
 //   3. blocklist: single addresses in a hash per family (block_hosts4: 4-byte keys, block_hosts6), CIDR prefixes
 //      in an LPM trie per family; a match that has not expired is dropped and counted on its entry. Why two
 //      structures: with 10,000 addresses a trie walk costs ~35 ns on a miss and ~65 ns on a hit, a hash lookup
@@ -15,7 +15,8 @@
 //   4. allowlist (LPM trie, one per family), consulted only for blocklisted packets: a match passes (it wins
 //      over any blocklist entry) and counts on the allowlist entry;
 //   5. per-source statistics for passed packets in a bounded LRU hash, exact while the agent's last window was
-//      calm and sampled under floods (see "Per-source sampling" below).
+//      calm and sampled under floods (see "Per-source sampling" below). The frame-size histogram is counted there
+//      too, with the same decision and weight; dropped and non-IP frames count their size exactly.
 //
 // The lists key IPv4 sources by their 4 bytes (as xdp-filter does: the hash of a lookup covers 4 bytes, not 16);
 // the per-source table keys every source as 16 bytes with IPv4 mapped to ::ffff:a.b.c.d. An IPv6 packet with a
@@ -37,8 +38,12 @@
 //     number of hash-sampled sources seen x 2^k), or else
 //   - a per-CPU pseudo-random draw (an LCG in struct totals, no helper call) picks it with probability 2^-k;
 //     it then counts with weight 2^k (packets, bytes, SYNs).
-// Both estimators are unbiased; a source's packet count has a relative standard error of about
-// sqrt(2^k / packets); packets, bytes, flags and verdicts in struct totals stay exact whatever k is.
+// Both tests are one AND with xdp_config.sample_mask (the top k bits set, written with k). Both estimators are
+// unbiased; a source's packet count has a relative standard error of about sqrt(2^k / packets); packets, bytes,
+// flags and verdicts in struct totals stay exact whatever k is. The frame-size buckets of passed packets are
+// counted by the same decision with the same weight: unbiased under sampling (probe.py scales them to the exact
+// packet count, so the histogram's count and sum stay exact), exact at k = 0. Counted per packet, this metric
+// (no model feature reads it) cost 4 % of the sampled pass path (bench/bench_xdp.py).
 //
 // Time (expiry, last hit) is the kernel's coarse CLOCK_MONOTONIC, read only when a list entry matched (see
 // entry_clock): TTLs run out in the kernel whether or not an agent runs, and the pass path reads no clock.
@@ -162,6 +167,7 @@ struct totals {
     u64 src_rng;             // per-CPU LCG state for per-source sampling (see above)
     u64 src_sampled;         // per_source updates made (packets accounted to a source, unweighted)
     u64 size16[SIZE16_SLOTS]; // frame lengths [16 i, 16 i + 16) for 1 <= i < SIZE16_SLOTS; others in size_log2
+                              // (sampled with the per-source decision for passed packets: see the top)
 };
 BPF_PERCPU_ARRAY(xdp_totals, struct totals, IFACE_SLOTS);
 
@@ -169,12 +175,27 @@ BPF_PERCPU_ARRAY(xdp_totals, struct totals, IFACE_SLOTS);
 // current and the previous epoch in two slots, so the reader gets complete per-window counts without clearing.
 // (List expiry used to compare with a clock the agent wrote here; it stood still while no agent ran, which made
 // five-minute automatic blocks indefinite after a crash. The kernel's clock is now read on a list match only.)
+//
+// Not a bcc table: probe.py creates this 1-entry array itself (packing struct config by hand: its size and the
+// mask's offset are checked below) and passes its fd as XDP_CONFIG_FD. The program then reads it as a direct map
+// value — an ld_imm64 of BPF_PSEUDO_MAP_VALUE, as libbpf compiles a global variable — instead of a map lookup on
+// every passed packet (-2.4 % of the sampled pass path).
 struct config {
     u32 epoch;
     u32 sample_shift;        // k: per-source sampling (0 = every packet), at most MAX_SAMPLE_SHIFT
+    u64 sample_mask;         // the top k bits set (0 = every packet): what sample_source tests
 };
 #define MAX_SAMPLE_SHIFT 16
-BPF_ARRAY(xdp_config, struct config, 1);
+#define XDP_CONFIG_SIZE sizeof(struct config)
+#define XDP_CONFIG_MASK_AT __builtin_offsetof(struct config, sample_mask)
+#ifndef XDP_CONFIG_FD
+#error "XDP_CONFIG_FD: the fd of the xdp_config array, created by probes/xdp/probe.py"
+#endif
+
+static __always_inline struct config *xdp_config(void)
+{
+    return (struct config *)bpf_pseudo_fd(BPF_PSEUDO_MAP_VALUE, XDP_CONFIG_FD);
+}
 
 struct src_window {
     u64 packets;
@@ -196,6 +217,16 @@ static __always_inline u32 size_slot(u64 len)
 {
     u32 slot = bpf_log2l(len);
     return slot < SIZE_SLOTS ? slot : SIZE_SLOTS - 1;
+}
+
+// Frame-size histogram: 16-byte buckets for frames of 16..2047 bytes (folded into the log2 slots by Python: a
+// shift instead of bpf_log2l's ~20 dependent instructions), log2 slots for the others.
+static __always_inline void count_size(struct totals *t, u64 len, u64 weight)
+{
+    if (len - 16 < (SIZE16_SLOTS - 1) * 16)
+        t->size16[(len >> 4) & (SIZE16_SLOTS - 1)] += weight;
+    else
+        t->size_log2[size_slot(len)] += weight;
 }
 
 // The clock of list entries, read at most once per packet and only once an entry matched: a kernel clock costs
@@ -226,9 +257,9 @@ static __always_inline void hit(struct list_entry *e, u64 now)
 #ifndef NO_PER_SOURCE
 // The hash-sample test of the comment at the top; sources.py computes the same hash to estimate distinct sources.
 // fold: the four 32-bit words of struct addr16 xor-ed, computed while parsing (for IPv4 one xor with ::ffff).
-static __always_inline u64 source_hash(u32 fold)
+static __always_inline u64 source_hash(u64 fold)
 {
-    return (u64)fold * 0x9E3779B97F4A7C15ULL;
+    return fold * 0x9E3779B97F4A7C15ULL;
 }
 
 // exact (shift 0): atomic adds, so that no CPU's count is lost. Sampled (shift > 0): plain adds, no locked
@@ -277,32 +308,29 @@ static __always_inline void account_source(struct totals *t, u32 epoch, struct a
     w->syns += syn * weight;
 }
 
-// Per-source accounting of one passed packet, sampled when the agent asked for it (comment at the top). The key
-// (struct addr16) is built only for a packet that is accounted: an IPv4 source (saddr) as ::ffff:a.b.c.d, an IPv6
-// one copied while parsing (src6); fold is source_hash's input, computed while parsing.
-static __always_inline void sample_source(struct totals *t, u32 fam, u32 saddr, struct addr16 *src6, u32 fold,
+// Per-source accounting of one passed packet, sampled when the agent asked for it (comment at the top), and its
+// frame size with the same weight. The key (struct addr16) is built only for a packet that is accounted: an IPv4
+// source (saddr) as ::ffff:a.b.c.d, an IPv6 one copied while parsing (src6); fold is source_hash's input.
+// Per packet, the common case under a flood costs one test per draw: the config's mask has the top k bits set
+// (0 when exact), so a source is in the hash sample when its hash has none of them, and a draw picks the packet
+// when the LCG's next value has none of them.
+static __always_inline void sample_source(struct totals *t, u32 fam, u32 saddr, struct addr16 *src6, u64 fold,
                                           u64 len, u32 syn)
 {
-    u32 zero = 0;
-    struct config *cfg = xdp_config.lookup(&zero);
-    if (!cfg)
-        return;
-    u32 k = cfg->sample_shift;
+    struct config *cfg = xdp_config();
+    u64 mask = cfg->sample_mask;
     u64 weight = 1;
-    int exact = k == 0;
-    if (!exact) {
-        if (k > MAX_SAMPLE_SHIFT)
-            k = MAX_SAMPLE_SHIFT;
-        if ((source_hash(fold) >> (64 - k)) != 0) {  // not in the hash sample: a 2^-k draw, weight 2^k
-            u64 r = t->src_rng * 6364136223846793005ULL + 1442695040888963407ULL;
-            t->src_rng = r;
-            if ((r >> (64 - k)) != 0)
-                return;
-            weight = 1ULL << k;
-        }
+    if (source_hash(fold) & mask) {  // not in the hash sample (never so when exact): a 2^-k draw, weight 2^k
+        u64 r = t->src_rng * 6364136223846793005ULL + 1442695040888963407ULL;
+        t->src_rng = r;
+        if (r & mask)
+            return;
+        u32 k = cfg->sample_shift;
+        weight = 1ULL << (k < MAX_SAMPLE_SHIFT ? k : MAX_SAMPLE_SHIFT);
     }
+    count_size(t, len, weight);
     struct addr16 v4key = {{0, 0, bpf_htonl(0xffff), saddr}};
-    account_source(t, cfg->epoch, fam == FAM_IPV4 ? &v4key : src6, len, syn, weight, exact);
+    account_source(t, cfg->epoch, fam == FAM_IPV4 ? &v4key : src6, len, syn, weight, mask == 0);
 }
 #endif
 
@@ -312,104 +340,19 @@ static __always_inline int pass_other(struct totals *t, u64 len, u32 malformed)
 {
     t->packets[FAM_OTHER * 4 + L4_OTHER]++;
     t->bytes[FAM_OTHER * 4 + L4_OTHER] += len;
+    count_size(t, len, 1);
     if (malformed)
         t->malformed++;
     return XDP_PASS;
 }
 
-int otel_ebpf_xdp(struct xdp_md *ctx)
+// Everything after the IP header, for one family. Inlined once per family with fam (and, for IPv4, lists4 and a
+// null src6) constant, so that the IPv4 path carries none of IPv6's variables: the compiler neither keeps them
+// alive nor spills them where the two paths would otherwise join.
+static __always_inline int ip_packet(struct totals *t, void *data_end, u64 len, u32 fam, u32 l4, u8 proto,
+                                     void *l4h, u32 malformed, u32 lists4, u32 saddr, struct addr16 *src6, u64 fold)
 {
-    void *data = (void *)(long)ctx->data;
-    void *data_end = (void *)(long)ctx->data_end;
-    u64 len = data_end - data;
-
-    u32 ifslot = IFACE_SLOT(ctx->ingress_ifindex);
-    struct totals *t = xdp_totals.lookup(&ifslot);
-    if (!t)
-        return XDP_PASS;
-    if (len - 16 < (SIZE16_SLOTS - 1) * 16)
-        t->size16[(len >> 4) & (SIZE16_SLOTS - 1)]++;
-    else
-        t->size_log2[size_slot(len)]++;
-
-    struct ethhdr *eth = data;
-    if ((void *)(eth + 1) > data_end)
-        return pass_other(t, len, 1);
-    u16 h_proto = eth->h_proto;
-    void *cursor = eth + 1;
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        if (h_proto != bpf_htons(ETH_P_8021Q) && h_proto != bpf_htons(ETH_P_8021AD))
-            break;
-        if (cursor + 4 > data_end)
-            return pass_other(t, len, 1);
-        h_proto = *(u16 *)(cursor + 2);
-        cursor += 4;
-    }
-
-    u32 fam, l4 = L4_OTHER, syn = 0, malformed = 0;
-    u32 saddr = 0;   // the IPv4 source: what the IPv4 lists are keyed by (also a v4-mapped IPv6 source)
-    u32 lists4 = 1;  // the source goes through the IPv4 lists (an IPv4 packet, or IPv6 with a v4-mapped source)
-    u32 fold;        // source_hash's input
-    struct addr16 src6;  // an IPv6 source (the IPv6 host list's key and the per-source key)
-    u8 proto;
-    void *l4h = 0;
-    if (h_proto == bpf_htons(ETH_P_IP)) {
-        struct iphdr *ip = cursor;
-        if ((void *)(ip + 1) > data_end || ip->ihl < 5 || ip->version != 4)
-            return pass_other(t, len, 1);
-        fam = FAM_IPV4;
-        saddr = ip->saddr;
-        fold = bpf_htonl(0xffff) ^ saddr;
-        proto = ip->protocol;
-        // Only the first fragment carries the transport header.
-        if ((ip->frag_off & bpf_htons(0x1fff)) == 0)
-            l4h = (void *)ip + ip->ihl * 4;
-        if (proto == IPPROTO_ICMP)
-            l4 = L4_ICMP;
-    } else if (h_proto == bpf_htons(ETH_P_IPV6)) {
-        struct ipv6hdr *ip6 = cursor;
-        if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
-            return pass_other(t, len, 1);
-        fam = FAM_IPV6;
-        __builtin_memcpy(&src6, &ip6->saddr, 16);
-        lists4 = src6.w[2] == bpf_htonl(0xffff) && src6.w[0] == 0 && src6.w[1] == 0;
-        saddr = src6.w[3];
-        fold = src6.w[0] ^ src6.w[1] ^ src6.w[2] ^ src6.w[3];
-        proto = ip6->nexthdr;
-        void *next = ip6 + 1;
-        l4h = next;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            if (proto != 0 && proto != 43 && proto != 60 && proto != 44 && proto != 51)
-                break;  // not hop-by-hop, routing, destination options, fragment or AH
-            u8 *ext = next;
-            if ((void *)(ext + 8) > data_end) {
-                l4h = 0;
-                malformed = 1;
-                break;
-            }
-            u8 nh = ext[0];
-            if (proto == 44) {
-                // Fragment header: a non-first fragment has no transport header.
-                u16 off = (ext[2] << 8 | ext[3]) & 0xfff8;
-                next = ext + 8;
-                l4h = off ? 0 : next;
-            } else if (proto == 51) {
-                next = ext + ((u32)ext[1] + 2) * 4;
-                l4h = next;
-            } else {
-                next = ext + ((u32)ext[1] + 1) * 8;
-                l4h = next;
-            }
-            proto = nh;
-        }
-        if (proto == 58)  // IPPROTO_ICMPV6
-            l4 = L4_ICMP;
-    } else {
-        return pass_other(t, len, 0);
-    }
-
+    u32 syn = 0;
     if (proto == IPPROTO_TCP) {
         l4 = L4_TCP;
         struct tcphdr *tcp = l4h;
@@ -452,17 +395,20 @@ int otel_ebpf_xdp(struct xdp_md *ctx)
     struct list_entry *e = 0, *a = 0;
     if (lists4) {
         struct addr4 h4 = {saddr};
-        struct lpm4_key k4 = {32, saddr};
         if (present(PRESENT_HOSTS4))
             e = live(block_hosts4.lookup(&h4), &now);
-        if (!e && present(PRESENT_V4))
+        if (!e && present(PRESENT_V4)) {
+            struct lpm4_key k4 = {32, saddr};
             e = live(block_v4.lookup(&k4), &now);
-        if (e)
+        }
+        if (e) {
+            struct lpm4_key k4 = {32, saddr};
             a = live(allow_v4.lookup(&k4), &now);
+        }
     } else {
-        struct lpm6_key k6 = {128, {src6.w[0], src6.w[1], src6.w[2], src6.w[3]}};
+        struct lpm6_key k6 = {128, {src6->w[0], src6->w[1], src6->w[2], src6->w[3]}};
         if (present(PRESENT_HOSTS6))
-            e = live(block_hosts6.lookup(&src6), &now);
+            e = live(block_hosts6.lookup(src6), &now);
         if (!e && present(PRESENT_V6))
             e = live(block_v6.lookup(&k6), &now);
         if (e)
@@ -471,18 +417,107 @@ int otel_ebpf_xdp(struct xdp_md *ctx)
     if (a) {
         hit(a, entry_clock(&now));
         t->verdicts[VERDICT_ALLOW]++;
-        goto pass;
-    }
-    if (e) {
+    } else if (e) {
         hit(e, entry_clock(&now));
         t->verdicts[VERDICT_DROP]++;
+        count_size(t, len, 1);
         return XDP_DROP;
     }
-pass:
-#ifndef NO_PER_SOURCE
-    sample_source(t, fam, saddr, &src6, fold, len, syn);
+#ifdef NO_PER_SOURCE
+    count_size(t, len, 1);
+#else
+    sample_source(t, fam, saddr, src6, fold, len, syn);  // counts the frame size too, with the same weight
 #endif
     return XDP_PASS;
+}
+
+static __always_inline int ipv4_packet(struct totals *t, struct iphdr *ip, void *data_end, u64 len)
+{
+    if ((void *)(ip + 1) > data_end || ip->ihl < 5 || ip->version != 4)
+        return pass_other(t, len, 1);
+    u32 saddr = ip->saddr;
+    u8 proto = ip->protocol;
+    void *l4h = 0;
+    // Only the first fragment carries the transport header.
+    if ((ip->frag_off & bpf_htons(0x1fff)) == 0)
+        l4h = (void *)ip + ip->ihl * 4;
+    return ip_packet(t, data_end, len, FAM_IPV4, proto == IPPROTO_ICMP ? L4_ICMP : L4_OTHER, proto, l4h, 0, 1, saddr,
+                     0, bpf_htonl(0xffff) ^ saddr);
+}
+
+static __always_inline int ipv6_packet(struct totals *t, struct ipv6hdr *ip6, void *data_end, u64 len)
+{
+    if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+        return pass_other(t, len, 1);
+    struct addr16 src6;  // the IPv6 host list's key and the per-source key
+    __builtin_memcpy(&src6, &ip6->saddr, 16);
+    // A v4-mapped source goes through the IPv4 lists, as that IPv4 address.
+    u32 lists4 = src6.w[2] == bpf_htonl(0xffff) && src6.w[0] == 0 && src6.w[1] == 0;
+    u32 malformed = 0, l4 = L4_OTHER;
+    u8 proto = ip6->nexthdr;
+    void *next = ip6 + 1;
+    void *l4h = next;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (proto != 0 && proto != 43 && proto != 60 && proto != 44 && proto != 51)
+            break;  // not hop-by-hop, routing, destination options, fragment or AH
+        u8 *ext = next;
+        if ((void *)(ext + 8) > data_end) {
+            l4h = 0;
+            malformed = 1;
+            break;
+        }
+        u8 nh = ext[0];
+        if (proto == 44) {
+            // Fragment header: a non-first fragment has no transport header.
+            u16 off = (ext[2] << 8 | ext[3]) & 0xfff8;
+            next = ext + 8;
+            l4h = off ? 0 : next;
+        } else if (proto == 51) {
+            next = ext + ((u32)ext[1] + 2) * 4;
+            l4h = next;
+        } else {
+            next = ext + ((u32)ext[1] + 1) * 8;
+            l4h = next;
+        }
+        proto = nh;
+    }
+    if (proto == 58)  // IPPROTO_ICMPV6
+        l4 = L4_ICMP;
+    return ip_packet(t, data_end, len, FAM_IPV6, l4, proto, l4h, malformed, lists4, src6.w[3], &src6,
+                     src6.w[0] ^ src6.w[1] ^ src6.w[2] ^ src6.w[3]);
+}
+
+int otel_ebpf_xdp(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    u64 len = data_end - data;
+
+    u32 ifslot = IFACE_SLOT(ctx->ingress_ifindex);
+    struct totals *t = xdp_totals.lookup(&ifslot);
+    if (!t)
+        return XDP_PASS;
+
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return pass_other(t, len, 1);
+    u16 h_proto = *(u16 *)(data + 12);  // not eth->h_proto: struct ethhdr is packed, read byte by byte
+    void *cursor = eth + 1;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (h_proto != bpf_htons(ETH_P_8021Q) && h_proto != bpf_htons(ETH_P_8021AD))
+            break;
+        if (cursor + 4 > data_end)
+            return pass_other(t, len, 1);
+        h_proto = *(u16 *)(cursor + 2);
+        cursor += 4;
+    }
+    if (h_proto == bpf_htons(ETH_P_IP))
+        return ipv4_packet(t, cursor, data_end, len);
+    if (h_proto == bpf_htons(ETH_P_IPV6))
+        return ipv6_packet(t, cursor, data_end, len);
+    return pass_other(t, len, 0);
 }
 
 CHECK_PYTHON_CONSTANTS  // the constants Python reads (bpf/common.bpf.h)

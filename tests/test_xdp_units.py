@@ -92,6 +92,7 @@ def test_pin_dir_must_be_safe_in_a_c_string(pin_dir):
 def test_c_layouts_match_python(tmp_path):
     """bcc's view of every map's key and value must match the sizes Python packs and reads — now the contract the
     probe checks at load (probes/contract.py), run here against a freshly compiled program."""
+    from otel_ebpf_receiver.kernel import bpfsys
     from otel_ebpf_receiver.probes import contract
     from otel_ebpf_receiver.probes.base import program_text
     from otel_ebpf_receiver.probes.xdp import probe as xdp
@@ -103,9 +104,13 @@ def test_c_layouts_match_python(tmp_path):
             pass
         from bcc import BPF
 
-        cflags = [f"-I{xdp.XdpProbe.source_path().parent}", f'-DPIN_DIR="{pin}"',
+        config_fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, xdp.CONFIG.size, 1)  # as the probe does
+        cflags = [f"-I{xdp.XdpProbe.source_path().parent}", f'-DPIN_DIR="{pin}"', f"-DXDP_CONFIG_FD={config_fd}",
                   f"-DCHECK_PYTHON_CONSTANTS={contract.constant_checks(xdp.C_CONSTANTS)}"]
-        b = BPF(text=program_text(xdp.XdpProbe.source_path()), cflags=cflags)
+        try:
+            b = BPF(text=program_text(xdp.XdpProbe.source_path()), cflags=cflags)
+        finally:
+            bpfsys.close(config_fd)
         try:
             for spec in lists.LIST_MAPS:
                 t = b[spec.name]

@@ -26,7 +26,6 @@ maps; the lists and the per-source windows live in the sibling modules.
 
 from __future__ import annotations
 
-import ctypes as ct
 import json
 import socket
 import struct
@@ -40,7 +39,8 @@ from ...kernel.maps import MapSnapshot
 from ...kernel.netns import NetnsError, in_netns
 from ..base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, TopItem, log1p_rate,
                     ratio)
-from .sources import SourceRate, SourceWindows, sample_shift, source_address  # noqa: F401 (re-exported)
+from .sources import (SourceRate, SourceWindows, sample_mask, sample_shift, size_counts,  # noqa: F401 (re-exported)
+                      source_address)
 from ..contract import U32, U64, MapContract, check_struct_offsets, dtype, value_type
 from .blocklist import Blocklist
 from .lists import (ALLOW, BLOCK, DEFAULT_ALLOWLIST_ENTRIES, DEFAULT_BLOCKLIST_ENTRIES, DEFAULT_PIN_DIR,
@@ -66,6 +66,10 @@ _SIZE16_TO_LOG2 = np.array([0] + [(16 * i).bit_length() for i in range(1, SIZE16
 TCP_FLAG = "otel_ebpf_receiver.tcp.flag"
 XDP_VERDICT = "otel_ebpf_receiver.xdp.verdict"
 
+# struct config (epoch, sample_shift, sample_mask), in the 1-entry array this side creates and the program reads as a
+# direct map value (the C file says why); its size and the mask's offset are in C_CONSTANTS.
+CONFIG = struct.Struct("=IIQ")
+
 C_CONSTANTS = {
     **{f"FAM_{name.upper()}": i for i, name in enumerate(FAMILIES)},
     **{f"L4_{name.upper()}": i for i, name in enumerate(TRANSPORTS)},
@@ -74,6 +78,7 @@ C_CONSTANTS = {
     "PROTO_SLOTS": PROTO_SLOTS, "SIZE_SLOTS": SIZE_SLOTS, "SIZE16_SLOTS": SIZE16_SLOTS,
     **{f"PRESENT_{name.removeprefix('block_').upper()}": i for name, i in PRESENT_INDEX.items()},
     "PRESENT_SLOTS": len(PRESENT_INDEX),
+    "XDP_CONFIG_SIZE": CONFIG.size, "XDP_CONFIG_MASK_AT": 8,  # struct config as CONFIG packs it
 }
 # struct totals (per interface slot and CPU), struct src_stats and struct config, as Python reads them: the layouts
 # themselves come from bcc's types (see load()).
@@ -84,7 +89,6 @@ MAPS = {
         "src_inserts": U64, "src_update_failures": U64, "src_sampled": U64, "size16": f"({SIZE16_SLOTS},)<u8"}),
     "per_source": MapContract(key="(16,)u1",  # struct addr16, read as bytes
                               value={"win": (2, {"packets": U64, "bytes": U64, "syns": U64, "epoch": U32})}),
-    "xdp_config": MapContract(value={"epoch": U32, "sample_shift": U32}),
 }
 
 
@@ -118,7 +122,8 @@ class XdpProbe(Probe):
                ("network.interface.name",)),
         Metric("otel_ebpf_receiver.xdp.malformed_packets", COUNTER, "{packet}",
                "Truncated or malformed frames (passed untouched to the kernel's stack).", ("network.interface.name",)),
-        Metric("otel_ebpf_receiver.xdp.packet.size", HISTOGRAM, "By", "Received frame sizes (log2 buckets).",
+        Metric("otel_ebpf_receiver.xdp.packet.size", HISTOGRAM, "By",
+               "Received frame sizes (log2 buckets; count and sum exact, bucket shares sampled under floods).",
                ("network.interface.name",)),
         Metric("otel_ebpf_receiver.xdp.blocklist_entries", GAUGE, "{entry}", "Blocklist entries (addresses and prefixes).",
                ("network.type",)),
@@ -166,6 +171,7 @@ class XdpProbe(Probe):
         self._epoch = 1
         self._shift = 0  # per-source sampling shift of the current epoch (sources.py)
         self._ncpu = 1
+        self._config_fd: int | None = None  # the xdp_config array (struct config), created before compiling
         self._snapshot: MapSnapshot | None = None
         self._deltas = CounterDeltas()
         self._passed: dict[tuple[str, int], float] = {}  # per slot: the pass verdict count, derived (_totals)
@@ -207,6 +213,8 @@ class XdpProbe(Probe):
             f"-DIFACE_SLOTS={slots + 1}",
             f"-DIFACE_SLOT(i)=({expr})",
         ]
+        if self._config_fd is not None:
+            flags.append(f"-DXDP_CONFIG_FD={self._config_fd}")
         if not self.settings["per_source"]:
             flags.append("-DNO_PER_SOURCE")
         return flags
@@ -249,6 +257,10 @@ class XdpProbe(Probe):
             raise ProbeError(f"probe xdp disabled: {exc}") from None
         self._ncpu = len(get_possible_cpus())
         try:
+            try:
+                self._config_fd = bpfsys.map_create(bpfsys.MAP_TYPE_ARRAY, 4, CONFIG.size, 1, name="xdp_config")
+            except bpfsys.BpfError as exc:
+                raise ProbeError(f"probe xdp disabled: cannot create its config map: {exc.strerror}") from None
             super().load()
             self._write_config()
             fn = self.bpf.load_func(PROGRAM, BPF.XDP)
@@ -352,6 +364,9 @@ class XdpProbe(Probe):
         self._attached.clear()
         self._snapshot = None
         super().close()
+        if self._config_fd is not None:  # after the program: it holds its own reference until unloaded
+            bpfsys.close(self._config_fd)
+            self._config_fd = None
         if self.blocklist is not None:
             self.blocklist.close()
             self.blocklist = None
@@ -361,11 +376,8 @@ class XdpProbe(Probe):
 
     # -- each window -------------------------------------------------------------------------------------------
     def _write_config(self) -> None:
-        table = self.bpf["xdp_config"]
-        value = table.Leaf()
-        value.epoch = self._epoch
-        value.sample_shift = self._shift
-        table[ct.c_int(0)] = value
+        bpfsys.map_update(self._config_fd, struct.pack("=I", 0),
+                          CONFIG.pack(self._epoch, self._shift, sample_mask(self._shift)))
 
     def _totals(self) -> list[dict[str, np.ndarray]]:
         """Per interface slot: struct totals field -> its values summed over CPUs (a 1-element array for a
@@ -437,9 +449,9 @@ class XdpProbe(Probe):
                     reading.counters.append(("otel_ebpf_receiver.xdp.dropped_packets", d, iface))
             reading.counters.append(("otel_ebpf_receiver.xdp.malformed_packets",
                                      self._delta(("malformed", slot), f["malformed"][0]), iface))
-            buckets = {float(2 ** i): int(self._delta(("size", slot, i), f["size_log2"][i]))
-                       for i in range(SIZE_SLOTS) if f["size_log2"][i]}
-            buckets = {bound: n for bound, n in buckets.items() if n}
+            sizes = size_counts([self._delta(("size", slot, i), f["size_log2"][i]) for i in range(SIZE_SLOTS)],
+                                int(pk), by)  # sampled with the per-source decision (sources.py)
+            buckets = {float(2 ** i): int(n) for i, n in enumerate(sizes) if n}
             if buckets:
                 reading.histograms.append(("otel_ebpf_receiver.xdp.packet.size", buckets, by, iface))
             inserts += f["src_inserts"][0]

@@ -9,6 +9,10 @@ distinct count within about 1 / sqrt(hash-sampled sources seen) — and exact wh
 
 ``sample_shift`` chooses k for the next window from the packet rate of the one that closed: 0 (exact) at or below
 ``exact_below`` packets/s, else the smallest k that brings the expected per-source updates to that rate or under.
+
+The frame-size histogram of passed packets rides on the same decision (a packet accounted to its source also counts
+its size, with the same weight), so under sampling its buckets are estimates too; ``size_counts`` gives them the
+window's exact packet count back.
 """
 
 from __future__ import annotations
@@ -50,6 +54,37 @@ def sample_shift(packets_per_s: float, exact_below: float) -> int:
     if exact_below <= 0 or packets_per_s <= exact_below:
         return 0
     return min(MAX_SAMPLE_SHIFT, math.ceil(math.log2(packets_per_s / exact_below)))
+
+
+def sample_mask(shift: int) -> int:
+    """struct config's sample_mask for shift k: the top k of 64 bits set (0 at k = 0: every packet counts)."""
+    if not 0 <= shift <= MAX_SAMPLE_SHIFT:
+        raise ValueError(f"per-source sampling shift {shift} is outside 0..{MAX_SAMPLE_SHIFT}")
+    return ((1 << shift) - 1) << (64 - shift) if shift else 0
+
+
+def size_counts(estimates: np.ndarray, packets: int, nbytes: float) -> np.ndarray:
+    """One window's frame-size buckets (log2 slots), scaled so that they add up to the exact packet count.
+
+    ``estimates`` are the kernel's bucket deltas: exact at k = 0 (then returned as they are, but for the packets
+    counted in one place and not yet in the other while we read), unbiased weighted counts under sampling. Scaling
+    them to ``packets`` keeps the histogram's count and sum (``nbytes``) exact, and only its shape estimated.
+    Rounding is by largest remainder. A window with packets but none sampled puts them all in the bucket of its
+    mean frame size."""
+    estimates = np.asarray(estimates, dtype=np.float64)
+    out = np.zeros(len(estimates), dtype=np.int64)
+    if packets <= 0:
+        return out
+    total = estimates.sum()
+    if total <= 0:
+        out[min(int(nbytes / packets).bit_length(), len(out) - 1)] = packets
+        return out
+    scaled = estimates * (packets / total)
+    out[:] = np.floor(scaled)
+    short = int(packets - out.sum())
+    if short > 0:
+        out[np.argsort(out - scaled, kind="stable")[:short]] += 1
+    return out
 
 
 def in_hash_sample(keys: np.ndarray, shift: int) -> np.ndarray:
