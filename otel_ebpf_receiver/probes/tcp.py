@@ -61,8 +61,9 @@ class TcpProbe(Probe):
         Feature("tcp.resets_rate_log1p", "log1p(TCP resets sent + received per second)"),
         Feature("tcp.retransmits_rate_log1p", "log1p(TCP retransmitted segments per second)"),
         Feature("tcp.new_connections_rate_log1p", "log1p(TCP connections established per second, both roles)"),
-        # Connection health (issue 13): an upstream gone reads as ~1, churn that succeeds as 0, however busy.
-        Feature("tcp.connect_failure_share", "failed / finished connection attempts as client, this interval"),
+        # Connection health (issue 13): a rate, not a share of attempts — a host whose only attempts are an exporter
+        # retrying a backend that is not there fails every one of them, about once a second.
+        Feature("tcp.connect_failures_rate_log1p", "log1p(failed TCP connection attempts per second)"),
         # Link health: retransmits alone cannot tell a lossy link from a fast transfer's fast retransmits.
         Feature("tcp.timeouts_rate_log1p", "log1p(TCP retransmission timeouts per second: connections entering loss)"),
     )
@@ -101,7 +102,7 @@ class TcpProbe(Probe):
     def read(self, seconds: float) -> Reading:
         reading = Reading()
         counts = percpu_array_u64(self.bpf["tcp_counts"])
-        opened = closed = resets = retransmits = connected = failed = timeouts = 0.0
+        opened = closed = resets = retransmits = failed = timeouts = 0.0
 
         def delta(index: int) -> float:
             return self._deltas.delta(index, float(counts[index]))
@@ -111,7 +112,6 @@ class TcpProbe(Probe):
             for index, role in ((IDX_OPENED_CLIENT, "client"), (IDX_OPENED_SERVER, "server")):
                 d = delta(index + fam)
                 opened += d
-                connected += d if index == IDX_OPENED_CLIENT else 0.0
                 reading.counters.append(("otel_ebpf_receiver.tcp.connections.opened", d, {**attrs, TCP_ROLE: role}))
             d = delta(IDX_CLOSED + fam)
             closed += d
@@ -139,7 +139,7 @@ class TcpProbe(Probe):
             "tcp.resets_rate_log1p": log1p_rate(resets, seconds),
             "tcp.retransmits_rate_log1p": log1p_rate(retransmits, seconds),
             "tcp.new_connections_rate_log1p": log1p_rate(opened, seconds),
-            "tcp.connect_failure_share": failed / (failed + connected) if failed else 0.0,
+            "tcp.connect_failures_rate_log1p": log1p_rate(failed, seconds),
             "tcp.timeouts_rate_log1p": log1p_rate(timeouts, seconds),
         }
         if seconds > 0:
