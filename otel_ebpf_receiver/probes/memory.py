@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ..kernel import log2hist
-from ..kernel.maps import percpu_array_u64
+from ..kernel.maps import increase_or_zero, percpu_array_u64
 from .base import COUNTER, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate
 from .contract import COMMON_STATS, STAT_UPDATE_FAILED, U64, MapContract
 from .loader import hook_exists
@@ -62,7 +60,7 @@ class MemoryProbe(Probe):
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
         self._deltas = CounterDeltas()
-        self._last_slots: np.ndarray | None = None
+        self._last_slots: list[int] | None = None
         self._ncpu = os.cpu_count() or 1
 
     def cflags(self) -> list[str]:
@@ -87,11 +85,11 @@ class MemoryProbe(Probe):
             if delta[index]:
                 reading.counters.append((metric, delta[index], {}))
 
-        cumulative = np.array(percpu_array_u64(self.bpf["stall_slots"]), dtype=np.int64)
-        previous = self._last_slots if self._last_slots is not None else np.zeros_like(cumulative)
+        cumulative = percpu_array_u64(self.bpf["stall_slots"])
+        previous = self._last_slots if self._last_slots is not None else [0] * len(cumulative)
         self._last_slots = cumulative
-        window = (cumulative - previous).clip(min=0)
-        if window.any():
+        window = list(map(increase_or_zero, cumulative, previous))  # plain Python, no numpy: kernel/maps.py
+        if any(window):
             reading.histograms.append(("otel_ebpf_receiver.memory.reclaim.stall.duration",
                                        log2hist.buckets_from_slots(window, "s"), stall_ns / 1e9, {}))
 
