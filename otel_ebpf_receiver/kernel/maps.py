@@ -26,6 +26,12 @@ from typing import Any, Sequence
 import numpy as np
 
 
+def map_name(table: Any) -> str:
+    """What names a bcc table in an error message. bcc's tables have no public ``name`` (asking for one turned
+    every failed read into an AttributeError instead of the OSError that says what failed); the fd does."""
+    return f"map fd {table.map_fd}"
+
+
 class MapSnapshot:
     """Reusable batch reader for one map. ``read()`` returns (keys, values) ctypes arrays and a count."""
 
@@ -87,7 +93,7 @@ class MapSnapshot:
             if res != 0:
                 if err == errno.ENOENT:
                     break  # reached the end
-                raise OSError(err, f"BPF_MAP_LOOKUP{'_AND_DELETE' if delete else ''}_BATCH on {self.table.name!r}")
+                raise OSError(err, f"BPF_MAP_LOOKUP{'_AND_DELETE' if delete else ''}_BATCH on {map_name(self.table)}")
             if count.value == 0:
                 break
         return total
@@ -131,7 +137,7 @@ class PerCpuSlots:
     def _lookup(self) -> None:
         if self._lib.bpf_lookup_elem(self.table.map_fd, ct.byref(self._key), ct.byref(self._value)) < 0:
             err = ct.get_errno()
-            raise OSError(err, f"BPF_MAP_LOOKUP_ELEM on {self.table.name!r}")
+            raise OSError(err, f"BPF_MAP_LOOKUP_ELEM on {map_name(self.table)}")
 
     def read(self) -> list[int]:
         """The N totals as Python ints (plain Python, no numpy: see :func:`per_cpu_sums`)."""

@@ -93,6 +93,7 @@ class BlockIoProbe(Probe):
         super().__init__(settings)
         self._last: dict[tuple[int, int], list[int]] = {}
         self._names: dict[int, str] = {}
+        self._evictions = 0  # entries of `start` the LRU evicted, as last computed (monotonic)
 
     def _queue_time(self) -> bool:
         return bool(self.settings["include_queue_time"]) and hook_exists(INSERT_HOOK)
@@ -185,15 +186,18 @@ class BlockIoProbe(Probe):
             reading.histograms.append(("otel_ebpf_receiver.disk.request.duration",
                                        log2hist.buckets_from_slots(slots, "s"), delta[2] / 1e9, attrs))
 
-        inflight, entries = self._inflight()
+        stats = percpu_array_u64(self.bpf["stats"])
+        # Entries inserted, minus those completed or merged away, minus those still there: the LRU evicted the rest.
+        # When inserted - removed equals what was already known to be evicted, `start` holds no entry: its walk
+        # (every bucket of a 10,240-entry hash, ~100 µs after the interval's pause) is skipped.
+        not_removed = stats[STAT_NEW_KEYS] - stats[STAT_START_DONE]
+        inflight, entries = self._inflight() if not_removed > self._evictions else ({}, 0)
+        self._evictions = max(self._evictions, not_removed - entries)
         for dev in sorted(active_devs | set(inflight)):
             reading.gauges.append(("otel_ebpf_receiver.disk.inflight", float(inflight.get(dev, 0)),
                                    {"system.device": device_name(dev, self._names)}))
-
-        stats = percpu_array_u64(self.bpf["stats"])
-        reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
-        # Entries inserted, minus those completed or merged away, minus those still there: the LRU evicted the rest.
-        reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - int(stats[STAT_START_DONE]) - entries)
+        reading.map_update_failures = stats[STAT_UPDATE_FAILED]
+        reading.map_evictions = self._evictions
 
         counts = window_slots
         if seconds > 0:
