@@ -17,7 +17,8 @@ The directory is an input like any other, so it is trusted only as far as its pe
 * files are opened with O_NOFOLLOW|O_NONBLOCK and checked with fstat on that descriptor, so a FIFO or a link
   swapped in between the scan and the open is refused instead of blocking the agent or being followed.
 
-Each :meth:`ModelWatcher.poll` lstats every ``*.onnx`` entry: (inode, size, mtime, ctime). An entry is a
+Each :meth:`ModelWatcher.poll` lstats every ``*.onnx`` entry: (inode, size, mtime, ctime) (a directory found empty
+is only stat'ed until its mtime moves: nothing can appear in it without moving it). An entry is a
 candidate once that signature is unchanged across two consecutive polls (a copy still in progress keeps
 changing, so a half-written file is never validated) and the signature has not been tried before. Candidates are
 validated newest first with :func:`load_model`; the first valid one replaces the serving model
