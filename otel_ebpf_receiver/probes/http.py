@@ -201,8 +201,13 @@ class HttpProbe(Probe):
         budget = [NEW_LOOKUPS_PER_WINDOW]
         per_method = [0] * len(METHODS)
 
+        stats = percpu_array_u64(self.table("stats"))
+        # Both maps only hold keys this program inserted, each insert bumping STAT_NEW_KEYS: while it is 0 (no HTTP
+        # since load: a host without a web server) they are empty and their walks (every bucket of two 4,096-entry
+        # hashes) are skipped. An insert whose bump is not visible yet is read next window; the maps are cumulative.
+        seen_http = stats[STAT_NEW_KEYS] > 0
         snap = self._request_snapshot
-        n = snap.read()
+        n = snap.read() if seen_http else 0
         counts = snap.u64_values(n, ncpu=len(snap.values[0]) if n else 1)
         present = []
         requests: dict[tuple[str, int | None, int], int] = {}
@@ -220,7 +225,8 @@ class HttpProbe(Probe):
             reading.counters.append(("otel_ebpf_receiver.http.requests", delta,
                                      self._attrs(comm, port, **{"http.request.method": method_name(method)})))
 
-        responses, histograms, window_slots, entries = self._read_responses(budget)
+        responses, histograms, window_slots, entries = self._read_responses(budget) if seen_http \
+            else ({}, {}, [0] * SLOTS, 0)
         per_class = [0] * 6
         for (comm, port, status), delta in responses.items():
             per_class[min(status // 100, 5)] += delta
@@ -233,7 +239,6 @@ class HttpProbe(Probe):
                                            comm, port, **{"http.request.method": method_name(method),
                                                           STATUS_CLASS: f"{klass}xx"})))
 
-        stats = percpu_array_u64(self.table("stats"))
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
         reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n - entries)
 
