@@ -116,6 +116,6 @@ class FileOpenProbe(Probe):
         reading.features = {
             "file_open.rate_log1p": log1p_rate(total_opens / self._ncpu, seconds),
             "file_open.failure_ratio": ratio(total_failed, total_opens),
-            "file_open.top_path_share": ratio(float(hits[top[0]]), successful) if top else 0.0,
+            "file_open.top_path_share": ratio(float(hits[top[0]]), successful) if len(top) else 0.0,
         }
         return reading

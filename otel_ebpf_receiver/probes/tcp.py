@@ -30,23 +30,24 @@ SET_STATE = Hook("sock:inet_sock_set_state")
 SEND_RESET = Hook("tcp:tcp_send_reset")
 
 
-def _series() -> list[tuple[str, int, dict[str, str], str]]:
-    """Every exported series of tcp_counts: (metric, slot, attributes, which feature total it adds to), in the
+def _series() -> list[tuple[str, int, dict[str, str], tuple[str, ...]]]:
+    """Every exported series of tcp_counts: (metric, slot, attributes, the feature totals it adds to), in the
     order a window reports them. Built once: a window then only compares counts (the attribute dicts are shared,
     read-only)."""
     rows = []
     for fam, network_type in enumerate(NETWORK_TYPES):
         attrs = {"network.type": network_type}
         for index, role in ((IDX_OPENED_CLIENT, "client"), (IDX_OPENED_SERVER, "server")):
-            rows.append(("otel_ebpf_receiver.tcp.connections.opened", index + fam, {**attrs, TCP_ROLE: role}, "opened"))
-        rows.append(("otel_ebpf_receiver.tcp.connections.closed", IDX_CLOSED + fam, attrs, "closed"))
+            rows.append(("otel_ebpf_receiver.tcp.connections.opened", index + fam, {**attrs, TCP_ROLE: role},
+                         ("opened",)))
+        rows.append(("otel_ebpf_receiver.tcp.connections.closed", IDX_CLOSED + fam, attrs, ("closed",)))
         for state, name in STATE_NAMES.items():
             rows.append(("otel_ebpf_receiver.tcp.state_transitions", fam * TCP_STATES + state,
-                         {**attrs, "network.connection.state": name}, ""))
-        rows.append(("otel_ebpf_receiver.tcp.retransmits", IDX_RETRANSMITS + fam, attrs, "retransmits"))
+                         {**attrs, "network.connection.state": name}, ()))
+        rows.append(("otel_ebpf_receiver.tcp.retransmits", IDX_RETRANSMITS + fam, attrs, ("retransmits",)))
         for index, direction in ((IDX_RST_SENT, "transmit"), (IDX_RST_RECEIVED, "receive")):
             rows.append(("otel_ebpf_receiver.tcp.resets", index + fam, {**attrs, "network.io.direction": direction},
-                         "resets"))
+                         ("resets",)))
     return rows
 
 
@@ -103,11 +104,11 @@ class TcpProbe(Probe):
         counts = percpu_array_u64(self.bpf["tcp_counts"])
         sums = {"opened": 0.0, "closed": 0.0, "resets": 0.0, "retransmits": 0.0}
         delta = self._deltas.delta
-        for metric, index, attrs, total in SERIES:
+        for metric, index, attrs, totals in SERIES:
             d = delta(index, float(counts[index]))
             if d:
                 reading.counters.append((metric, d, attrs))
-                if total:
+                for total in totals:
                     sums[total] += d
         opened, closed, resets, retransmits = sums["opened"], sums["closed"], sums["resets"], sums["retransmits"]
         reading.features = {
