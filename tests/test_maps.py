@@ -63,21 +63,28 @@ class FakeSnapshot:
 
 def test_keyed_deltas_from_snapshots_fast_and_slow_paths_agree_and_start_empty():
     deltas = KeyedDeltas()
-    pairs = lambda *rows: np.array(rows, dtype=U64).reshape(-1, 2)  # noqa: E731
-    assert deltas.update_snapshot(FakeSnapshot([]), 0, pairs()).shape == (0, 2)  # nothing opened yet
-    assert deltas.update_snapshot(FakeSnapshot([4, 9]), 2, pairs((3, 1), (5, 0))).tolist() == [[3, 1], [5, 0]]
+    pairs = lambda *rows: [v for row in rows for v in row]  # noqa: E731  (flat, two columns per key)
+    assert deltas.update_snapshot(FakeSnapshot([]), 0, pairs(), columns=2) == []  # nothing opened yet
+    assert deltas.update_snapshot(FakeSnapshot([4, 9]), 2, pairs((3, 1), (5, 0)), columns=2) == [3, 1, 5, 0]
     # same keys, same order: matched by their bytes
-    assert deltas.update_snapshot(FakeSnapshot([4, 9]), 2, pairs((4, 1), (7, 2))).tolist() == [[1, 0], [2, 2]]
+    assert deltas.update_snapshot(FakeSnapshot([4, 9]), 2, pairs((4, 1), (7, 2)), columns=2) == [1, 0, 2, 2]
     # a new key, the order changed: matched by id
-    assert deltas.update_snapshot(FakeSnapshot([9, 1, 4]), 3, pairs((8, 2), (6, 6), (4, 1))).tolist() == \
-        [[1, 0], [6, 6], [0, 0]]
-    assert deltas.update_snapshot(FakeSnapshot([9, 1, 4]), 3, pairs((9, 2), (6, 6), (4, 3))).tolist() == \
-        [[1, 0], [0, 0], [0, 2]]
+    assert deltas.update_snapshot(FakeSnapshot([9, 1, 4]), 3, pairs((8, 2), (6, 6), (4, 1)), columns=2) == \
+        [1, 0, 6, 6, 0, 0]
+    assert deltas.update_snapshot(FakeSnapshot([9, 1, 4]), 3, pairs((9, 2), (6, 6), (4, 3)), columns=2) == \
+        [1, 0, 0, 0, 0, 2]
+    # a value that shrank (evicted, re-created) is new as a whole, on both paths
+    assert deltas.update_snapshot(FakeSnapshot([9, 1, 4]), 3, pairs((2, 2), (6, 6), (4, 3)), columns=2) == \
+        [2, 0, 0, 0, 0, 0]
+    single = KeyedDeltas()
+    assert single.update_snapshot(FakeSnapshot([7]), 1, [5]) == [5]
+    assert single.update_snapshot(FakeSnapshot([7, 8]), 2, [6, 1]) == [1, 1]
+    assert single.update_snapshot(FakeSnapshot([7, 8]), 2, [9, 1]) == [3, 0]
 
 
 def test_top_indices_largest_first_and_only_positive():
-    assert top_indices(ids(0, 5, 1, 9, 0), 2).tolist() == [3, 1]
-    assert top_indices(ids(0, 0), 3).tolist() == []
+    assert top_indices([0, 5, 1, 9, 0], 2) == [3, 1]
+    assert top_indices([0, 0], 3) == []
 
 
 @pytest.mark.bpf
@@ -99,7 +106,14 @@ def test_per_cpu_slots_and_a_drained_map_read_what_was_written():
         table[table.Key(0)] = value
         totals = PerCpuSlots(table).read()
         ncpu = len(value)
-        assert totals[3] == sum(10 + c for c in range(ncpu)) and totals[15] == ncpu and totals.sum() == totals[3] + ncpu
+        assert totals[3] == sum(10 + c for c in range(ncpu)) and totals[15] == ncpu and sum(totals) == totals[3] + ncpu
+        grown = PerCpuSlots(table)  # increases(): only the slots that grew since the last call, summed over CPUs
+        assert grown.increases() == [(3, sum(10 + c for c in range(ncpu))), (15, ncpu)]
+        assert grown.increases() == []
+        value[ncpu - 1].count[7] += 4
+        value[0].count[3] += 5
+        table[table.Key(0)] = value
+        assert grown.increases() == [(3, 5), (7, 4)]
 
         health = bpf["health"]
         per_cpu = health.Leaf()
@@ -115,7 +129,7 @@ def test_per_cpu_slots_and_a_drained_map_read_what_was_written():
                 drained[drained.Key(k)] = drained.Leaf(k + window)
             n = snap.drain()
             assert n == 40
-            assert sorted(zip(snap.u32_keys(n).tolist(), snap.u64_values(n).tolist())) == \
+            assert sorted(zip(snap.u32_keys(n), snap.u64_values(n))) == \
                 [(k, k + window) for k in range(40)]
             assert len(drained) == 0  # the next window starts empty
     finally:

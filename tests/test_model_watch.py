@@ -139,6 +139,22 @@ def test_new_file_swapped_within_two_polls(models: dict[str, Path], tmp_path: Pa
     assert rec.swaps == [(None, "v1"), ("v1", "v2")] and rec.rejects == []
 
 
+def test_an_empty_directory_is_only_stated_until_a_file_arrives(models: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    rec = Recorder()
+    watcher = make_watcher(tmp_path, rec)
+    os.utime(tmp_path, ns=(time.time_ns() - 5_000_000_000,) * 2)  # empty for a while
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    for _ in range(3):
+        assert watcher.poll() is None
+    assert len(scans) == 1  # the first poll scanned; nothing can appear without moving the directory's mtime
+    deploy(models["v1"], tmp_path / "new.onnx")
+    first, second = watcher.poll(), watcher.poll()
+    assert (first or second) is watcher.model and watcher.model.version == "v1" and len(scans) == 3
+
+
 def test_half_written_file_not_loaded_until_stable(models: dict[str, Path], tmp_path: Path) -> None:
     deploy(models["v1"], tmp_path / "v1.onnx")
     rec = Recorder()

@@ -74,6 +74,32 @@ def test_exec_counts_execs_of_a_unique_binary(agent):
     assert metric_sum(agent.reader, "otel_ebpf_receiver.process.exits") >= 200
 
 
+def test_exec_counts_stay_exact_across_windows_that_skip_the_per_name_map():
+    """A window without execs (in it or the one before) does not walk exec_counts; the per-name counts stay
+    exact when execs come back."""
+    import shutil
+    import subprocess
+
+    (probe,) = load_probes(["exec"], {}, print)
+    name = unique_name("ex")
+
+    def per_name(reading):
+        return sum(v for metric, v, a in reading.counters
+                   if metric == "otel_ebpf_receiver.exec" and a == {"process.executable.name": name})
+
+    try:
+        probe.read(1.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            binary = os.path.join(tmp, name)
+            shutil.copy("/bin/true", binary)
+            for n in (30, 0, 0, 0, 7, 0, 12):
+                for _ in range(n):
+                    subprocess.run([binary], check=True)
+                assert per_name(probe.read(1.0)) == n
+    finally:
+        probe.close()
+
+
 def test_syscalls_counts_a_known_loop_and_its_failures(agent):
     comm = unique_name("sc")
     before = metric_sum(agent.reader, "otel_ebpf_receiver.syscalls", GETPPID)

@@ -1,8 +1,11 @@
 """Fast snapshots of bcc maps.
 
 bcc's ``items()`` makes one bpf() syscall and several Python objects per entry; a 10,240-entry per-CPU map then
-costs milliseconds per window. Here one BPF_MAP_LOOKUP_BATCH call (kernel ≥ 5.6) fills preallocated buffers
-that numpy views without copying, and entries are only turned into Python objects for the few keys we report.
+costs milliseconds per window. Here one BPF_MAP_LOOKUP_BATCH call (kernel ≥ 5.6) fills preallocated buffers,
+read back as Python ints through one memoryview copy and summed over CPUs in C-level ``map`` loops. numpy is
+kept for what needs it at scale (matching keys that came or went, the top of thousands of entries): after the
+interval's pause each distinct numpy call costs 10-70 µs of cold caches on this machine kind, more than the
+plain-Python work on a few hundred ints (bench/bench_window.py, README "Per-window cost").
 
 What a read costs in the kernel (measured on this machine kind, 2 CPUs): a hash map's batch walks every bucket,
 ~3 ns per empty one (a 10,240-entry map has 16,384 buckets: ~45 µs even when empty) and ~150 ns per entry; an
@@ -16,9 +19,17 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
-from typing import Any
+import operator
+from itertools import compress
+from typing import Any, Sequence
 
 import numpy as np
+
+
+def map_name(table: Any) -> str:
+    """What names a bcc table in an error message. bcc's tables have no public ``name`` (asking for one turned
+    every failed read into an AttributeError instead of the OSError that says what failed); the fd does."""
+    return f"map fd {table.map_fd}"
 
 
 class MapSnapshot:
@@ -82,7 +93,7 @@ class MapSnapshot:
             if res != 0:
                 if err == errno.ENOENT:
                     break  # reached the end
-                raise OSError(err, f"BPF_MAP_LOOKUP{'_AND_DELETE' if delete else ''}_BATCH on {self.table.name!r}")
+                raise OSError(err, f"BPF_MAP_LOOKUP{'_AND_DELETE' if delete else ''}_BATCH on {map_name(self.table)}")
             if count.value == 0:
                 break
         return total
@@ -97,18 +108,18 @@ class MapSnapshot:
             n += 1
         return n
 
-    def u64_values(self, count: int, ncpu: int = 1) -> np.ndarray:
-        """Values as a (count,) array, summed over CPUs for per-CPU maps of u64."""
-        flat = np.frombuffer(self.values, dtype=np.uint64, count=count * ncpu)
-        return flat.reshape(count, ncpu).sum(axis=1) if ncpu > 1 else flat.copy()
+    def u64_values(self, count: int, ncpu: int = 1) -> list[int]:
+        """Values of a map of u64 as Python ints, summed over the ``ncpu`` copies of each entry for a per-CPU map."""
+        return per_cpu_columns(u64_words(self.values, count * ncpu), ncpu)[0]
 
-    def u32_keys(self, count: int) -> np.ndarray:
-        return np.frombuffer(self.keys, dtype=np.uint32, count=count).copy()
+    def u32_keys(self, count: int) -> list[int]:
+        return u32_words(self.keys, count)
 
 
 class PerCpuSlots:
     """One element of a per-CPU array whose value is a struct of u64 counters (``struct { u64 count[N]; }``),
-    read with one BPF_MAP_LOOKUP_ELEM into a reused buffer and summed over CPUs: (N,) u64 totals."""
+    read with one BPF_MAP_LOOKUP_ELEM into a reused buffer: :meth:`read` sums it over CPUs ((N,) totals),
+    :meth:`increases` says which slots grew since its last call, and by how much."""
 
     def __init__(self, table: Any, index: int = 0) -> None:
         from bcc import libbcc
@@ -117,14 +128,84 @@ class PerCpuSlots:
         self.table = table
         self._key = table.Key(index)
         self._value = table.Leaf()  # bcc: one sLeaf per possible CPU
-        ncpu = ct.sizeof(table.Leaf) // ct.sizeof(table.sLeaf)
-        self._view = np.frombuffer(self._value, dtype=np.uint64).reshape(ncpu, -1)
+        self._ncpu = ct.sizeof(table.Leaf) // ct.sizeof(table.sLeaf)
+        self._words = ct.sizeof(table.Leaf) // 8
+        self._slots = self._words // self._ncpu
+        self._now = memoryview(self._value).cast("B").cast("Q")
+        self._before = memoryview(bytes(ct.sizeof(table.Leaf))).cast("Q")  # all zero: every count is new at first
 
-    def read(self) -> np.ndarray:
+    def _lookup(self) -> None:
         if self._lib.bpf_lookup_elem(self.table.map_fd, ct.byref(self._key), ct.byref(self._value)) < 0:
             err = ct.get_errno()
-            raise OSError(err, f"BPF_MAP_LOOKUP_ELEM on {self.table.name!r}")
-        return self._view.sum(axis=0, dtype=np.uint64)
+            raise OSError(err, f"BPF_MAP_LOOKUP_ELEM on {map_name(self.table)}")
+
+    def read(self) -> list[int]:
+        """The N totals as Python ints (plain Python, no numpy: see :func:`per_cpu_sums`)."""
+        self._lookup()
+        return per_cpu_sums(u64_words(self._value, self._words), self._ncpu)
+
+    def increases(self) -> list[tuple[int, int]]:
+        """Read, and ``(slot, increase)`` for each slot whose total grew since the last call, in slot order
+        (counters that only grow, like syscall counts). Only the words that changed become Python objects: after
+        the interval's pause, making a Python int of each of the N x CPUs words costs more than the lookup."""
+        self._lookup()
+        now, before, size = self._now, self._before, self._slots
+        moved = sorted({word % size for word in compress(range(len(now)), map(operator.ne, now, before))})
+        out = [(slot, sum(now[slot + cpu * size] - before[slot + cpu * size] for cpu in range(self._ncpu)))
+               for slot in moved]
+        self._before = memoryview(bytes(self._value)).cast("Q")
+        return out
+
+
+def u64_words(buffer: Any, count: int) -> list[int]:
+    """The first ``count`` u64 words of a ctypes buffer, as Python ints (one C-level copy)."""
+    return memoryview(buffer).cast("B")[: count * 8].cast("Q").tolist()
+
+
+def _summed(rows: list[list[int]]) -> list[int]:
+    totals = rows[0]
+    for row in rows[1:]:
+        totals = list(map(operator.add, totals, row))
+    return totals
+
+
+def u32_words(buffer: Any, count: int) -> list[int]:
+    """The first ``count`` u32 words of a ctypes buffer, as Python ints."""
+    return memoryview(buffer).cast("B")[: count * 4].cast("I").tolist()
+
+
+def per_cpu_sums(words: list[int], ncpu: int) -> list[int]:
+    """One element of a per-CPU map (``ncpu`` copies of its words, one after the other), summed over CPUs.
+
+    Plain Python on purpose: after the interval's pause each distinct numpy call costs 10-70 µs of cold caches
+    on this machine kind (bench/bench_window.py), far more than these C-level ``map`` loops over a few hundred
+    ints."""
+    size = len(words) // ncpu
+    return _summed([words[cpu * size:(cpu + 1) * size] for cpu in range(ncpu)]) if ncpu > 1 else words
+
+
+def per_cpu_columns(words: list[int], ncpu: int, width: int = 1) -> list[list[int]]:
+    """A batch of per-CPU values of ``width`` u64 words each (every entry: its ``ncpu`` copies in a row), summed
+    over CPUs: one list per word of the value, each with one total per entry (plain Python, see above)."""
+    block = ncpu * width
+    return [_summed([words[cpu * width + column::block] for cpu in range(ncpu)]) for column in range(width)]
+
+
+def per_cpu_rows(words: list[int], ncpu: int, width: int) -> list[list[int]]:
+    """A batch of per-CPU structs of ``width`` u64 words (every entry: its ``ncpu`` copies in a row), summed over
+    CPUs: one list of ``width`` totals per entry (for the few entries of a per-device map; plain Python)."""
+    copies = [words[i * width:(i + 1) * width] for i in range(len(words) // width)]
+    return [_summed(copies[i:i + ncpu]) for i in range(0, len(copies), ncpu)]
+
+
+def increase_or_zero(value: int, previous: int) -> int:
+    """A log2 histogram slot's count this window (cumulative slots only grow; never negative)."""
+    return value - previous if value > previous else 0
+
+
+def increase(value: int, previous: int) -> int:
+    """What a cumulative counter gained; a value below the previous one was reset or re-created: all new."""
+    return value - previous if value >= previous else value
 
 
 def possible_cpus() -> int:
@@ -142,13 +223,11 @@ def percpu_array_u64(table: Any) -> list[int]:
     if snap is None:
         snap = table._oer_snapshot = MapSnapshot(table)
     n = snap.read()
-    ncpu = ct.sizeof(table.Leaf) // 8
-    flat = memoryview(snap.values).cast("B").cast("Q")[: n * ncpu].tolist()
-    per_slot = flat if ncpu == 1 else list(map(sum, zip(*[iter(flat)] * ncpu)))
+    per_slot = snap.u64_values(n, ct.sizeof(table.Leaf) // 8)
     if n == table.max_entries:  # an array's batch returns every slot, in index order
         return per_slot
     totals = [0] * table.max_entries
-    for key, total in zip(snap.u32_keys(n).tolist(), per_slot):
+    for key, total in zip(snap.u32_keys(n), per_slot):
         totals[key] = total
     return totals
 
@@ -171,18 +250,23 @@ class KeyedDeltas:
         self._ids = np.zeros(0, dtype=np.uint64)      # the previous snapshot, in the map's order
         self._values = np.zeros(0, dtype=np.uint64)
         self._raw: bytes | None = None                # its keys' bytes (see update_snapshot)
+        self._listed: list[int] = []                  # the previous snapshot's values (see update_snapshot)
 
-    def update_snapshot(self, snapshot: MapSnapshot, count: int, values: np.ndarray) -> np.ndarray:
-        """:meth:`update` for the first ``count`` keys of a snapshot. The usual window of a cumulative map has the
-        same keys in the same order as the last one: one bytes comparison then stands for matching them."""
+    def update_snapshot(self, snapshot: MapSnapshot, count: int, values: list[int], columns: int = 1) -> list[int]:
+        """:meth:`update` for the first ``count`` keys of a snapshot, whose values are ``columns`` ints per key
+        (flat, as Python ints); returns the increases the same way. The usual window of a cumulative map has the
+        same keys in the same order as the last one: one bytes comparison then stands for matching them, and the
+        increases are a C-level ``map`` without numpy (cheaper after the interval's pause, see
+        :func:`per_cpu_sums`). Keys that came or went are matched by id in numpy."""
         raw = ct.string_at(snapshot.keys, count * ct.sizeof(snapshot.table.Key))
-        if raw == self._raw and self._values.shape == values.shape:
-            previous = self._values
-            deltas = np.where(values >= previous, values - previous, values)
-            self._values = values.copy()
-            return deltas
+        previous, self._listed = self._listed, values
+        if raw == self._raw and len(previous) == len(values):
+            return list(map(increase, values, previous))
         self._raw = raw
-        return self.update(self.key_ids(snapshot, count), values)
+        shape = (-1, columns) if columns > 1 else (-1,)
+        self._values = np.array(previous, dtype=np.uint64).reshape(shape)  # what update() compares against
+        current = np.array(values, dtype=np.uint64).reshape(shape)
+        return self.update(self.key_ids(snapshot, count), current).ravel().tolist()
 
     @staticmethod
     def key_ids(snapshot: MapSnapshot, count: int) -> np.ndarray:
@@ -215,13 +299,13 @@ class KeyedDeltas:
         return deltas
 
 
-def top_indices(values: np.ndarray, n: int) -> np.ndarray:
+def top_indices(values: Sequence[int], n: int) -> list[int]:
     """Indices of the n largest positive values, largest first."""
     if len(values) <= 256:  # the usual window: a sort of Python ints is cheaper than four numpy calls
-        listed = values.tolist()
-        order = sorted((i for i, v in enumerate(listed) if v > 0), key=listed.__getitem__, reverse=True)
-        return np.array(order[:n], dtype=np.intp)
-    positive = np.flatnonzero(values > 0)
+        order = sorted((i for i, v in enumerate(values) if v > 0), key=values.__getitem__, reverse=True)
+        return order[:n]
+    array = np.asarray(values, dtype=np.uint64)
+    positive = np.flatnonzero(array > 0)
     if len(positive) > n:
-        positive = positive[np.argpartition(values[positive], -n)[-n:]]
-    return positive[np.argsort(values[positive])[::-1]]
+        positive = positive[np.argpartition(array[positive], -n)[-n:]]
+    return positive[np.argsort(array[positive])[::-1]].tolist()

@@ -59,16 +59,29 @@ class FeatureBounds:
             below = np.where(x < self.low, (x - self.low) / width, 0.0)
         return above + below
 
-    def beyond(self, row: np.ndarray, names: Sequence[str], n: int) -> tuple[float, list[tuple[str, float]]]:
-        """For one window: the largest excess (0.0 inside every bound) and the ``n`` features furthest beyond
-        their bound, largest first, with their signed excess."""
-        excess = self.excess(row)
-        size = np.abs(excess)
-        top = float(size.max()) if size.size else 0.0
+    def beyond(self, row: Sequence[float], names: Sequence[str], n: int) -> tuple[float, list[tuple[str, float]]]:
+        """For one window (its features as Python floats, in the model's order): the largest excess (0.0 inside
+        every bound) and the ``n`` features furthest beyond their bound, largest first, with their signed excess.
+
+        The same numbers as :meth:`excess` (float64 arithmetic, NaN gives 0), in plain Python: it runs every
+        window, and after the interval's pause each distinct numpy call costs tens of µs of cold caches, more than
+        these few dozen floats (bench/bench_window.py)."""
+        low, high, width = self._listed()
+        excess = [(v - hi) / w if v > hi else (v - lo) / w if v < lo else 0.0
+                  for v, lo, hi, w in zip(row, low, high, width)]
+        size = list(map(abs, excess))
+        top = max(size, default=0.0)
         if top <= 0.0:
             return 0.0, []
-        order = np.argsort(-size, kind="stable")[:n]
-        return top, [(names[i], float(excess[i])) for i in order if size[i] > 0.0]
+        order = sorted(range(len(size)), key=lambda i: -size[i])[:n]  # stable, like argsort(kind="stable")
+        return top, [(names[i], excess[i]) for i in order if size[i] > 0.0]
+
+    def _listed(self) -> tuple[list[float], list[float], list[float]]:
+        listed = self.__dict__.get("_as_lists")
+        if listed is None:  # once per model: the bounds and widths as Python floats
+            listed = (self.low.tolist(), self.high.tolist(), (self.high - self.low).tolist())
+            object.__setattr__(self, "_as_lists", listed)  # a cache on a frozen dataclass
+        return listed
 
 
 def novelty_score(excess: float, unknown_above: float) -> float:

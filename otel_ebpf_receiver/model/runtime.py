@@ -203,7 +203,7 @@ class StateModel:
         top = [(self.feature_names[i], shares[i]) for i in top_indices(shares)]
         if self.bounds is not None and nearest == NORMAL_STATE:
             # Novelty: a few features far out of the benign range leave normal even when the distance dilutes them
-            excess, beyond = self.bounds.beyond(x[0], self.feature_names, TOP_FEATURES)
+            excess, beyond = self.bounds.beyond(x[0].tolist(), self.feature_names, TOP_FEATURES)
             if beyond:
                 score = max(score, novelty_score(excess, self.unknown_above))
                 state, top, explained_from = UNKNOWN_STATE, beyond, EXPLAINED_FROM_BOUNDS

@@ -17,7 +17,8 @@ The directory is an input like any other, so it is trusted only as far as its pe
 * files are opened with O_NOFOLLOW|O_NONBLOCK and checked with fstat on that descriptor, so a FIFO or a link
   swapped in between the scan and the open is refused instead of blocking the agent or being followed.
 
-Each :meth:`ModelWatcher.poll` lstats every ``*.onnx`` entry: (inode, size, mtime, ctime). An entry is a
+Each :meth:`ModelWatcher.poll` lstats every ``*.onnx`` entry: (inode, size, mtime, ctime) (a directory found empty
+is only stat'ed until its mtime moves: nothing can appear in it without moving it). An entry is a
 candidate once that signature is unchanged across two consecutive polls (a copy still in progress keeps
 changing, so a half-written file is never validated) and the signature has not been tried before. Candidates are
 validated newest first with :func:`load_model`; the first valid one replaces the serving model
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -72,6 +74,7 @@ class ModelWatcher:
         self._tried: dict[Path, Signature] = {}                # path -> signature last validated (either way)
         self._reload_requested = False
         self._directory_refused: tuple[int, int] | None = None   # (uid, mode) already reported
+        self._empty_at: tuple[int, int] | None = None             # (inode, mtime_ns) of the directory seen empty
 
     @property
     def model(self) -> StateModel | None:
@@ -103,7 +106,18 @@ class ModelWatcher:
     def _scan(self) -> dict[Path, Signature]:
         found: dict[Path, Signature] = {}
         try:
-            entries = list(os.scandir(self.model_dir)) if self._directory_trusted() else []
+            st = os.stat(self.model_dir)
+            if not self._directory_trusted(st):
+                entries = []
+            elif (st.st_ino, st.st_mtime_ns) == self._empty_at:
+                entries = []  # still empty: nothing was created, renamed in or removed since (see below)
+            else:
+                entries = list(os.scandir(self.model_dir))
+                # An empty directory whose mtime is over a second old stays empty until its mtime moves: the scan
+                # is skipped until then (the agent polls every window, usually finding nothing). The second keeps
+                # a creation in the same timestamp tick as the last change from going unseen.
+                old = time.time_ns() - st.st_mtime_ns > 1_000_000_000
+                self._empty_at = (st.st_ino, st.st_mtime_ns) if not entries and old else None
         except OSError:
             entries = []  # a missing directory is "no models yet", not an error: it can be created later
         for entry in entries:
@@ -120,9 +134,8 @@ class ModelWatcher:
             del self._tried[gone]
         return found
 
-    def _directory_trusted(self) -> bool:
+    def _directory_trusted(self, st: os.stat_result) -> bool:
         """Owner root or us, not writable by group or others; a refusal is reported once per directory state."""
-        st = os.stat(self.model_dir)  # OSError (missing) is handled by the caller
         problem = None
         if st.st_uid not in (0, os.geteuid()):
             problem = (f"directory is owned by uid {st.st_uid}, not root or this agent's user",

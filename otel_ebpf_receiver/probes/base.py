@@ -135,6 +135,7 @@ class Probe:
         self.settings = {**self.defaults, **dict(settings or {})}
         self.bpf: Any = None
         self.hub: Any = None  # the SyscallHub whose program this probe shares, when it does
+        self._renamed: dict[str, str] = {}  # map name in the .bpf.c -> its name in the hub's program
         self.mode = ""  # how it attached, e.g. "raw_tracepoint" — shown by `probes` and the live view
         # Set by the assembly: on_event(name, attributes) turns probe events (blocklist changes) into OTel logs.
         self.on_event: Callable[[str, dict[str, Any]], None] | None = None
@@ -221,7 +222,12 @@ class Probe:
         """Read this probe's maps from the syscall hub's program (probes/syscall_hub.py) instead of its own."""
         from ..errors import ProbeError
 
+        from .syscall_hub import PRIVATE_NAMES, private_name
+
         self.hub, self.bpf = hub, hub.bpf
+        # once, not per table() call: every window asks for "stats", and an import statement run after the
+        # interval's pause cost tens of µs
+        self._renamed = {name: private_name(self.name, name) for name in PRIVATE_NAMES}
         try:
             self.check_maps()
         except LayoutError as exc:
@@ -234,12 +240,7 @@ class Probe:
 
     def table(self, name: str) -> Any:
         """A map of this probe's program by its name in the probe's .bpf.c (the hub renames the private ones)."""
-        if self.hub is not None:
-            from .syscall_hub import PRIVATE_NAMES, private_name
-
-            if name in PRIVATE_NAMES:
-                return self.bpf[private_name(self.name, name)]
-        return self.bpf[name]
+        return self.bpf[self._renamed.get(name, name)]
 
     def contract_maps(self) -> Mapping[str, MapContract]:
         """The maps of ``maps`` this program has with these settings (some are compiled in by a setting)."""
@@ -269,7 +270,7 @@ class Probe:
         """Detach every program and close the maps (a hub's program when the last probe sharing it closes)."""
         if self.hub is not None:
             self.hub.release(self)
-            self.hub, self.bpf = None, None
+            self.hub, self.bpf, self._renamed = None, None, {}
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

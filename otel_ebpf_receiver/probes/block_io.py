@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import ctypes as ct
 import math
+import operator
 import time
 
-import numpy as np
-
 from ..kernel import log2hist
-from ..kernel.maps import MapSnapshot, percpu_array_u64
+from ..kernel.maps import MapSnapshot, per_cpu_rows, percpu_array_u64, u32_words, u64_words
 from .base import (COUNTER, GAUGE, HISTOGRAM, Feature, Hook, Metric, Probe, Reading, TopItem, hook_exists,
                    log1p_rate)
 from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_PROBE, STAT_UPDATE_FAILED, U32, U64, MapContract, dtype, value_type
@@ -92,8 +91,9 @@ class BlockIoProbe(Probe):
 
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
-        self._last: dict[tuple[int, int], np.ndarray] = {}
+        self._last: dict[tuple[int, int], list[int]] = {}
         self._names: dict[int, str] = {}
+        self._evictions = 0  # entries of `start` the LRU evicted, as last computed (monotonic)
 
     def _queue_time(self) -> bool:
         return bool(self.settings["include_queue_time"]) and hook_exists(INSERT_HOOK)
@@ -112,23 +112,33 @@ class BlockIoProbe(Probe):
         self.mode = "tracepoint (" + ("insert->complete" if self._queue_time() else "issue->complete") + ")"
         self._stats_snapshot = MapSnapshot(self.bpf["disk_stats"])
         self._start_snapshot = MapSnapshot(self.bpf["start"])
-        table = self.bpf["disk_stats"]
-        self._stats_dtype = (dtype(table.Key), dtype(value_type(table)))
+        table, start = self.bpf["disk_stats"], self.bpf["start"]
+        # Field positions from the layouts bcc built (checked against the contract at load), read as plain Python
+        # ints each window: no numpy, see kernel/maps.py
+        key_dt, value_dt = dtype(table.Key), dtype(value_type(table))
         self._ncpu = ct.sizeof(table.Leaf) // ct.sizeof(value_type(table))
-        self._start_dtype = (dtype(self.bpf["start"].Key), dtype(self.bpf["start"].Leaf))
+        self._value_words = value_dt.itemsize // 8
+        self._key_words = key_dt.itemsize // 4
+        self._dev_word, self._dir_word = key_dt.fields["dev"][1] // 4, key_dt.fields["dir"][1] // 4
+        self._value_order = [value_dt.fields[name][1] // 8 for name in ("ops", "bytes", "time_ns")]
+        self._slots_word = value_dt.fields["slots"][1] // 8
+        start_key, start_value = dtype(start.Key), dtype(start.Leaf)
+        self._start_key_words, self._start_dev_word = start_key.itemsize // 4, start_key.fields["dev"][1] // 4
+        self._start_value_words, self._start_ts_word = start_value.itemsize // 8, start_value.fields["ts"][1] // 8
 
-    def _cumulative(self) -> dict[tuple[int, int], np.ndarray]:
+    def _cumulative(self) -> dict[tuple[int, int], list[int]]:
         """(dev, direction) -> [ops, bytes, time_ns, slots...] summed over CPUs."""
         snap = self._stats_snapshot
         n = snap.read()
         if not n:
             return {}
-        key_dt, value_dt = self._stats_dtype
-        values = np.frombuffer(snap.values, dtype=value_dt, count=n * self._ncpu).reshape(n, self._ncpu)
-        totals = np.column_stack([values[name].sum(axis=1) for name in ("ops", "bytes", "time_ns")]
-                                 + [values["slots"].sum(axis=1)])
-        keys = np.frombuffer(snap.keys, dtype=key_dt, count=n)
-        return {(int(dev), int(direction)): totals[i] for i, (dev, direction) in enumerate(zip(keys["dev"], keys["dir"]))}
+        rows = per_cpu_rows(u64_words(snap.values, n * self._ncpu * self._value_words), self._ncpu,
+                            self._value_words)
+        keys = u32_words(snap.keys, n * self._key_words)
+        devs, dirs = keys[self._dev_word::self._key_words], keys[self._dir_word::self._key_words]
+        first, slots = self._value_order, self._slots_word
+        return {(dev, direction): [row[i] for i in first] + row[slots:slots + SLOTS]
+                for dev, direction, row in zip(devs, dirs, rows)}
 
     def _inflight(self) -> tuple[dict[int, int], int]:
         """Requests in flight per dev (entries younger than the stale limit), and how many entries there are."""
@@ -136,54 +146,60 @@ class BlockIoProbe(Probe):
         n = snap.read()
         if not n:
             return {}, 0
-        key_dt, value_dt = self._start_dtype
-        devs = np.frombuffer(snap.keys, dtype=key_dt, count=n)["dev"]
-        started = np.frombuffer(snap.values, dtype=value_dt, count=n)["ts"]
-        fresh = started.astype(np.int64) > time.monotonic_ns() - int(self.settings["stale_inflight_seconds"] * 1e9)
-        unique, counts = np.unique(devs[fresh], return_counts=True)
-        return {int(d): int(c) for d, c in zip(unique, counts)}, n
+        devs = u32_words(snap.keys, n * self._start_key_words)[self._start_dev_word::self._start_key_words]
+        started = u64_words(snap.values, n * self._start_value_words)[self._start_ts_word::self._start_value_words]
+        limit = time.monotonic_ns() - int(self.settings["stale_inflight_seconds"] * 1e9)
+        inflight: dict[int, int] = {}
+        for dev, ts in zip(devs, started):
+            if ts > limit:
+                inflight[dev] = inflight.get(dev, 0) + 1
+        return inflight, n
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
         ops = {d: 0.0 for d in DIRECTIONS}
         nbytes = {d: 0.0 for d in DIRECTIONS}
         busy_ns = {d: 0.0 for d in DIRECTIONS}
-        window_slots = np.zeros(SLOTS, dtype=np.int64)
+        window_slots = [0] * SLOTS
         active_devs: set[int] = set()
         for (dev, direction), cumulative in self._cumulative().items():
             if direction >= len(DIRECTIONS):
                 continue
             previous = self._last.get((dev, direction))
             self._last[(dev, direction)] = cumulative
-            delta = cumulative - previous if previous is not None and (cumulative >= previous).all() else cumulative
-            d_ops = int(delta[0])
+            delta = list(map(operator.sub, cumulative, previous)) \
+                if previous is not None and all(map(operator.ge, cumulative, previous)) else cumulative
+            d_ops = delta[0]
             if not d_ops:
                 continue
             active_devs.add(dev)
             dir_name = DIRECTIONS[direction]
             attrs = {"system.device": device_name(dev, self._names), "disk.io.direction": dir_name}
             ops[dir_name] += d_ops
-            nbytes[dir_name] += int(delta[1])
-            busy_ns[dir_name] += int(delta[2])
+            nbytes[dir_name] += delta[1]
+            busy_ns[dir_name] += delta[2]
             reading.counters.append(("system.disk.operations", d_ops, attrs))
-            reading.counters.append(("system.disk.io", int(delta[1]), attrs))
-            reading.counters.append(("system.disk.operation_time", int(delta[2]) / 1e9, attrs))
-            slots = delta[3:].astype(np.int64)
-            window_slots += slots
+            reading.counters.append(("system.disk.io", delta[1], attrs))
+            reading.counters.append(("system.disk.operation_time", delta[2] / 1e9, attrs))
+            slots = delta[3:]
+            window_slots = list(map(operator.add, window_slots, slots))
             reading.histograms.append(("otel_ebpf_receiver.disk.request.duration",
-                                       log2hist.buckets_from_slots(slots, "s"), int(delta[2]) / 1e9, attrs))
+                                       log2hist.buckets_from_slots(slots, "s"), delta[2] / 1e9, attrs))
 
-        inflight, entries = self._inflight()
+        stats = percpu_array_u64(self.bpf["stats"])
+        # Entries inserted, minus those completed or merged away, minus those still there: the LRU evicted the rest.
+        # When inserted - removed equals what was already known to be evicted, `start` holds no entry: its walk
+        # (every bucket of a 10,240-entry hash, ~100 µs after the interval's pause) is skipped.
+        not_removed = stats[STAT_NEW_KEYS] - stats[STAT_START_DONE]
+        inflight, entries = self._inflight() if not_removed > self._evictions else ({}, 0)
+        self._evictions = max(self._evictions, not_removed - entries)
         for dev in sorted(active_devs | set(inflight)):
             reading.gauges.append(("otel_ebpf_receiver.disk.inflight", float(inflight.get(dev, 0)),
                                    {"system.device": device_name(dev, self._names)}))
+        reading.map_update_failures = stats[STAT_UPDATE_FAILED]
+        reading.map_evictions = self._evictions
 
-        stats = percpu_array_u64(self.bpf["stats"])
-        reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
-        # Entries inserted, minus those completed or merged away, minus those still there: the LRU evicted the rest.
-        reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - int(stats[STAT_START_DONE]) - entries)
-
-        counts = window_slots.tolist()
+        counts = window_slots
         if seconds > 0:
             reading.rate, reading.rate_unit = sum(ops.values()) / seconds, "requests/s"
             reading.top = [TopItem(f"{d} bytes", nbytes[d] / seconds, "B/s") for d in DIRECTIONS]

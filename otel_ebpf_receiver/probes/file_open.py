@@ -1,8 +1,8 @@
 """file_open: file opens and failed opens per process name; the most-opened paths (the talk's "how many times is
 this file opened").
 
-How a window reads (kept to two batch reads and numpy, see kernel/maps.py): opens and failures per process name
-stay cumulative in their per-CPU hash (exact counts) and are compared by key in numpy; the path counts are
+How a window reads (kept to two batch reads and plain Python, see kernel/maps.py): opens and failures per process
+name stay cumulative in their per-CPU hash (exact counts) and are compared by key; the path counts are
 drained each window (a top-N view: an increment racing with the drain may be lost), so the read holds only the
 paths opened this window instead of every path the LRU map still remembers. Only the names that moved and the top
 paths become Python objects.
@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import ctypes as ct
 import os
+from itertools import chain
 
-import numpy as np
-
-from ..kernel.maps import KeyedDeltas, MapSnapshot, percpu_array_u64, top_indices
+from ..kernel.maps import KeyedDeltas, MapSnapshot, per_cpu_columns, percpu_array_u64, top_indices, u64_words
 from .base import (COUNTER, GAUGE, Feature, Hook, Metric, Probe, Reading, TopItem, decode_comm, hook_exists,
                    log1p_rate, ratio)
 from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U64, MapContract
@@ -81,15 +80,14 @@ class FileOpenProbe(Probe):
         reading = Reading()
         snap = self._comm_snapshot
         n = snap.read()
-        # struct open_counts {opens, failed} per CPU -> (n, 2) totals
-        totals = np.frombuffer(snap.values, dtype=np.uint64, count=n * self._comm_cpus * 2).reshape(
-            n, self._comm_cpus, 2).sum(axis=1, dtype=np.uint64)
-        deltas = self._comms.update_snapshot(snap, n, totals)
-        moved = np.flatnonzero(deltas.any(axis=1))
-        increases = deltas[moved].tolist()
-        total_opens = float(sum(d[0] for d in increases))
-        total_failed = float(sum(d[1] for d in increases))
-        for i, (d_opens, d_failed) in zip(moved.tolist(), increases):
+        # struct open_counts {opens, failed} per CPU -> opens, failed totals per name, flat as (opens, failed) pairs
+        opens, failed = per_cpu_columns(u64_words(snap.values, n * self._comm_cpus * 2), self._comm_cpus, 2)
+        deltas = self._comms.update_snapshot(snap, n, list(chain.from_iterable(zip(opens, failed))), columns=2)
+        total_opens = float(sum(deltas[0::2]))
+        total_failed = float(sum(deltas[1::2]))
+        for i, (d_opens, d_failed) in enumerate(zip(deltas[0::2], deltas[1::2])):
+            if not (d_opens or d_failed):
+                continue
             comm = snap.keys[i].comm  # bytes up to the NUL
             attrs = self._attrs.get(comm)
             if attrs is None:
@@ -104,7 +102,7 @@ class FileOpenProbe(Probe):
         n = snap.drain()
         self._drained += n
         hits = snap.u64_values(n)
-        successful = float(hits.sum())
+        successful = float(sum(hits))
         top = top_indices(hits, self.top_n)
         for i in top:
             path = snap.keys[i].path.decode("utf-8", "replace")  # ctypes stops at the NUL

@@ -18,12 +18,11 @@ from __future__ import annotations
 import ctypes as ct
 import math
 import os
+import operator
 import time
 
-import numpy as np
-
 from ..kernel import log2hist
-from ..kernel.maps import MapSnapshot, percpu_array_u64
+from ..kernel.maps import MapSnapshot, per_cpu_rows, percpu_array_u64, u64_words
 from .base import (COUNTER, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, hook_exists,
                    log1p_rate, ratio)
 from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_PROBE, STAT_UPDATE_FAILED, U32, U64, MapContract, dtype, value_type
@@ -133,7 +132,7 @@ class HttpProbe(Probe):
         super().__init__(settings)
         self.comms = [c.strip()[:15] for c in str(self.settings["comms"]).split(",") if c.strip()]
         self._requests = CounterDeltas()
-        self._last_responses: dict[tuple[int, ...], np.ndarray] = {}
+        self._last_responses: dict[tuple[int, ...], list[int]] = {}
         self._owners: dict[tuple[int, int], tuple[float, str, int | None]] = {}
 
     @classmethod
@@ -163,9 +162,13 @@ class HttpProbe(Probe):
             self.mode = "tracepoint (" + ", ".join(h for h in hooked if not h.startswith("accept")) + ")"
         self._request_snapshot = MapSnapshot(self.bpf["requests"])
         self._response_snapshot = MapSnapshot(self.bpf["responses"])
-        self._request_key = dtype(self.bpf["requests"].Key)
+        # Read each window as plain Python ints (no numpy, see kernel/maps.py): keys through their ctypes fields,
+        # values at the offsets of the layout bcc built (checked against the contract at load)
         responses = self.bpf["responses"]
-        self._response_dtype = (dtype(responses.Key), dtype(value_type(responses)))
+        value_dt = dtype(value_type(responses))
+        self._response_words = value_dt.itemsize // 8
+        self._response_ncpu = ct.sizeof(responses.Leaf) // value_dt.itemsize
+        self._response_fields = tuple(value_dt.fields[name][1] // 8 for name in ("count", "sum_ns", "slots"))
 
     # -- naming a (process, listening socket) ---------------------------------------------------------------------
     def _owner(self, tgid: int, listen_fd: int, budget: list[int]) -> tuple[str, int | None]:
@@ -198,16 +201,20 @@ class HttpProbe(Probe):
         budget = [NEW_LOOKUPS_PER_WINDOW]
         per_method = [0] * len(METHODS)
 
+        stats = percpu_array_u64(self.table("stats"))
+        # Both maps only hold keys this program inserted, each insert bumping STAT_NEW_KEYS: while it is 0 (no HTTP
+        # since load: a host without a web server) they are empty and their walks (every bucket of two 4,096-entry
+        # hashes) are skipped. An insert whose bump is not visible yet is read next window; the maps are cumulative.
+        seen_http = stats[STAT_NEW_KEYS] > 0
         snap = self._request_snapshot
-        n = snap.read()
-        keys = np.frombuffer(snap.keys, dtype=self._request_key, count=n)
+        n = snap.read() if seen_http else 0
         counts = snap.u64_values(n, ncpu=len(snap.values[0]) if n else 1)
         present = []
         requests: dict[tuple[str, int | None, int], int] = {}
-        for tgid, lfd, method, cumulative in zip(keys["tgid"].tolist(), keys["listen_fd"].tolist(),
-                                                 keys["method"].tolist(), counts.tolist()):
+        for key, cumulative in zip(snap.keys, counts):
+            tgid, lfd, method = key.tgid, key.listen_fd, key.method
             present.append((tgid, lfd, method))
-            delta = self._requests.delta((tgid, lfd, method), int(cumulative))
+            delta = self._requests.delta((tgid, lfd, method), cumulative)
             if delta:
                 comm, port = self._owner(tgid, lfd, budget)
                 method = method if method < len(METHODS) else 0
@@ -218,7 +225,8 @@ class HttpProbe(Probe):
             reading.counters.append(("otel_ebpf_receiver.http.requests", delta,
                                      self._attrs(comm, port, **{"http.request.method": method_name(method)})))
 
-        responses, histograms, window_slots, entries = self._read_responses(budget)
+        responses, histograms, window_slots, entries = self._read_responses(budget) if seen_http \
+            else ({}, {}, [0] * SLOTS, 0)
         per_class = [0] * 6
         for (comm, port, status), delta in responses.items():
             per_class[min(status // 100, 5)] += delta
@@ -231,7 +239,6 @@ class HttpProbe(Probe):
                                            comm, port, **{"http.request.method": method_name(method),
                                                           STATUS_CLASS: f"{klass}xx"})))
 
-        stats = percpu_array_u64(self.table("stats"))
         reading.map_update_failures = int(stats[STAT_UPDATE_FAILED])
         reading.map_evictions = max(0, int(stats[STAT_NEW_KEYS]) - n - entries)
 
@@ -250,7 +257,7 @@ class HttpProbe(Probe):
             "http.post_share": ratio(per_method[METHODS.index("POST")], total_requests),
             "http.put_share": ratio(per_method[METHODS.index("PUT")], total_requests),
             # quantile() answers in microseconds.
-            "http.latency_p99_log1p_ms": math.log1p(log2hist.quantile(window_slots.tolist(), 0.99) / 1000.0),
+            "http.latency_p99_log1p_ms": math.log1p(log2hist.quantile(window_slots, 0.99) / 1000.0),
         }
         return reading
 
@@ -259,33 +266,31 @@ class HttpProbe(Probe):
         n = snap.read()
         if not n:
             self._last_responses.clear()
-            return {}, {}, np.zeros(SLOTS, dtype=np.int64), 0
-        key_dt, value_dt = self._response_dtype
-        ncpu = ct.sizeof(snap.table.Leaf) // value_dt.itemsize
-        values = np.frombuffer(snap.values, dtype=value_dt, count=n * ncpu).reshape(n, ncpu)
-        totals = np.column_stack([values["count"].sum(axis=1), values["sum_ns"].sum(axis=1), values["slots"].sum(axis=1)])
-        raw_keys = np.frombuffer(snap.keys, dtype=key_dt, count=n)
+            return {}, {}, [0] * SLOTS, 0
+        words, (count_at, sum_at, slots_at) = self._response_words, self._response_fields
+        rows = per_cpu_rows(u64_words(snap.values, n * self._response_ncpu * words), self._response_ncpu, words)
         responses: dict[tuple[str, int | None, int], int] = {}
-        histograms: dict[tuple[str, int | None, int, int], tuple[np.ndarray, int]] = {}
-        window_slots = np.zeros(SLOTS, dtype=np.int64)
-        current: dict[tuple[int, ...], np.ndarray] = {}
-        for i, (tgid, lfd, method, status) in enumerate(zip(raw_keys["tgid"].tolist(), raw_keys["listen_fd"].tolist(),
-                                                            raw_keys["method"].tolist(), raw_keys["status"].tolist())):
+        histograms: dict[tuple[str, int | None, int, int], tuple[list[int], int]] = {}
+        window_slots = [0] * SLOTS
+        current: dict[tuple[int, ...], list[int]] = {}
+        for raw, row in zip(snap.keys, rows):
+            tgid, lfd, method, status = raw.tgid, raw.listen_fd, raw.method, raw.status
             key = (tgid, lfd, method, status)
-            cumulative = totals[i]
+            cumulative = [row[count_at], row[sum_at]] + row[slots_at:slots_at + SLOTS]
             current[key] = cumulative
             previous = self._last_responses.get(key)
-            delta = cumulative - previous if previous is not None and (cumulative >= previous).all() else cumulative
-            count = int(delta[0])
+            delta = list(map(operator.sub, cumulative, previous)) \
+                if previous is not None and all(map(operator.ge, cumulative, previous)) else cumulative
+            count = delta[0]
             if not count:
                 continue
             comm, port = self._owner(tgid, lfd, budget)
             method = method if method < len(METHODS) else 0
             responses[(comm, port, status)] = responses.get((comm, port, status), 0) + count
-            slots = delta[2:].astype(np.int64)
-            window_slots += slots
+            slots = delta[2:]
+            window_slots = list(map(operator.add, window_slots, slots))
             hkey = (comm, port, method, min(status // 100, 5))
-            old_slots, old_sum = histograms.get(hkey, (np.zeros(SLOTS, dtype=np.int64), 0))
-            histograms[hkey] = (old_slots + slots, old_sum + int(delta[1]))
+            old_slots, old_sum = histograms.get(hkey, ([0] * SLOTS, 0))
+            histograms[hkey] = (list(map(operator.add, old_slots, slots)), old_sum + delta[1])
         self._last_responses = current
         return responses, histograms, window_slots, n

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ..kernel import log2hist
-from ..kernel.maps import percpu_array_u64
+from ..kernel.maps import increase_or_zero, percpu_array_u64
 from .base import COUNTER, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate
 from .contract import COMMON_STATS, STAT_UPDATE_FAILED, U64, MapContract
 from .loader import hook_exists
@@ -62,7 +60,8 @@ class MemoryProbe(Probe):
     def __init__(self, settings=None) -> None:
         super().__init__(settings)
         self._deltas = CounterDeltas()
-        self._last_slots: np.ndarray | None = None
+        self._last_slots: list[int] | None = None
+        self._stalls_last_window = -1  # the first read takes the slots whatever happened
         self._ncpu = os.cpu_count() or 1
 
     def cflags(self) -> list[str]:
@@ -87,13 +86,18 @@ class MemoryProbe(Probe):
             if delta[index]:
                 reading.counters.append((metric, delta[index], {}))
 
-        cumulative = np.array(percpu_array_u64(self.bpf["stall_slots"]), dtype=np.int64)
-        previous = self._last_slots if self._last_slots is not None else np.zeros_like(cumulative)
-        self._last_slots = cumulative
-        window = (cumulative - previous).clip(min=0)
-        if window.any():
-            reading.histograms.append(("otel_ebpf_receiver.memory.reclaim.stall.duration",
-                                       log2hist.buckets_from_slots(window, "s"), stall_ns / 1e9, {}))
+        # A stall adds to its counter first and to stall_slots just after: without stalls in this window or the
+        # last one (one counted just before our counters read may reach its slot just after our slots read), the
+        # slots are as last read and their read (a map syscall) is skipped. Exact either way.
+        if stalls or self._stalls_last_window:
+            cumulative = percpu_array_u64(self.bpf["stall_slots"])
+            previous = self._last_slots if self._last_slots is not None else [0] * len(cumulative)
+            self._last_slots = cumulative
+            window = list(map(increase_or_zero, cumulative, previous))  # plain Python, no numpy: kernel/maps.py
+            if any(window):
+                reading.histograms.append(("otel_ebpf_receiver.memory.reclaim.stall.duration",
+                                           log2hist.buckets_from_slots(window, "s"), stall_ns / 1e9, {}))
+        self._stalls_last_window = stalls
 
         reading.map_update_failures = int(percpu_array_u64(self.bpf["stats"])[STAT_UPDATE_FAILED])
         stall_share = min(1.0, stall_ns / 1e9 / seconds / self._ncpu) if seconds > 0 else 0.0

@@ -10,16 +10,13 @@ so the maps read as before). A quiet host is thus timed exactly, a busy one by a
 
 from __future__ import annotations
 
-import ctypes as ct
 import math
 import os
 import re
 import time
 
-import numpy as np
-
 from ..kernel import btf, log2hist
-from ..kernel.maps import MapSnapshot, top_indices
+from ..kernel.maps import MapSnapshot, PerCpuSlots, increase_or_zero, top_indices
 from .base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate,
                    ratio, tracefs_root)
 from .contract import U32, U64, MapContract, dtype, value_type
@@ -120,7 +117,7 @@ class SchedProbe(Probe):
         self._raw_pid_offset: int | None = None  # task_struct.pid, when the raw tracepoints are usable
         self._raw_checked = False
         self._deltas = CounterDeltas()
-        self._last_slots: np.ndarray | None = None
+        self._last_slots: list[int] | None = None
         self._ncpu = os.cpu_count() or 1
         self._owners: dict[int, tuple[float, int, str]] = {}  # tid -> (looked up at, tgid, comm)
 
@@ -173,7 +170,7 @@ class SchedProbe(Probe):
         if self.sample_shift:
             self.mode += (f", waits timed exactly up to {self.settings['latency_exact_per_tick']}/CPU/jiffy, "
                           f"then 1 in {1 << self.sample_shift}")
-        self._stats_snapshot = MapSnapshot(self.bpf["cpu_stats"])
+        self._stats = PerCpuSlots(self.bpf["cpu_stats"])  # one element per CPU, all u64: summed in one read
         self._stats_dtype = dtype(value_type(self.bpf["cpu_stats"]))
         fields = self._stats_dtype.fields
         self._counter_words = [fields[name][1] // 8 for name in COUNTER_FIELDS]
@@ -200,37 +197,32 @@ class SchedProbe(Probe):
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
-        snap = self._stats_snapshot
-        n = snap.read()
-        # struct sched_stats is all u64: sum the CPUs' rows once, then pick the fields at their (checked) offsets.
-        words = self._stats_dtype.itemsize // 8
-        totals = np.frombuffer(snap.values, dtype=np.uint64, count=n * (ct.sizeof(snap.table.Leaf) // 8)) \
-            .reshape(-1, words).sum(axis=0) if n else np.zeros(words, dtype=np.uint64)
-        counters = totals[self._counter_words]
-        slots = totals[self._slots_word:self._slots_word + SLOTS]
-        switches = self._deltas.delta("switches", int(counters[SWITCHES]))
-        involuntary = self._deltas.delta("involuntary", int(counters[INVOLUNTARY]))
-        latency_ns = self._deltas.delta("latency_ns", int(counters[LATENCY_SUM_NS]))
+        # struct sched_stats is all u64: one lookup summed over CPUs, then the fields at their (checked) offsets.
+        # Plain Python, no numpy: see kernel/maps.py.
+        totals = self._stats.read()
+        counters = [totals[word] for word in self._counter_words]
+        switches = self._deltas.delta("switches", counters[SWITCHES])
+        involuntary = self._deltas.delta("involuntary", counters[INVOLUNTARY])
+        latency_ns = self._deltas.delta("latency_ns", counters[LATENCY_SUM_NS])
         if switches:
             reading.counters.append(("otel_ebpf_receiver.sched.context_switches", max(0, switches - involuntary),
                                      {"process.context_switch.type": "voluntary"}))
             reading.counters.append(("otel_ebpf_receiver.sched.context_switches", involuntary,
                                      {"process.context_switch.type": "involuntary"}))
 
-        cumulative = slots.astype(np.int64)
-        previous = self._last_slots if self._last_slots is not None else np.zeros_like(cumulative)
+        cumulative = totals[self._slots_word:self._slots_word + SLOTS]
+        previous = self._last_slots if self._last_slots is not None else [0] * SLOTS
         self._last_slots = cumulative
-        window = (cumulative - previous).clip(min=0)
-        if window.any():
+        counts = list(map(increase_or_zero, cumulative, previous))
+        if any(counts):
             reading.histograms.append(("otel_ebpf_receiver.sched.runqueue.latency",
-                                       log2hist.buckets_from_slots(window, "s"), latency_ns / 1e9, {}))
+                                       log2hist.buckets_from_slots(counts, "s"), latency_ns / 1e9, {}))
         if self.top_n:
             self._top_threads(seconds, reading)
-        counts = window.tolist()
         self.last_p99_us = log2hist.quantile(counts, 0.99)
         self.last_switch_rate = switches / seconds if seconds > 0 else 0.0
         reading.rate, reading.rate_unit = self.last_switch_rate, "switches/s"
-        reading.map_update_failures = int(counters[UPDATE_FAILED])
+        reading.map_update_failures = counters[UPDATE_FAILED]
         reading.features = {
             "sched.context_switch_rate_log1p": log1p_rate(switches / self._ncpu, seconds),
             "sched.involuntary_share": ratio(involuntary, switches),

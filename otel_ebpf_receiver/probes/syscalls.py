@@ -1,9 +1,9 @@
 """syscalls: system calls per syscall name, failures per syscall and errno, top processes by syscall rate.
 
-How a window reads (it runs every interval, so it is kept to a few lookups and numpy, see kernel/maps.py):
-calls per syscall number are one per-CPU element read with one lookup and compared with the previous totals in
-numpy (exact, cumulative); failures per (syscall, errno) stay cumulative in their hash and are compared by key in
-numpy (exact); the sampled per-process counts are drained each window (sampled already, so an increment racing
+How a window reads (it runs every interval, so it is kept to a few lookups and no numpy, see kernel/maps.py):
+calls per syscall number are one per-CPU element read with one lookup and compared with the previous totals
+(exact, cumulative); failures per (syscall, errno) stay cumulative in their hash and are compared by key
+(exact); the sampled per-process counts are drained each window (sampled already, so an increment racing
 with the drain may be lost). Only the numbers that moved become Python objects, with their attributes cached.
 """
 
@@ -14,9 +14,8 @@ import math
 import os
 from typing import Callable
 
-import numpy as np
-
-from ..kernel.maps import KeyedDeltas, MapSnapshot, PerCpuSlots, percpu_array_u64, possible_cpus, top_indices
+from ..kernel.maps import (KeyedDeltas, MapSnapshot, PerCpuSlots, percpu_array_u64, possible_cpus,
+                           top_indices, u64_words)
 from .base import COUNTER, GAUGE, Feature, Hook, Metric, Probe, Reading, TopItem, log1p_rate, ratio
 from .contract import COMMON_STATS, STAT_NEW_KEYS, STAT_UPDATE_FAILED, U32, U64, MapContract
 
@@ -113,7 +112,6 @@ class SyscallsProbe(Probe):
         self.top_n = self.settings["top_processes"]
         self.max_processes = self.settings["max_processes"]
         self._names = _syscall_names()
-        self._calls = np.zeros(MAX_SYSCALLS, dtype=np.uint64)  # totals at the last read
         self._errors = KeyedDeltas()
         self._attrs: dict[int, dict[str, str]] = {}  # syscall number, or (errno << 32 | nr) -> attributes
         self._ncpu_possible = possible_cpus()
@@ -150,25 +148,20 @@ class SyscallsProbe(Probe):
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
-        counts = self._counts.read()
-        deltas = counts - self._calls  # u64 totals only grow (the array is never cleared)
-        self._calls = counts
-        moved = np.flatnonzero(deltas)
-        increases = deltas[moved].tolist()
-        total_calls = float(sum(increases))
+        moved = self._counts.increases()  # u64 totals only grow (the array is never cleared)
+        total_calls = float(sum(increase for _, increase in moved))
         attrs = self._attrs
         reading.counters.extend(("otel_ebpf_receiver.syscalls", increase, attrs.get(nr) or self._call_attrs(nr))
-                                for nr, increase in zip(moved.tolist(), increases))
+                                for nr, increase in moved)
 
         snap = self._snapshots["syscall_errors"]
         n = snap.read()  # cumulative (exact); a plain hash: keys are never evicted
         error_deltas = self._errors.update_snapshot(snap, n, snap.u64_values(n, self._ncpu_possible))
-        moved = np.flatnonzero(error_deltas)
-        increases = error_deltas[moved].tolist()
-        total_errors = float(sum(increases))
-        keys = np.frombuffer(snap.keys, dtype=np.uint64, count=n)[moved].tolist()  # struct error_key as one u64
-        reading.counters.extend(("otel_ebpf_receiver.syscalls.failed", increase,
-                                 attrs.get(key) or self._error_attrs(key)) for key, increase in zip(keys, increases))
+        moved = [i for i, d in enumerate(error_deltas) if d]
+        total_errors = float(sum(error_deltas))
+        keys = u64_words(snap.keys, n)  # struct error_key as one u64
+        reading.counters.extend(("otel_ebpf_receiver.syscalls.failed", error_deltas[i],
+                                 attrs.get(keys[i]) or self._error_attrs(keys[i])) for i in moved)
 
         stats = percpu_array_u64(self.table("stats"))  # before the drain: inserted keys it counts were drained
         snap = self._snapshots["process_counts"]
@@ -178,9 +171,9 @@ class SyscallsProbe(Probe):
         samples = snap.u64_values(n, self._ncpu_possible)
         top = top_indices(samples, self.top_n)
         self._top_names.next_window()
-        active = int(np.count_nonzero(samples))
+        active = n - samples.count(0)
         for i in top:
-            pid, rate = int(pids[i]), float(samples[i]) / seconds
+            pid, rate = pids[i], samples[i] / seconds
             command = self._top_names.name(pid)
             reading.top.append(TopItem(f"{command} (pid {pid})", rate, "calls/s"))
             reading.gauges.append(("otel_ebpf_receiver.syscalls.top_process.rate", rate,
@@ -196,7 +189,7 @@ class SyscallsProbe(Probe):
             "syscalls.error_ratio": ratio(total_errors, total_calls),
             # per-process counts are sampled (weight 2^shift): at a few calls a second one sample can exceed the
             # total, and a share is at most 1
-            "syscalls.top_process_share": min(1.0, ratio(float(samples[top[0]]), total_calls)) if len(top) else 0.0,
+            "syscalls.top_process_share": min(1.0, ratio(float(samples[top[0]]), total_calls)) if top else 0.0,
             "syscalls.active_processes_log1p": math.log1p(active),
         }
         reading.rate, reading.rate_unit = total_calls / seconds, "calls/s"

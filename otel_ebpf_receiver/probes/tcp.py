@@ -33,6 +33,34 @@ SEND_RESET = Hook("tcp:tcp_send_reset")
 CONG_STATE_SET = Hook("tcp:tcp_cong_state_set")  # optional: 6.0+; without it the congestion counts stay 0
 
 
+def _series() -> list[tuple[str, int, dict[str, str], tuple[str, ...]]]:
+    """Every exported series of tcp_counts: (metric, slot, attributes, the feature totals it adds to), in the
+    order a window reports them. Built once: a window then only compares counts (the attribute dicts are shared,
+    read-only)."""
+    rows = []
+    for fam, network_type in enumerate(NETWORK_TYPES):
+        attrs = {"network.type": network_type}
+        for index, role in ((IDX_OPENED_CLIENT, "client"), (IDX_OPENED_SERVER, "server")):
+            rows.append(("otel_ebpf_receiver.tcp.connections.opened", index + fam, {**attrs, TCP_ROLE: role},
+                         ("opened",)))
+        rows.append(("otel_ebpf_receiver.tcp.connections.closed", IDX_CLOSED + fam, attrs, ("closed",)))
+        rows.append(("otel_ebpf_receiver.tcp.connections.failed", IDX_CONNECT_FAILED + fam, attrs, ("failed",)))
+        for index, state in ((IDX_CA_RECOVERY, "recovery"), (IDX_CA_LOSS, "loss")):
+            rows.append(("otel_ebpf_receiver.tcp.congestion_events", index + fam, {**attrs, CONGESTION_STATE: state},
+                         ("timeouts",) if index == IDX_CA_LOSS else ()))
+        for state, name in STATE_NAMES.items():
+            rows.append(("otel_ebpf_receiver.tcp.state_transitions", fam * TCP_STATES + state,
+                         {**attrs, "network.connection.state": name}, ()))
+        rows.append(("otel_ebpf_receiver.tcp.retransmits", IDX_RETRANSMITS + fam, attrs, ("retransmits",)))
+        for index, direction in ((IDX_RST_SENT, "transmit"), (IDX_RST_RECEIVED, "receive")):
+            rows.append(("otel_ebpf_receiver.tcp.resets", index + fam, {**attrs, "network.io.direction": direction},
+                         ("resets",)))
+    return rows
+
+
+SERIES = _series()
+
+
 class TcpProbe(Probe):
     name = "tcp"
     summary = "TCP connections opened/closed, state transitions, retransmits, resets"
@@ -102,45 +130,21 @@ class TcpProbe(Probe):
     def read(self, seconds: float) -> Reading:
         reading = Reading()
         counts = percpu_array_u64(self.bpf["tcp_counts"])
-        opened = closed = resets = retransmits = failed = timeouts = 0.0
-
-        def delta(index: int) -> float:
-            return self._deltas.delta(index, float(counts[index]))
-
-        for fam, network_type in enumerate(NETWORK_TYPES):
-            attrs = {"network.type": network_type}
-            for index, role in ((IDX_OPENED_CLIENT, "client"), (IDX_OPENED_SERVER, "server")):
-                d = delta(index + fam)
-                opened += d
-                reading.counters.append(("otel_ebpf_receiver.tcp.connections.opened", d, {**attrs, TCP_ROLE: role}))
-            d = delta(IDX_CLOSED + fam)
-            closed += d
-            reading.counters.append(("otel_ebpf_receiver.tcp.connections.closed", d, attrs))
-            d = delta(IDX_CONNECT_FAILED + fam)
-            failed += d
-            reading.counters.append(("otel_ebpf_receiver.tcp.connections.failed", d, attrs))
-            for state, state_name in STATE_NAMES.items():
-                d = delta(fam * TCP_STATES + state)
-                reading.counters.append(("otel_ebpf_receiver.tcp.state_transitions", d,
-                                         {**attrs, "network.connection.state": state_name}))
-            for index, state in ((IDX_CA_RECOVERY, "recovery"), (IDX_CA_LOSS, "loss")):
-                d = delta(index + fam)
-                timeouts += d if index == IDX_CA_LOSS else 0.0
-                reading.counters.append(("otel_ebpf_receiver.tcp.congestion_events", d, {**attrs, CONGESTION_STATE: state}))
-            d = delta(IDX_RETRANSMITS + fam)
-            retransmits += d
-            reading.counters.append(("otel_ebpf_receiver.tcp.retransmits", d, attrs))
-            for index, direction in ((IDX_RST_SENT, "transmit"), (IDX_RST_RECEIVED, "receive")):
-                d = delta(index + fam)
-                resets += d
-                reading.counters.append(("otel_ebpf_receiver.tcp.resets", d, {**attrs, "network.io.direction": direction}))
-        reading.counters = [c for c in reading.counters if c[1]]
+        sums = dict.fromkeys(("opened", "closed", "resets", "retransmits", "failed", "timeouts"), 0.0)
+        delta = self._deltas.delta
+        for metric, index, attrs, totals in SERIES:
+            d = delta(index, float(counts[index]))
+            if d:
+                reading.counters.append((metric, d, attrs))
+                for total in totals:
+                    sums[total] += d
+        opened, closed, resets, retransmits = sums["opened"], sums["closed"], sums["resets"], sums["retransmits"]
         reading.features = {
             "tcp.resets_rate_log1p": log1p_rate(resets, seconds),
             "tcp.retransmits_rate_log1p": log1p_rate(retransmits, seconds),
             "tcp.new_connections_rate_log1p": log1p_rate(opened, seconds),
-            "tcp.connect_failures_rate_log1p": log1p_rate(failed, seconds),
-            "tcp.timeouts_rate_log1p": log1p_rate(timeouts, seconds),
+            "tcp.connect_failures_rate_log1p": log1p_rate(sums["failed"], seconds),
+            "tcp.timeouts_rate_log1p": log1p_rate(sums["timeouts"], seconds),
         }
         if seconds > 0:
             reading.rate, reading.rate_unit = opened / seconds, "connections/s"
