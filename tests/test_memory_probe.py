@@ -5,14 +5,12 @@ other pressure on the host could only add; this host has none unless a test make
 
 from __future__ import annotations
 
-import os
 import signal
-import tempfile
 import time
 
 import pytest
 
-from model_export.lab.pressure import MemoryCgroup
+from model_export.lab.pressure import MemoryCgroup, working_set
 from otel_ebpf_receiver.probes.memory import MemoryProbe
 
 from .helpers import unique_name
@@ -60,13 +58,12 @@ ALLOCATE = ("chunks = []\n"
 
 
 def test_reading_a_file_larger_than_the_cgroup_limit_stalls_in_cgroup_reclaim_without_a_kill(probe, cgroup):
-    with tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="oer-mem-") as big:
-        big.write(os.urandom(1 << 20) * 128)  # 128 MiB on disk, 4x the limit
-        big.flush()
-        os.posix_fadvise(big.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # make the reader fault it in
+    # 128 MiB on disk, 4x the limit, written back and dropped from the page cache (dirty pages cannot be dropped:
+    # the reader would find them cached, charged to the writer, and never reclaim): the reader faults it in.
+    with working_set(128) as big:
         probe.read(1.0)
         started = time.monotonic()
-        result = cgroup.run(READ_FILE, big.name)
+        result = cgroup.run(READ_FILE, big)
         reading = probe.read(time.monotonic() - started)
     assert result.returncode == 0, result.stderr[-300:]
     stalls = total(reading, "otel_ebpf_receiver.memory.reclaim.stalls", **{KIND: "cgroup"})
