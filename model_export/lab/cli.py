@@ -90,9 +90,10 @@ hour (model_export/lab/detection.py, report.py).
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    print(f"{'scenario':22s} {'label':20s} {'kind':7s} {'s':>4s}  what")
+    width = max(len(name) for name in SCENARIOS)
+    print(f"{'scenario':{width}s} {'label':20s} {'kind':7s} {'s':>4s}  what")
     for s in SCENARIOS.values():
-        print(f"{s.name:22s} {s.label or '(not training)':20s} {s.kind:7s} {s.seconds:4.0f}  {s.summary}")
+        print(f"{s.name:{width}s} {s.label or '(not training)':20s} {s.kind:7s} {s.seconds:4.0f}  {s.summary}")
     plan = ",".join(f"{n}:{s:.0f}" for n, s in TRAINING_PLAN)
     print(f"\ntraining plan (record, make model): {plan}")
     return 0
