@@ -85,3 +85,41 @@ def test_a_random_source_udp_flood_has_many_sources(recorded):
     assert SCENARIOS["random_source_udp_flood"].label == "random_source_flood"
     assert median(recorded, "random_source_udp_flood", "xdp.distinct_sources_log1p") > math.log1p(1000)
     assert median(recorded, "random_source_udp_flood", "xdp.top_source_share") < 0.05
+
+
+def test_sigterm_to_the_lab_undoes_what_it_made():
+    """A recording stopped by SIGTERM (kill, timeout, a CI runner) still removes its namespaces, pins, memory cgroup,
+    servers and working-set file: the lab unwinds as on Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .helpers import wait_for
+
+    proc = subprocess.Popen([sys.executable, "-m", "model_export.lab", "record", "-o", "/dev/null", "--scenarios",
+                             "memory_pressure:60"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prefix = f"oer{proc.pid}-"
+
+    def lab_namespaces() -> list[str]:
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        return [line.split()[0] for line in out.splitlines() if line.startswith(prefix)]
+
+    def memory_groups() -> list[Path]:
+        roots = [Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup")]
+        return [g for root in roots if root.is_dir() for g in root.glob(f"oer-lab-memory-{proc.pid}")]
+
+    try:
+        assert wait_for(lambda: memory_groups(), timeout=60), "the scenario never started"
+        assert lab_namespaces()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130, proc.stderr.read()[-500:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert lab_namespaces() == []
+    assert memory_groups() == []
+    assert not list(Path("/sys/fs/bpf").glob(f"oer-lab-{proc.pid}-*"))
+    assert not [f for f in os.listdir("/var/tmp") if f.startswith("oer-working-set-")]

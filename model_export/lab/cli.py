@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -225,10 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``otel-ebpf-lab`` and ``python -m model_export.lab`` (what the Makefile's model, lab and detection-report
     targets run)."""
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, timeout, a CI runner) unwinds like Ctrl-C: the lab's namespaces, pins, cgroups, servers and
+    # link shaping are undone by the context managers that made them, which Python's default SIGTERM skips.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.handler(args)
     except AgentError as exc:
