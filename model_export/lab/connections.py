@@ -25,7 +25,7 @@ CONNECT_RATE = 200.0         # connection attempts per second
 UPSTREAM_PORT = 7070         # the short connections' upstream on the victim
 CLOSED_PORT = 7071           # nothing listens there
 LINK_RATE = "128kbit"        # per switch port: a third of what a client's answers need at 10 requests/s
-LINK_BURST = "1600"
+LINK_BURST = "1600"          # bytes the bucket holds: one full frame at once, no more
 LINK_QUEUE = "1600"          # bytes waiting: one full frame; a burst of an answer beyond it is dropped
 
 # A client that opens a connection, reads until the server closes it, and closes; paced; bounded by count and time.
