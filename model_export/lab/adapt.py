@@ -88,9 +88,12 @@ def adapt(bundled: StateModel, lab: WindowTable, host: WindowTable, output: Path
                         np.concatenate([lab_part.labels, host_part.labels]),
                         np.concatenate([lab_part.values, host_part.values]),
                         sources=lab_part.sources + host_part.sources)
+    # The served model's own cluster count (its file says), not the recipe's current one: a rebuild may since have
+    # changed the recipe, and the shipped recording is the one the served model was trained on.
+    clusters = len(bundled.cluster_states)
     say(f"training {bundled.path.name}'s recipe on {len(lab_part)} lab windows + {len(host_part)} host windows "
-        f"({len(names)} features, {spec.clusters} + {HOST_CLUSTERS} clusters)")
-    trained = rebuild.fit(table, rebuild.recipe(spec.clusters + HOST_CLUSTERS, bundled.unknown_above), say=say)
+        f"({len(names)} features, {clusters} + {HOST_CLUSTERS} clusters)")
+    trained = rebuild.fit(table, rebuild.recipe(clusters + HOST_CLUSTERS, bundled.unknown_above), say=say)
     attacks = [s for s in dict.fromkeys(trained.cluster_states) if s in rebuild.flood_states()]
     # written like every export: atomically, after the runtime's own loader accepted it
     adapted = tr.export(trained, output, attack_states=attacks).model
