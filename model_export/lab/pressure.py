@@ -101,9 +101,7 @@ def memory_pressure(max_seconds: float = DEFAULT_MAX_SECONDS) -> Iterator[None]:
     group = MemoryCgroup(PRESSURE_LIMIT_MIB << 20, f"oer-lab-memory-{os.getpid()}")
     try:
         with working_set() as path:
-            argv = python_loop(_reread(path), max_seconds)
-            argv[2] = group.prologue() + argv[2]
-            with children([argv]):
+            with children([python_loop(_reread(path), max_seconds, prologue=group.prologue())]):
                 yield
     finally:
         group.remove()

@@ -13,9 +13,10 @@ from typing import Iterator
 DEFAULT_MAX_SECONDS = 600
 
 
-def python_loop(body: str, max_seconds: float) -> list[str]:
-    """argv of a child that runs ``body`` repeatedly until max_seconds passed."""
-    code = ("import os, sys, time\n"
+def python_loop(body: str, max_seconds: float, prologue: str = "") -> list[str]:
+    """argv of a child that runs ``prologue`` once (e.g. joining a cgroup), then ``body`` repeatedly until
+    max_seconds passed."""
+    code = (prologue + "import os, sys, time\n"
             f"deadline = time.monotonic() + {max_seconds}\n"
             "while time.monotonic() < deadline:\n"
             + "".join(f"    {line}\n" for line in body.splitlines()))
