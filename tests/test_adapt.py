@@ -36,6 +36,15 @@ def failing_host(lab: WindowTable) -> WindowTable:
     return WindowTable(lab.names, lab.timestamps[idx] + 86400.0, lab.labels[idx].copy(), values)
 
 
+def storm_host(lab: WindowTable) -> WindowTable:
+    """Benign time of a host that runs something like the lab's I/O storm as routine (a nightly backup, say):
+    normal windows, then the storm's windows twice (so that the host's "normal" outweighs the lab's label)."""
+    storm = np.flatnonzero(lab.labels == "io_storm")
+    idx = np.concatenate([np.flatnonzero(lab.labels == NORMAL_STATE)[:200], storm, storm])
+    return WindowTable(lab.names, lab.timestamps[idx] + 86400.0, np.full(len(idx), NORMAL_STATE, dtype=object),
+                       lab.values[idx].copy())
+
+
 def half(table: WindowTable, start: int) -> WindowTable:
     return WindowTable(table.names, table.timestamps[start::2], table.labels[start::2], table.values[start::2])
 
@@ -67,7 +76,17 @@ def test_adapting_makes_the_hosts_benign_time_normal_and_says_what_it_weakened(l
     for state in ("exec_storm", "file_open_storm"):
         before, after, total = result.incidents[state]
         assert before == after == total, (state, result.incidents[state])
-    assert "io_storm" in result.weakened and set(result.weakened) == {"io_storm"}
+    assert result.weakened == {}, result.incidents  # this host's failing calls overlap no lab incident
+
+
+def test_adapting_to_a_host_whose_normal_looks_like_an_incident_says_so(lab, tmp_path) -> None:
+    """A host whose benign time includes windows like the lab's I/O storm (a backup job, say): after adapting,
+    the model calls those normal, and the result names io_storm as weakened, with its recall before and after."""
+    bundled = load_model(BUNDLED_MODEL_DIR / "core.onnx", None, bundled=True)
+    result = adapt.adapt(bundled, lab, storm_host(lab), tmp_path / "adapted.onnx", say=lambda line: None)
+    assert set(result.weakened) == {"io_storm"}, result.incidents
+    before, after, total = result.weakened["io_storm"]
+    assert after < before <= total
 
 
 def test_the_network_model_keeps_declaring_its_flood_states(lab, tmp_path) -> None:
@@ -75,7 +94,9 @@ def test_the_network_model_keeps_declaring_its_flood_states(lab, tmp_path) -> No
     host = half(failing_host(lab), 0)
     result = adapt.adapt(bundled, lab, host, tmp_path / "adapted.onnx", say=lambda line: None)
     assert result.model.attack_states == {"syn_flood", "udp_flood", "random_source_flood"}
-    assert all(after == total for _, after, total in (result.incidents[s] for s in result.model.attack_states))
+    # attack recall does not drop (the shipped recording's udp_flood ends 7 windows early, called normal by both)
+    assert all(after >= before for before, after, _ in (result.incidents[s] for s in result.model.attack_states)), \
+        result.incidents
 
 
 def lab_cli(*args: str) -> subprocess.CompletedProcess:
@@ -87,7 +108,7 @@ def test_the_command_adapts_from_recorded_windows(lab, tmp_path) -> None:
     """A host recorded with the three core probes only: the command adapts core.onnx (the model the agent would
     serve with them) and warns about the incident it now separates worse."""
     recorded = tmp_path / "host.csv"
-    host = half(failing_host(lab), 0)
+    host = storm_host(lab)
     core = [n for n in host.names if n.split(".", 1)[0] in rebuild.CORE_PROBES]
     columns = [host.names.index(n) for n in core]
     write_windows(recorded, core, ((t, NORMAL_STATE, dict(zip(core, row[columns])))
@@ -96,7 +117,7 @@ def test_the_command_adapts_from_recorded_windows(lab, tmp_path) -> None:
     done = lab_cli("--host-windows", str(recorded), "-o", str(out))
     assert done.returncode == 0, done.stderr
     assert out.is_file() and "training core.onnx's recipe" in done.stdout, done.stdout
-    assert "the adapted model 0 (in-sample)" in done.stdout, done.stdout
+    assert "of 270 host windows not normal; the adapted model 0 (in-sample)" in done.stdout, done.stdout
     assert "warning: io_storm is called normal more often now" in done.stdout, done.stdout
     assert load_model(out, core).feature_names == tuple(core)
 

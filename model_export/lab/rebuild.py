@@ -191,7 +191,7 @@ def rebuild(args: argparse.Namespace) -> int:
     say = lambda line: print(f"make model: {line}", file=sys.stderr, flush=True)  # noqa: E731
 
     if args.windows:
-        windows = Path(args.windows)
+        windows = plain_recording(Path(args.windows))
     else:
         windows = BUILD / "windows.csv"
         plan = [(name, seconds * args.scale) for name, seconds in TRAINING_PLAN]
@@ -219,6 +219,20 @@ def rebuild(args: argparse.Namespace) -> int:
         ship_windows(windows)
         say(f"the recording is shipped as {SHIPPED_WINDOWS} (otel-ebpf-lab adapt trains on it)")
     return 0
+
+
+def plain_recording(windows: Path) -> Path:
+    """A compressed recording (``.csv.gz``, as shipped) decompressed into the build directory: the models' training
+    facts name the file they were trained on by its sha256, which must be the shipped recording's decompressed
+    content, and :func:`ship_windows` compresses what it is given (a ``.gz`` would be compressed twice)."""
+    if windows.suffix != ".gz":
+        return windows
+    import gzip
+    import shutil
+    plain = BUILD / windows.name.removesuffix(".gz")
+    with gzip.open(windows, "rb") as src, open(plain, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return plain
 
 
 def ship_windows(windows: Path) -> None:
