@@ -12,7 +12,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 # --quick: the fewest rounds that still give a median (bench_probes: no nginx pairs, which take minutes).
 QUICK = {"bench_syscalls.py": ["--rounds", "3"], "bench_probes.py": ["--rounds", "3", "--pairs", "0"]}
-BENCHES = ["bench_syscalls.py", "bench_probes.py", "bench_window.py", "bench_inference.py", "bench_debounce.py",
+BENCHES = ["bench_syscalls.py", "bench_probes.py", "profile_nginx.py", "bench_window.py", "bench_inference.py", "bench_debounce.py",
            "bench_xdp.py"]
 
 

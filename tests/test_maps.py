@@ -162,7 +162,8 @@ def top_path_rate(reading, path: str) -> float:
 def test_drained_paths_count_each_window_exactly_and_a_full_map_counts_evictions():
     from otel_ebpf_receiver.assembly import load_probes
 
-    (probe,) = load_probes(["file_open"], {"file_open": {"max_paths": 64}}, print)
+    # path_sample_shift 0: every path counted, so each window's count is exact at any rate (sampling: test_probes_bpf)
+    (probe,) = load_probes(["file_open"], {"file_open": {"max_paths": 64, "path_sample_shift": 0}}, print)
     try:
         with tempfile.TemporaryDirectory(prefix="otel-ebpf-drain-") as tmp:
             target = os.path.join(tmp, "target")

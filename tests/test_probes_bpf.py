@@ -27,7 +27,10 @@ CLOSE_EBADF = {"otel_ebpf_receiver.syscall.name": "close", "error.type": "EBADF"
 def agent():
     lines: list[str] = []
     reader = InMemoryMetricReader()
-    agent = build_agent(Config(probes=["syscalls", "file_open", "exec"], exporter="none", live="off"),
+    # Paths counted exactly at any rate (path_sample_shift 0), so the path counts below are exact; the default,
+    # sampled beyond a rate, has its own test.
+    agent = build_agent(Config(probes=["syscalls", "file_open", "exec"], exporter="none", live="off",
+                               probe_settings={"file_open": {"path_sample_shift": 0}}),
                         classify=False, metric_readers=[reader], say=lines.append)
     assert [p.name for p in agent.probes] == ["syscalls", "file_open", "exec"], lines
     agent.reader = reader
@@ -55,6 +58,31 @@ def test_file_open_counts_a_known_number_of_opens_per_process(agent):
         rate = agent.last_window.values["file_open.top_path_rate_log1p"]
         ncpu = os.cpu_count() or 1
         assert math.log1p(1000 / ncpu) <= rate <= math.log1p(1001 / ncpu) + 1e-9, rate
+
+
+def test_sampled_paths_weigh_what_they_stand_for_and_the_per_process_counts_stay_exact():
+    """Every path sampled (none exact per jiffy), 1 in 8 at random: each counted open weighs 8, so the path's
+    count is a multiple of 8 near the true one (relative standard error sqrt(8 / 20,000) = 2 %; the bound is 7
+    of them), while the per-process-name count stays exact."""
+    reader = InMemoryMetricReader()
+    agent = build_agent(Config(probes=["file_open"], exporter="none", live="off",
+                               probe_settings={"file_open": {"path_sample_shift": 3, "paths_exact_per_tick": 0}}),
+                        classify=False, metric_readers=[reader], say=print)
+    try:
+        assert "then 1 in 8" in agent.probes[0].mode, agent.probes[0].mode
+        agent.step(1.0)
+        comm = unique_name("fs")
+        with tempfile.NamedTemporaryFile(prefix="otel-ebpf-test-") as target:
+            open_file_n_times(comm, target.name, 20000)
+            agent.step(1.0)
+            opens = metric_sum(reader, "otel_ebpf_receiver.file_opens", {"process.executable.name": comm})
+            assert 20000 <= opens <= 20005
+            top_paths = {p.attributes["file.path"]: p.value for n, p in data_points(reader)
+                         if n == "otel_ebpf_receiver.file_opens.top_path.rate"}
+            counted = top_paths.get(target.name, 0)
+            assert counted % 8 == 0 and abs(counted - 20000) <= 0.14 * 20000, top_paths
+    finally:
+        agent.close()
 
 
 def test_file_open_counts_failed_opens(agent):

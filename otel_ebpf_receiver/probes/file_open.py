@@ -6,6 +6,11 @@ name stay cumulative in their per-CPU hash (exact counts) and are compared by ke
 drained each window (a top-N view: an increment racing with the drain may be lost), so the read holds only the
 paths opened this window instead of every path the LRU map still remembers. Only the names that moved and the top
 paths become Python objects.
+
+Cost (README, "Probe cost"): the per-name counts are exact; the paths are counted exactly up to
+``paths_exact_per_tick`` successful opens per CPU per jiffy, and beyond that 1 in 2^``path_sample_shift`` at random,
+weighing 2^k (the kernel applies the weight, so the map reads as before): a web server opening a file per request
+pays the path copy and its hash for one request in eight, and its top paths are unbiased estimates.
 """
 
 from __future__ import annotations
@@ -43,7 +48,10 @@ class FileOpenProbe(Probe):
     )
 
     # force_tracepoint: the classic openat/open/openat2 tracepoints even where the syscall hub works.
-    defaults = {"top_paths": 5, "max_paths": 4096, "force_tracepoint": False}
+    # path_sample_shift: beyond paths_exact_per_tick successful opens per CPU per jiffy, count 1 path in 2^k
+    # (0: count every one).
+    defaults = {"top_paths": 5, "max_paths": 4096, "force_tracepoint": False, "path_sample_shift": 3,
+                "paths_exact_per_tick": 16}
     maps = {"comm_counts": MapContract(key={"comm": None}, value={"opens": U64, "failed": U64}),
             "path_counts": MapContract(key={"path": None}, value=U64),
             "stats": MapContract(value=U64)}
@@ -54,6 +62,7 @@ class FileOpenProbe(Probe):
         super().__init__(settings)
         self.top_n = self.settings["top_paths"]
         self.max_paths = self.settings["max_paths"]
+        self.sample_shift = min(max(int(self.settings["path_sample_shift"]), 0), 16)
         self._comms = KeyedDeltas()  # (opens, failed) per process name, cumulative in the kernel
         self._attrs: dict[bytes, dict[str, str]] = {}  # comm -> attributes
         self._drained = 0  # path_counts entries drained since load (evictions = inserted - drained)
@@ -61,7 +70,8 @@ class FileOpenProbe(Probe):
         self._ncpu = os.cpu_count() or 1
 
     def cflags(self) -> list[str]:
-        flags = [f"-DMAX_PATHS={self.max_paths}"]
+        flags = [f"-DMAX_PATHS={self.max_paths}", f"-DPATH_SAMPLE_SHIFT={self.sample_shift}",
+                 f"-DPATHS_EXACT_PER_TICK={int(self.settings['paths_exact_per_tick'])}"]
         for define, syscall in OPTIONAL_HOOKS.items():
             if hook_exists(Hook(f"syscalls:sys_enter_{syscall}")) and hook_exists(Hook(f"syscalls:sys_exit_{syscall}")):
                 flags.append(f"-D{define}")
@@ -75,6 +85,9 @@ class FileOpenProbe(Probe):
         if self.hub is None:
             self.mode = "tracepoint (" + ", ".join(
                 ["openat"] + [s for d, s in OPTIONAL_HOOKS.items() if f"-D{d}" in self.cflags()]) + ")"
+        if self.sample_shift:
+            self.mode += (f", paths counted exactly up to {self.settings['paths_exact_per_tick']}/CPU/jiffy, "
+                          f"then 1 in {1 << self.sample_shift}")
 
     def read(self, seconds: float) -> Reading:
         reading = Reading()
