@@ -71,7 +71,7 @@ class FileOpenProbe(Probe):
 
     def cflags(self) -> list[str]:
         flags = [f"-DMAX_PATHS={self.max_paths}", f"-DPATH_SAMPLE_SHIFT={self.sample_shift}",
-                 f"-DPATHS_EXACT_PER_TICK={int(self.settings['paths_exact_per_tick'])}"]
+                 f"-DPATHS_EXACT_PER_TICK={max(int(self.settings['paths_exact_per_tick']), 0)}"]
         for define, syscall in OPTIONAL_HOOKS.items():
             if hook_exists(Hook(f"syscalls:sys_enter_{syscall}")) and hook_exists(Hook(f"syscalls:sys_exit_{syscall}")):
                 flags.append(f"-D{define}")
