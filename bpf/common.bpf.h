@@ -36,6 +36,26 @@ static __always_inline u32 latency_slot(u64 ns) {
     return slot < LATENCY_SLOTS ? slot : LATENCY_SLOTS - 1;
 }
 
+// ---- sampling where there is plenty to sample ----------------------------------------------------------------------
+// On each CPU the first `exact` events of a jiffy are all taken; beyond that one in 2^shift, at random (a periodic
+// pattern, such as a ping-pong waking A, B, A, B or a server alternating two files, would otherwise take the same
+// one every time). *tick and *taken are the caller's per-CPU state. Returns the log2 of the event's weight (0: taken
+// exactly), or -1 when it is not taken. sched times its waits this way, file_open counts its paths.
+static __always_inline int sample_log2_weight(u64 *tick, u64 *taken, u64 exact, u32 shift) {
+    u64 now = bpf_jiffies64();
+    if (now != *tick) {
+        *tick = now;
+        *taken = 0;
+    }
+    if (*taken < exact) {
+        (*taken)++;
+        return 0;
+    }
+    if (bpf_get_prandom_u32() & ((1U << shift) - 1))
+        return -1;
+    return shift;
+}
+
 #endif  // OTEL_EBPF_COMMON_BPF_H
 
 // ---- per program part, outside the include guard --------------------------------------------------------------

@@ -9,9 +9,9 @@
 // Reading and hashing the path is half of what an open costs here (measured: ~165 of ~310 ns per open, a user-memory
 // string copy and a 128-byte key hashed into a map all CPUs share), and a web server opens a file per request. So paths are sampled where there is plenty to sample, as sched times its waits (PATH_SAMPLE_SHIFT =
 // k > 0): on each CPU the first PATHS_EXACT_PER_TICK successful opens of a jiffy all count their path; beyond that
-// one in 2^k, at random, counts 2^k times. A quiet host's paths stay exact; a busy one's top paths are unbiased
-// estimates (relative standard error about sqrt(2^k / opens): ~1 % at 80,000 opens of one path). Random, not every
-// 2^k-th: a server alternating two files would otherwise always count the same one.
+// one in 2^k, at random, counts 2^k times (sample_log2_weight, common.bpf.h). A quiet host's paths stay exact; a busy
+// one's top paths are unbiased estimates (relative standard error about sqrt(2^k / opens): ~1 % at 80,000 opens of
+// one path).
 #include <linux/sched.h>
 
 #include "common.bpf.h"
@@ -35,7 +35,6 @@
 #ifndef PATHS_EXACT_PER_TICK
 #define PATHS_EXACT_PER_TICK 16
 #endif
-#define PATH_SAMPLE_MASK ((1U << PATH_SAMPLE_SHIFT) - 1)
 
 struct comm_key {
     char comm[TASK_COMM_LEN];
@@ -87,18 +86,10 @@ static __always_inline int count_open(const char *path, long ret) {
         return 0;
     u64 weight = 1;
     if (PATH_SAMPLE_SHIFT) {
-        u64 tick = bpf_jiffies64();
-        if (tick != scratch->tick) {
-            scratch->tick = tick;
-            scratch->counted = 0;
-        }
-        if (scratch->counted < PATHS_EXACT_PER_TICK) {
-            scratch->counted++;
-        } else {
-            if (bpf_get_prandom_u32() & PATH_SAMPLE_MASK)
-                return 0;
-            weight = 1ULL << PATH_SAMPLE_SHIFT;
-        }
+        int sampled = sample_log2_weight(&scratch->tick, &scratch->counted, PATHS_EXACT_PER_TICK, PATH_SAMPLE_SHIFT);
+        if (sampled < 0)
+            return 0;
+        weight = 1ULL << sampled;
     }
     struct path_key *pk = &scratch->key;
     __builtin_memset(pk->path, 0, sizeof(pk->path));

@@ -31,7 +31,6 @@
 #ifndef EXACT_PER_TICK
 #define EXACT_PER_TICK 8
 #endif
-#define SAMPLE_MASK ((1ULL << LATENCY_SAMPLE_SHIFT) - 1)
 #define WEIGHT_BIT 60  // queued_at values: the weight's log2 above bit 60, ns below (36 years of uptime)
 #define STAMP_MASK ((1ULL << WEIGHT_BIT) - 1)
 // Classic tracepoint only: prev_state as the tracepoint reports it, the task state bits below TASK_REPORT_MAX plus
@@ -88,18 +87,10 @@ static __always_inline struct sched_stats *this_cpu(void) {
 static __always_inline void enqueue(struct sched_stats *s, u64 key) {
     u64 weight_log2 = 0;
     if (LATENCY_SAMPLE_SHIFT) {
-        u64 tick = bpf_jiffies64();
-        if (tick != s->tick) {
-            s->tick = tick;
-            s->timed = 0;
-        }
-        if (s->timed < EXACT_PER_TICK) {
-            s->timed++;
-        } else {
-            if (bpf_get_prandom_u32() & SAMPLE_MASK)
-                return;
-            weight_log2 = LATENCY_SAMPLE_SHIFT;
-        }
+        int sampled = sample_log2_weight(&s->tick, &s->timed, EXACT_PER_TICK, LATENCY_SAMPLE_SHIFT);
+        if (sampled < 0)
+            return;
+        weight_log2 = sampled;
     }
     u64 stamp = bpf_ktime_get_ns() | (weight_log2 << WEIGHT_BIT);
     u64 *queued = queued_at.lookup(&key);
