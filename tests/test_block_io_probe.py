@@ -81,6 +81,29 @@ def test_direct_reads_of_a_known_size_are_counted(agent, loop_device):
     assert 0 < await_us <= math.expm1(features["block_io.latency_p99_log1p_us"]) * 2
 
 
+def test_sustained_read_await_is_the_smallest_of_three_windows(agent, loop_device):
+    """Reads in three windows in a row: the sustained feature is the smallest of their three means, then a fresh
+    probe (no history) says 0 until it has three windows."""
+    awaits = []
+    for _ in range(3):
+        dd(f"if={loop_device}", "of=/dev/null", "bs=4k", "count=300", "iflag=direct")
+        agent.step(1.0)
+        awaits.append(agent.last_window.values["block_io.read_await_log1p_us"])
+    assert min(awaits) > 0  # our reads were in every window
+    assert agent.last_window.values["block_io.read_await_sustained_log1p_us"] == min(awaits)
+
+    fresh = make_agent(BlockIoProbe({"include_queue_time": True}))
+    try:
+        for _ in range(2):
+            dd(f"if={loop_device}", "of=/dev/null", "bs=4k", "count=300", "iflag=direct")
+            fresh.step(1.0)
+            assert fresh.last_window.values["block_io.read_await_log1p_us"] > 0
+            assert fresh.last_window.values["block_io.read_await_sustained_log1p_us"] == 0.0
+    finally:
+        fresh.close()
+    agent.step(1.0)  # the module's agent saw the fresh one's reads too: count them now, not in the next test
+
+
 def test_direct_writes_are_counted_per_direction(agent, loop_device):
     name = os.path.basename(loop_device)
     where = {"system.device": name, "disk.io.direction": "write"}
