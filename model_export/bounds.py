@@ -10,13 +10,22 @@ from otel_ebpf_receiver.model.novelty import FeatureBounds
 
 from .windows import WindowTable
 
+# A feature named ``..._rate_log1p`` is log1p of events per second (the probes' convention): its benign band is at
+# least one event a second wide on each side of a constant benign rate, before the margin. Without it a kind of
+# event benign training time never saw (a TCP retransmission timeout, an XDP drop) was novel at its first single
+# occurrence: measured on the 2026-12-02 plan recording, one timeout a second in 2 benign hold-out windows, beyond
+# the bound at every margin.
+EVENT_RATE_SUFFIX = "rate_log1p"
+EVENTS_FLOOR = 1.0
+
 
 def benign_bounds(table: WindowTable, margin: float, percentiles: tuple[float, float] = (0.0, 100.0),
                    floor: float = 0.0) -> FeatureBounds:
     """The benign range of each feature (runtime contract, "Novelty"): between ``percentiles`` of the windows
     labelled ``normal``, widened on each side by ``margin`` times that range's width — the width floored at
-    ``floor`` (in the feature's unit) and at a float32-safe minimum, so a feature constant in benign time gets a
-    band, not a point. Raises ValueError without normal windows."""
+    ``floor`` (in the feature's unit), for event rates at two log1p(:data:`EVENTS_FLOOR`), and at a float32-safe
+    minimum, so a feature constant in benign time gets a band, not a point. Raises ValueError without normal
+    windows."""
     benign = table.values[np.asarray(table.labels, dtype=object) == NORMAL_STATE]
     if not len(benign):
         raise ValueError(f"no window labelled {NORMAL_STATE!r}: benign bounds need benign time")
@@ -27,6 +36,8 @@ def benign_bounds(table: WindowTable, margin: float, percentiles: tuple[float, f
     # float32 resolution at the value's size: the runtime sees float32 windows, and a benign training window must
     # not round past its own bound (nor may the two bounds round onto each other)
     resolution = np.maximum(np.maximum(abs(low), abs(high)) * 1e-5, 1e-6)
-    width = np.maximum(np.maximum(span, max(floor, 0.0)), resolution)
+    floors = np.array([max(floor, 2 * np.log1p(EVENTS_FLOOR)) if name.endswith(EVENT_RATE_SUFFIX) else max(floor, 0.0)
+                       for name in table.names])
+    width = np.maximum(np.maximum(span, floors), resolution)
     pad = (width - span) / 2 + margin * width + resolution
     return FeatureBounds(low - pad, high + pad)

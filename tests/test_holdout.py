@@ -13,7 +13,7 @@ import pytest
 
 from model_export import train as tr
 from model_export.baseline import TwoMeansBaseline, lagged, preprocess
-from model_export.lab import holdout
+from model_export.lab import holdout, holdout_table
 from model_export.lab.cli import main as lab_main
 from model_export.synthetic import make_windows
 from model_export.windows import WindowTable, WindowWriter
@@ -171,6 +171,26 @@ def test_debounced_alarms_count_like_the_agent() -> None:
                                     np.array([0, 0, 1, 1])) == 0
 
 
+def test_the_margin_is_the_smallest_that_clears_what_a_margin_can_clear() -> None:
+    assert holdout.chosen_margin({0.0: 8, 0.5: 0, 1.0: 0}, base=0) == 0.5
+    # two windows beyond their bound at every margin: the margin stops where widening stops helping
+    assert holdout.chosen_margin({0.0: 8, 0.25: 3, 0.5: 2, 1.0: 2, 4.0: 2}, base=0) == 0.5
+    assert holdout.chosen_margin({0.0: 4, 0.5: 3, 1.0: 1}, base=1) == 1.0   # the distance alone flags one
+
+
+def test_reported_states_are_debounced_per_run_like_the_agent() -> None:
+    states = np.array(["normal", "unknown", "normal", "syn_flood", "syn_flood", "normal", "normal", "normal",
+                       "unknown", "unknown"], dtype=object)
+    runs = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    out = holdout.reported(states, runs, np.ones(len(states), dtype=bool))
+    # one window is noise; two in a row enter; three normal windows to leave; a new run starts from normal
+    assert out.tolist() == ["normal", "normal", "normal", "normal", "syn_flood", "syn_flood", "syn_flood",
+                            "normal", "normal", "unknown"]
+    # windows outside the mask keep their state and do not count towards the debounce
+    masked = np.array([True, False, True, True, True, True, True, True, True, True])
+    assert holdout.reported(states, runs, masked)[1] == "unknown"
+
+
 def test_held_out_evaluation_end_to_end(tmp_path: Path) -> None:
     main = write(tmp_path / "main.csv", recording())
     split = holdout.load_split(str(main))
@@ -183,20 +203,28 @@ def test_held_out_evaluation_end_to_end(tmp_path: Path) -> None:
         row = result["families"][family]
         assert row["in_sample_named_distance"] > 0.9 and row["held_out_novelty"] > 0.9
     assert result["benign"]["hold-out of the main recording (calibration)"]["windows"] == split.held_benign.sum()
-    text = holdout.markdown(result, "main.csv")
+    text = holdout_table.markdown(result, "main.csv")
     assert "| subtle | 120 |" in text and "bundled network.onnx" in text
     # the baseline side by side: per family, overall, and on benign time
     header = next(line for line in text.splitlines() if line.startswith("| family |"))
-    assert "held-out not normal (+novelty) | baseline not normal |" in header and "F1 baseline" in header
+    assert ("held-out not normal (+novelty) | held-out not normal (reported) | baseline not normal |" in header
+            and "F1 baseline" in header)
     assert "| two-means baseline | 360 |" in text and "| product: model + novelty check | 360 |" in text
-    assert "baseline raw all / worst" in text and "at precision >= 0.99: **" in text
+    assert "| product as the agent reports it (debounced) | 360 |" in text
+    assert "baseline raw all / worst" in text and "at precision >= 0.99, as reported: **" in text
     assert "window flagged at >= 1 % of the features (>= 1 of 40)" in text
     base = result["overall"]["baseline"]
     assert base["tp"] == sum(round(r["held_out_baseline"] * r["windows"]) for r in result["families"].values())
     assert base["negatives"] == 3 * split.held_benign.sum() and result["baseline"]["fits"] == 1
     assert result["families"]["subtle"]["held_out_baseline"] > 0.9   # 3 features moved a benign range: bits
-    product = result["overall"]["novelty"]
-    assert result["beats_baseline"] == (product["precision"] >= 0.99 and product["f1"] > base["f1"])
+    best_base = max(base["f1"], result["overall"]["baseline_reported"]["f1"])
+    for view in ("novelty", "reported"):
+        product = result["overall"][view]
+        assert result["beats_baseline"][view] == (product["precision"] >= 0.99 and product["f1"] > best_base)
+    # as reported: the debounce drops each incident run's first window, and nothing is found that was not flagged
+    for family in ("exec_storm", "file_open_storm", "subtle"):
+        row = result["families"][family]
+        assert row["held_out_novelty"] - 1.5 / row["windows"] <= row["held_out_reported"] <= row["held_out_novelty"]
     assert result["families"]["exec_storm"]["bundled_named"] > 0.9   # a model trained on it, scored beside
 
 

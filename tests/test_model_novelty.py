@@ -6,6 +6,7 @@ Synthetic data, no root."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,18 @@ def test_a_constant_benign_feature_gets_a_band_not_a_point() -> None:
     bounds = benign_bounds(table, margin=0.0, floor=0.1)
     assert bounds.low[1] < 5.0 < bounds.high[1] and bounds.high[1] - bounds.low[1] == pytest.approx(0.1, abs=1e-3)
     FeatureBounds.from_json(bounds.to_json(), 2)   # what the exporter writes, the runtime accepts
+
+
+def test_an_event_rate_never_seen_in_benign_time_allows_one_event_a_second() -> None:
+    """A rate benign time never saw (0 throughout): one event a second is not novel, a burst is; a constant
+    feature that is not a rate keeps the plain floor."""
+    table = make_windows(("tcp.timeouts_rate_log1p", "a.share"), ("normal",), per_state=20, seed=0)
+    table.values[:, :] = 0.0
+    bounds = benign_bounds(table, margin=0.0, floor=0.1)
+    once, burst = math.log1p(1.0), math.log1p(50.0)
+    assert not bounds.excess(np.array([once, 0.0])).any()
+    assert bounds.excess(np.array([burst, 0.0]))[0] > 0
+    assert bounds.high[1] == pytest.approx(0.05, abs=1e-3)
 
 
 def test_bounds_need_benign_windows() -> None:

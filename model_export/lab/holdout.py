@@ -29,7 +29,9 @@ fold's benign training windows — the very windows the fold's model has as ``no
 windows. Per family, F1 counts the family's windows as positives and the benign hold-out as negatives; overall,
 every fold's family windows are positives and every fold's verdicts on the benign hold-out are negatives (each
 fold is one model, so the benign hold-out counts once per fold, for the product and the baseline alike). The
-product is the model with its novelty check (``+novelty``), as the bundled models ship.
+product is the model with its novelty check (``+novelty``), as the bundled models ship; it is scored per window
+as the model gives it and as the agent reports it (``reported``: through the agent's debounce, what every data point
+carries), and the baseline likewise (its flags debounced the same way).
 The bundled ``network.onnx`` is scored beside (``--no-bundled``: not): it was trained on another recording of the
 same plan, so its column says how the shipped model does on a new recording of scenarios it knows.
 """
@@ -59,6 +61,8 @@ from ..baseline import TwoMeansBaseline
 from ..bounds import benign_bounds
 from ..windows import WindowTable, read_windows
 from . import rebuild
+from .holdout_table import (BASELINE, BASELINE_REPORTED, DETECTORS, PRECISION_BAR, PRODUCT, REPORTED, VARIANTS,
+                            markdown)
 
 BENIGN_TAIL = 0.25
 MARGINS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
@@ -152,6 +156,18 @@ def debounced_alarms(states: np.ndarray, runs: np.ndarray) -> int:
     return alarms
 
 
+def reported(states: np.ndarray, runs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per window, the state the agent reports on every data point (``system.state``): the model's states
+    through the agent's debounce, the windows of ``mask`` of each run in time order, each run from ``normal``.
+    Windows outside ``mask`` keep their state."""
+    out = states.copy()
+    for run in np.unique(runs[mask]):
+        where = np.flatnonzero(mask & (runs == run))
+        debouncer = StateDebouncer(ENTER_WINDOWS, EXIT_WINDOWS, baseline=BASELINE_STATES, initial=NORMAL_STATE)
+        out[where] = [debouncer.update(state).state for state in states[where]]
+    return out
+
+
 def train(split: Split, family: str | None, workdir: Path, say: Callable[[str], None]) -> tuple[tr.Trained, StateModel]:
     """network.onnx's recipe (model_export.lab.rebuild) on the training rows with ``family`` held out, exported
     without benign bounds and loaded by the runtime's loader."""
@@ -178,7 +194,9 @@ def bounded(trained: tr.Trained, split: Split, margin: float, path: Path) -> Sta
 
 def calibrate(split: Split, model: StateModel, say: Callable[[str], None]) -> float:
     """The smallest margin of MARGINS with which ``model`` (trained on every family) flags no more benign hold-out
-    windows of the main recording than its distance alone does (the runtime's own bounds arithmetic)."""
+    windows of the main recording than its distance alone does (the runtime's own bounds arithmetic), or than the
+    widest margin does: a window beyond its bound at every margin is not the margin's to clear, and chasing it
+    widened every bound to the widest (measured: held-out recall of three families 1.00 -> 0.5-0.6)."""
     values = split.table.values[split.held_benign]
     verdicts = [model.predict_vector(values[i:i + 1].astype(np.float32)) for i in range(len(values))]
     states = np.array([v.state for v in verdicts], dtype=object)
@@ -186,15 +204,22 @@ def calibrate(split: Split, model: StateModel, say: Callable[[str], None]) -> fl
     base = int(np.sum(states != NORMAL_STATE))
     training = rebuild.select(rows(split.table, split.training(None)), list(model.feature_names), set())
     floor = rebuild.recipe(1, UNKNOWN_ABOVE).scale_floor
+    flagged = {}
     for margin in MARGINS:
         bounds = benign_bounds(training, margin, floor=floor)
         beyond = np.abs(bounds.excess(values.astype(np.float32))).max(axis=1) > 0
-        flagged = int(np.sum((states != NORMAL_STATE) | ((near == NORMAL_STATE) & beyond)))
-        say(f"margin {margin:g}: {flagged} of {len(values)} benign hold-out windows not normal "
+        flagged[margin] = int(np.sum((states != NORMAL_STATE) | ((near == NORMAL_STATE) & beyond)))
+        say(f"margin {margin:g}: {flagged[margin]} of {len(values)} benign hold-out windows not normal "
             f"(distance alone: {base})")
-        if flagged <= base:
-            return margin
-    return MARGINS[-1]
+    return chosen_margin(flagged, base)
+
+
+def chosen_margin(flagged: dict[float, int], base: int) -> float:
+    """Of the margins tried (ascending), the smallest flagging no more windows than the distance alone (``base``)
+    or than the widest margin: windows beyond a bound at every margin are left to be counted, not chased."""
+    margins = sorted(flagged)
+    enough = max(base, flagged[margins[-1]])
+    return next(margin for margin in margins if flagged[margin] <= enough)
 
 
 def f1(tp: int, fp: int, positives: int) -> tuple[float, float]:
@@ -202,12 +227,6 @@ def f1(tp: int, fp: int, positives: int) -> tuple[float, float]:
     recall = tp / positives if positives else float("nan")
     f = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return precision, f
-
-
-VARIANTS = ("distance", "novelty")
-PRODUCT = "novelty"     # the model as the bundled ones ship: distance and novelty check
-BASELINE = "baseline"
-PRECISION_BAR = 0.99    # issue 13: the product beats the baseline in F1 on the held-out families at this precision
 
 
 def fold_baseline(split: Split, family: str | None, names: Sequence[str], template: TwoMeansBaseline,
@@ -269,6 +288,8 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
                 out[mask] = score(model, table.values[mask])
                 states[family][variant] = out
             states[family][BASELINE], fitted = fold_baseline(split, family, trained.feature_names, template, fits)
+            states[family][REPORTED] = reported(states[family][PRODUCT], split.runs, mask)
+            states[family][BASELINE_REPORTED] = reported(states[family][BASELINE], split.runs, mask)
     if reference is not None:   # the bundled model: trained on another recording of the same plan
         columns = [list(table.names).index(n) for n in reference.feature_names]
         states["bundled"] = {variant: score(reference, table.values[:, columns]) for variant in VARIANTS}
@@ -283,7 +304,7 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
             inside = states[None][variant][positive]
             row[f"in_sample_not_normal_{variant}"] = float(np.mean(inside != NORMAL_STATE))
             row[f"in_sample_named_{variant}"] = float(np.mean(inside == family))
-        for variant in (*VARIANTS, BASELINE):
+        for variant in DETECTORS:
             held = states[family][variant]
             tp, fp = int(np.sum(held[positive] != NORMAL_STATE)), int(np.sum(held[benign] != NORMAL_STATE))
             precision, f = f1(tp, fp, int(positive.sum()))
@@ -293,9 +314,13 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
             row["bundled_not_normal"] = float(np.mean(states["bundled"]["distance"][positive] != NORMAL_STATE))
             row["bundled_named"] = float(np.mean(states["bundled"]["distance"][positive] == family))
         result["families"][family] = row
-    result["overall"] = {detector: overall(states, split, detector) for detector in (*VARIANTS, BASELINE)}
-    product, base = result["overall"][PRODUCT], result["overall"][BASELINE]
-    result["beats_baseline"] = bool(product["precision"] >= PRECISION_BAR and product["f1"] > base["f1"])
+    result["overall"] = {detector: overall(states, split, detector) for detector in DETECTORS}
+    # per view (each window's verdict as the model gives it; as the agent reports it), against the baseline's
+    # better F1 of its two views
+    base_f1 = max(result["overall"][b]["f1"] for b in (BASELINE, BASELINE_REPORTED))
+    result["beats_baseline"] = {view: bool(result["overall"][view]["precision"] >= PRECISION_BAR
+                                           and result["overall"][view]["f1"] > base_f1)
+                                for view in (PRODUCT, REPORTED)}
     for name, mask in (("hold-out of the main recording (calibration)", split.held_benign),
                        ("--benign recordings (independent)", split.extra_benign)):
         if not mask.any():
@@ -318,80 +343,6 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
                                 "debounced_per_hour": debounced_alarms(bundled, split.runs[mask]) / hours}
         result["benign"][name] = entry
     return result
-
-
-def describe_baseline(b: dict) -> str:
-    extra = "".join([f", differenced {b['diff']}x" if b["diff"] else "",
-                     f", smoothed over {b['smooth']}" if b["smooth"] > 1 else ""])
-    return (f"per-feature two-means baseline: {b['features']} features, each over its value and {b['lags']} lags"
-            f"{extra}; bit beyond the p{b['percentile']:g} of its training distances; window flagged at >= "
-            f"{100 * b['rate']:g} % of the features (>= {b['min_features']} of {b['features']})")
-
-
-def markdown(result: dict, source: str) -> str:
-    pct = lambda v: f"{v:.2f}"  # noqa: E731
-    lines = [
-        f"Held-out detection on {source} (benign bounds margin {result['margin']:g}). Recall = share of the family's "
-        "windows the model does not call `normal`; held-out: by the model trained without that family; "
-        "in-sample: by the model trained with it. F1: the family's windows against the benign hold-out. "
-        f"Baseline: the {describe_baseline(result['baseline'])}, trained in each fold on that fold's benign "
-        "training windows.",
-        "",
-        "| family | windows | in-sample not normal | in-sample named | held-out not normal (distance) | "
-        "held-out not normal (+novelty) | baseline not normal | F1 distance | F1 +novelty | F1 baseline | "
-        "precision +novelty / baseline |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    fams = result["families"]
-    if result["reference"]:
-        lines[2] += " bundled network.onnx not normal / named |"
-        lines[3] += "---:|"
-    for family, r in fams.items():
-        extra = f" {pct(r['bundled_not_normal'])} / {pct(r['bundled_named'])} |" if result["reference"] else ""
-        lines.append(f"| {family} | {r['windows']} | {pct(r['in_sample_not_normal_novelty'])} | "
-                     f"{pct(r['in_sample_named_novelty'])} | {pct(r['held_out_distance'])} | "
-                     f"{pct(r['held_out_novelty'])} | {pct(r['held_out_baseline'])} | {pct(r['f1_distance'])} | "
-                     f"{pct(r['f1_novelty'])} | {pct(r['f1_baseline'])} | "
-                     f"{pct(r['precision_novelty'])} / {pct(r['precision_baseline'])} |" + extra)
-    mean = lambda key: sum(r[key] for r in fams.values()) / len(fams)  # noqa: E731
-    lines.append(f"| **mean** | | {pct(mean('in_sample_not_normal_novelty'))} | {pct(mean('in_sample_named_novelty'))} "
-                 f"| {pct(mean('held_out_distance'))} | {pct(mean('held_out_novelty'))} | "
-                 f"{pct(mean('held_out_baseline'))} | {pct(mean('f1_distance'))} | {pct(mean('f1_novelty'))} | "
-                 f"{pct(mean('f1_baseline'))} | |"
-                 + (f" {pct(mean('bundled_not_normal'))} / {pct(mean('bundled_named'))} |"
-                    if result["reference"] else ""))
-    lines += ["", "Overall, product vs baseline: every fold's held-out family windows are positives, every fold's "
-              "verdicts on the benign hold-out are negatives (so the benign hold-out counts once per fold).", "",
-              "| detector | positives | negatives | true positives | false positives | precision | recall | F1 |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for detector, name in (("distance", "model, distance alone"), (PRODUCT, "product: model + novelty check"),
-                           (BASELINE, "two-means baseline")):
-        o = result["overall"][detector]
-        lines.append(f"| {name} | {o['positives']} | {o['negatives']} | {o['tp']} | {o['fp']} | "
-                     f"{o['precision']:.3f} | {o['recall']:.3f} | {o['f1']:.3f} |")
-    product, base = result["overall"][PRODUCT], result["overall"][BASELINE]
-    lines += ["", f"Issue 13's bar, the product beats the baseline in F1 on the held-out families at precision >= "
-              f"{PRECISION_BAR:g}: **{'met' if result['beats_baseline'] else 'not met'}** (product F1 "
-              f"{product['f1']:.3f} at precision {product['precision']:.3f}; baseline F1 {base['f1']:.3f} at "
-              f"precision {base['precision']:.3f})."]
-    lines += ["", "Benign false alarms per hour (raw: windows not `normal`; debounced: state changes away from "
-              "`normal` after the agent's debounce). all: the model trained on every family; worst: the worst "
-              "of the leave-one-out models (for the baseline: of its fits, one per fold).", "",
-              "| benign | windows | minutes | distance raw all / worst | distance debounced all / worst | "
-              "+novelty raw all / worst | +novelty debounced all / worst | baseline raw all / worst | "
-              "baseline debounced all / worst |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    if result["reference"]:
-        lines[-2] += " bundled network.onnx raw / debounced |"
-        lines[-1] += "---:|"
-    for name, e in result["benign"].items():
-        cells = [f"{e[v]['raw_per_hour_all']:.0f} / {e[v]['raw_per_hour_worst']:.0f} | "
-                 f"{e[v]['debounced_per_hour_all']:.0f} / {e[v]['debounced_per_hour_worst']:.0f}"
-                 for v in (*VARIANTS, BASELINE)]
-        lines.append(f"| {name} | {e['windows']} | {e['minutes']:.1f} | {' | '.join(cells)} |"
-                     + (f" {e['bundled']['raw_per_hour']:.0f} / {e['bundled']['debounced_per_hour']:.0f} |"
-                        if result["reference"] else ""))
-    return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -81,7 +81,7 @@ CORE_PROBES = ("syscalls", "file_open", "exec")
 # Benign bounds per feature (novelty, otel_ebpf_receiver/model/novelty.py): the normal windows' range widened by this
 # many widths on each side — the smallest margin that raised no benign hold-out window beyond what the distance
 # alone raises, calibrated by `otel-ebpf-lab holdout` (README, "Held-out detection").
-BOUNDS_MARGIN = 1.0
+BOUNDS_MARGIN = 0.5
 
 
 def recipe(clusters: int, unknown_above: float) -> tr.TrainConfig:
