@@ -32,8 +32,9 @@ fold is one model, so the benign hold-out counts once per fold, for the product 
 product is the model with its novelty check (``+novelty``), as the bundled models ship; it is scored per window
 as the model gives it and as the agent reports it (``reported``: through the agent's debounce, what every data point
 carries), and the baseline likewise (its flags debounced the same way).
-The bundled ``network.onnx`` is scored beside (``--no-bundled``: not): it was trained on another recording of the
-same plan, so its column says how the shipped model does on a new recording of scenarios it knows.
+The bundled ``network.onnx`` is scored beside (``--no-bundled``: not): on the recording it was trained on (the
+shipped one, or the one ``make model`` just made) its column is in-sample; on another recording of the same plan it
+says how the shipped model does on scenarios it knows.
 """
 
 from __future__ import annotations
@@ -146,13 +147,11 @@ def nearest(model: StateModel, values: np.ndarray) -> np.ndarray:
 def debounced_alarms(states: np.ndarray, runs: np.ndarray) -> int:
     """State changes away from normal after the agent's debounce, each run of windows debounced on its own from
     ``normal`` (a benign run starts in a known-normal state)."""
+    shown = reported(states, runs, np.ones(len(states), dtype=bool))
     alarms = 0
     for run in np.unique(runs):
-        debouncer = StateDebouncer(ENTER_WINDOWS, EXIT_WINDOWS, baseline=BASELINE_STATES, initial=NORMAL_STATE)
-        for state in states[runs == run]:
-            step = debouncer.update(state)
-            if step.transition is not None and step.transition.to_state != NORMAL_STATE:
-                alarms += 1
+        sequence = [NORMAL_STATE, *shown[runs == run]]
+        alarms += sum(1 for before, after in zip(sequence, sequence[1:]) if after != before and after != NORMAL_STATE)
     return alarms
 
 
@@ -265,7 +264,7 @@ def overall(states: dict, split: Split, detector: str) -> dict:
 def evaluate(split: Split, margin: float | None = None, say: Callable[[str], None] = print,
              reference: StateModel | None = None, baseline: TwoMeansBaseline | None = None) -> dict:
     """Every number of the held-out table (see the module docstring). ``reference``: a model to score beside
-    (the bundled network.onnx: trained on another recording of the same plan); ``baseline``: the two-means
+    (the bundled network.onnx); ``baseline``: the two-means
     baseline's settings (default: issue 13's), fitted anew in every fold."""
     template = baseline if baseline is not None else TwoMeansBaseline()
     template.check()
@@ -290,7 +289,7 @@ def evaluate(split: Split, margin: float | None = None, say: Callable[[str], Non
             states[family][BASELINE], fitted = fold_baseline(split, family, trained.feature_names, template, fits)
             states[family][REPORTED] = reported(states[family][PRODUCT], split.runs, mask)
             states[family][BASELINE_REPORTED] = reported(states[family][BASELINE], split.runs, mask)
-    if reference is not None:   # the bundled model: trained on another recording of the same plan
+    if reference is not None:   # the bundled model, as it ships
         columns = [list(table.names).index(n) for n in reference.feature_names]
         states["bundled"] = {variant: score(reference, table.values[:, columns]) for variant in VARIANTS}
     result: dict = {"margin": margin, "families": {}, "benign": {}, "reference": reference is not None,
@@ -355,7 +354,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=float, help="benign bounds margin (default: calibrated, see above)")
     parser.add_argument("--markdown", metavar="FILE.md", help="also write the table here")
     parser.add_argument("--no-bundled", action="store_true",
-                        help="do not score the bundled network.onnx beside (it was trained on another recording)")
+                        help="do not score the bundled network.onnx beside")
     parser.add_argument("--baseline-rate", type=float, default=100 * BASELINE_SHARE, metavar="PCT",
                         help="two-means baseline: flag a window when at least PCT %% of the features have their "
                              "anomaly bit (default %(default)g, Netdata's host anomaly rate threshold)")
