@@ -126,7 +126,17 @@ def test_inflight_gauge_reports_the_device(agent, loop_device):
     inflight = [p.value for n, p in data_points(agent.reader)
                 if n == "otel_ebpf_receiver.disk.inflight" and p.attributes.get("system.device") == name]
     assert inflight and all(v >= 0 for v in inflight)
-    assert agent.last_window.values["block_io.inflight_log1p"] >= 0
+
+
+def test_queue_depth_is_the_windows_request_time_over_its_length(agent, loop_device):
+    """iostat's aqu-sz: the requests' time in the window (what system.disk.operation_time adds, every disk and
+    direction) divided by the window's length."""
+    time_before = metric_sum(agent.reader, "system.disk.operation_time", {})
+    dd(f"if={loop_device}", "of=/dev/null", "bs=4k", "count=300", "iflag=direct")
+    agent.step(2.0)
+    busy_seconds = metric_sum(agent.reader, "system.disk.operation_time", {}) - time_before
+    assert busy_seconds > 0
+    assert agent.last_window.values["block_io.queue_depth_log1p"] == pytest.approx(math.log1p(busy_seconds / 2.0))
 
 
 def test_a_missing_hook_gives_one_line():

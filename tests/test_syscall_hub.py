@@ -18,7 +18,7 @@ from otel_ebpf_receiver.kernel import bpfsys
 from otel_ebpf_receiver.kernel.maps import percpu_array_u64
 from otel_ebpf_receiver.probes.file_open import FileOpenProbe
 from otel_ebpf_receiver.probes.http import HttpProbe
-from otel_ebpf_receiver.probes.syscalls import SyscallsProbe
+from otel_ebpf_receiver.probes.syscalls import ERROR_SHARE_PRIOR_CALLS, SyscallsProbe
 from otel_ebpf_receiver.probes import syscall_hub
 
 from .helpers import PYTHON, RENAME_SELF, open_file_n_times, syscall_loop, unique_name
@@ -133,6 +133,11 @@ def test_openat_of_a_unique_path_and_getppid_are_counted_exactly(three):
     failed = sum(v for n, v, a in reading.counters if n == "otel_ebpf_receiver.syscalls.failed"
                  and a["otel_ebpf_receiver.syscall.name"] == "close" and a["error.type"] == "EBADF")
     assert 20_000 <= failed <= 20_000 + 200
+    # 20,000 failed closes among ~40,000 calls: the share, with the prior's clean calls a second assumed
+    calls = sum(v for n, v, a in reading.counters if n == "otel_ebpf_receiver.syscalls")
+    errors = sum(v for n, v, a in reading.counters if n == "otel_ebpf_receiver.syscalls.failed")
+    assert reading.features["syscalls.error_ratio"] == pytest.approx(errors / (calls + ERROR_SHARE_PRIOR_CALLS))
+    assert 0.3 < reading.features["syscalls.error_ratio"] < 0.5
 
 
 def test_http_requests_are_counted_exactly_by_method_and_status_with_all_three_probes():

@@ -82,7 +82,11 @@ class BlockIoProbe(Probe):
         # iostat's r_await: what a reader waits per request. A slowed volume shows here even when its reads are a
         # small share of all requests (the whole-disk percentiles above mix them with a fast disk's).
         Feature("block_io.read_await_log1p_us", "log1p(mean read request latency in microseconds, this interval)"),
-        Feature("block_io.inflight_log1p", "log1p(requests in flight, all disks, end of the interval)"),
+        # Time-averaged, not the gauge's end-of-interval snapshot: a healthy database's reads caught 11 deep at the
+        # instant of the read looked like a stalled disk; over the whole second they were ~0.1 deep.
+        Feature("block_io.queue_depth_log1p",
+                "log1p(mean requests in flight over the interval, all disks: completed requests' time / the "
+                "interval, iostat's aqu-sz)"),
         Feature("block_io.read_await_sustained_log1p_us",
                 f"smallest block_io.read_await_log1p_us of the last {SUSTAINED_WINDOWS} intervals (0 until there are "
                 f"{SUSTAINED_WINDOWS}; 0 when one had no reads)"),
@@ -223,7 +227,7 @@ class BlockIoProbe(Probe):
             "block_io.latency_p50_log1p_us": math.log1p(log2hist.quantile(counts, 0.50)),
             "block_io.latency_p99_log1p_us": math.log1p(log2hist.quantile(counts, 0.99)),
             "block_io.read_await_log1p_us": read_await,
-            "block_io.inflight_log1p": math.log1p(sum(inflight.values())),
+            "block_io.queue_depth_log1p": math.log1p(sum(busy_ns.values()) / seconds / 1e9) if seconds > 0 else 0.0,
             "block_io.read_await_sustained_log1p_us":
                 min(self._read_awaits) if len(self._read_awaits) == SUSTAINED_WINDOWS else 0.0,
         }

@@ -37,8 +37,8 @@ import numpy as np
 from ...kernel import bpfsys
 from ...kernel.maps import MapSnapshot
 from ...kernel.netns import NetnsError, in_netns
-from ..base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, TopItem, log1p_rate,
-                    ratio)
+from ..base import (COUNTER, GAUGE, HISTOGRAM, CounterDeltas, Feature, Metric, Probe, Reading, TopItem, damped_share,
+                    log1p_rate, ratio)
 from .sources import (SourceRate, SourceWindows, sample_mask, sample_shift, size_counts,  # noqa: F401 (re-exported)
                       source_address)
 from ..contract import U32, U64, MapContract, check_struct_offsets, dtype, value_type
@@ -58,6 +58,9 @@ FAMILIES = ("other", "ipv4", "ipv6")      # FAM_*
 TRANSPORTS = ("other", "tcp", "udp", "icmp")  # L4_*; "icmp" is ICMPv6 for IPv6
 TCP_FLAGS = ("syn", "syn_ack", "rst", "fin")  # FLAG_*
 VERDICTS = ("pass", "drop", "allow")  # VERDICT_*
+# A window with one stray SYN read as a SYN share of 1.0, a SYN flood's. With 20 clean segments a second assumed, it
+# reads 0.05; a flood (10^4-10^5 segments a second) or 200 refused connects a second move by under 10 %.
+SYN_SHARE_PRIOR_SEGMENTS = 20
 PROTO_SLOTS = len(FAMILIES) * len(TRANSPORTS)  # packets and bytes per family x transport: slot = fam * 4 + l4
 SIZE_SLOTS = 17
 SIZE16_SLOTS = 128  # struct totals' size16[i] (lengths [16 i, 16 i + 16)) belongs to log2 slot floor(log2(16 i)) + 1
@@ -138,7 +141,8 @@ class XdpProbe(Probe):
         Feature("xdp.bytes_rate_log1p", "log1p(received bytes per second)"),
         # UDP apart: a flood of small datagrams moves few bytes, and a host that answers no UDP sees almost none.
         Feature("xdp.udp_rate_log1p", "log1p(received UDP datagrams per second)"),
-        Feature("xdp.syn_ratio", "SYN (without ACK) / received TCP segments"),
+        Feature("xdp.syn_ratio",
+                f"SYN (without ACK) / (received TCP segments + {SYN_SHARE_PRIOR_SEGMENTS} a second): damped when quiet"),
         Feature("xdp.syn_synack_imbalance", "log1p(SYN/s) - log1p(SYN-ACK/s) received: >0 more attempts than answers"),
         Feature("xdp.distinct_sources_log1p", "log1p(distinct source addresses per second)"),
         Feature("xdp.top_source_share", "share of passed packets sent by the busiest source"),
@@ -478,7 +482,7 @@ class XdpProbe(Probe):
             "xdp.packets_rate_log1p": log1p_rate(sums["packets"], seconds),
             "xdp.bytes_rate_log1p": log1p_rate(sums["bytes"], seconds),
             "xdp.udp_rate_log1p": log1p_rate(sums["udp"], seconds),
-            "xdp.syn_ratio": ratio(sums["syn"], sums["tcp"]),
+            "xdp.syn_ratio": damped_share(sums["syn"], sums["tcp"], seconds, SYN_SHARE_PRIOR_SEGMENTS),
             "xdp.syn_synack_imbalance": log1p_rate(sums["syn"], seconds) - log1p_rate(sums["synack"], seconds),
             "xdp.distinct_sources_log1p": log1p_rate(distinct, seconds),
             "xdp.top_source_share": top_share,
