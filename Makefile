@@ -100,7 +100,7 @@ lab: setup
 # recording the bundled models were trained on (HOLDOUT_WINDOWS: shipped beside the training code, make model
 # writes it), with benign time never trained on (HOLDOUT_BENIGN: 13.9 quiet minutes, look-alikes included, shipped).
 HOLDOUT_WINDOWS ?= model_export/lab/data/training-windows.csv.gz
-HOLDOUT_BENIGN ?= model_export/lab/data/eval-benign-20261202.csv.gz
+HOLDOUT_BENIGN ?= model_export/lab/data/eval-benign-20261202-0451.csv.gz
 detection-report: setup
 	@mkdir -p build/lab
 	$(VPY) -m model_export.lab report --markdown build/lab/detection-report.md
