@@ -231,8 +231,11 @@ SYN_OR_PACKET = ("tcp.", "xdp.")
 
 
 def jittered(window: dict[str, float], seed: int) -> dict[str, float]:
+    """The window moved a little, never below zero where it was not: no rate or share is negative, and a negative
+    one lies outside the benign bounds (a share of -0.05 read as beyond http.server_error_share's bound)."""
     rng = np.random.default_rng(seed)
-    return {n: v + float(rng.normal(0, 0.05)) for n, v in window.items()}
+    moved = {n: v + float(rng.normal(0, 0.05)) for n, v in window.items()}
+    return {n: max(m, 0.0) if window[n] >= 0 else m for n, m in moved.items()}
 
 
 def windows_of(state: str) -> list[dict[str, float]]:

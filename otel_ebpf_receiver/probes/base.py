@@ -111,9 +111,9 @@ def damped_share(part: float, whole: float, seconds: float, prior_per_second: fl
     """part / (whole + prior_per_second x seconds): a share that a handful of events cannot push to 1.
 
     A plain share is as loud at one event as at a million: one stray SYN is a SYN share of 1.0, and an idle host's
-    200 calls a second, most of them polls that time out, are an error share of 0.6. Both sat beyond what benign
-    training saw and read as incidents. With the prior's events assumed present and clean, a quiet window's share
-    stays small, while a busy window (a flood's 50,000 segments, a storm's 10^5 calls) moves by well under 1 %."""
+    few hundred calls a second, most of them polls that time out, are an error share of 0.6. Both sat beyond what
+    benign training saw and read as incidents. With the prior's events assumed present and clean, a quiet window's
+    share stays small, while a busy window (a flood's 50,000 segments, a storm's 10^5 calls) moves by under 1 %."""
     return part / (whole + prior_per_second * seconds) if whole > 0 and seconds > 0 else 0.0
 
 
