@@ -227,7 +227,8 @@ class BlockIoProbe(Probe):
             "block_io.latency_p50_log1p_us": math.log1p(log2hist.quantile(counts, 0.50)),
             "block_io.latency_p99_log1p_us": math.log1p(log2hist.quantile(counts, 0.99)),
             "block_io.read_await_log1p_us": read_await,
-            "block_io.queue_depth_log1p": math.log1p(sum(busy_ns.values()) / seconds / 1e9) if seconds > 0 else 0.0,
+            # request-seconds per second: the mean number in flight
+            "block_io.queue_depth_log1p": log1p_rate(sum(busy_ns.values()) / 1e9, seconds),
             "block_io.read_await_sustained_log1p_us":
                 min(self._read_awaits) if len(self._read_awaits) == SUSTAINED_WINDOWS else 0.0,
         }
