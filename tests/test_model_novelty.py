@@ -114,6 +114,20 @@ def test_an_event_rate_never_seen_in_benign_time_allows_one_event_a_second() -> 
     assert bounds.high[1] == pytest.approx(0.05, abs=1e-3)
 
 
+def test_a_host_quieter_than_benign_time_is_not_novel_but_a_busier_one_is() -> None:
+    """An event rate's low bound reaches below zero events (a quiet host reads normal, not unknown); its high side is
+    the recording's, as wide as without the rule. Other features keep both sides."""
+    table = make_windows(("syscalls.rate_log1p", "a.share"), ("normal",), per_state=20, seed=0)
+    table.values[:, 0] = np.linspace(math.log1p(30.0), math.log1p(3000.0), len(table.values))
+    table.values[:, 1] = np.linspace(0.4, 0.6, len(table.values))
+    bounds = benign_bounds(table, margin=0.1)
+    span = math.log1p(3000.0) - math.log1p(30.0)
+    assert bounds.low[0] < 0.0 and bounds.high[0] == pytest.approx(math.log1p(3000.0) + 0.1 * span, rel=1e-4)
+    assert not bounds.excess(np.array([0.0, 0.5])).any() and not bounds.excess(np.array([math.log1p(5.0), 0.5])).any()
+    assert bounds.excess(np.array([math.log1p(6000.0), 0.5]))[0] > 0
+    assert bounds.excess(np.array([math.log1p(300.0), 0.3]))[1] < 0
+
+
 def test_bounds_need_benign_windows() -> None:
     table = make_windows(("a.x",), ("exec_storm",), per_state=5)
     with pytest.raises(ValueError, match="normal"):
