@@ -66,13 +66,17 @@ def test_refused_connections_reset_and_healthy_short_connections_do_not(recorded
     assert median(recorded, "short_connections", "tcp.connect_failures_rate_log1p") < math.log1p(5)
 
 
-def test_a_degraded_link_retransmits_where_a_paced_transfer_does_not(recorded):
+def test_a_degraded_link_retransmits_and_times_out_where_a_paced_transfer_does_not(recorded):
     degraded = median(recorded, "link_degraded", "tcp.retransmits_rate_log1p")
     assert degraded > math.log1p(2)
-    assert degraded > median(recorded, "paced_transfer", "tcp.retransmits_rate_log1p") + 1
-    if TcpProbe.sees_congestion():  # retransmission timeouts: a lossy link has them, a fast clean one does not
+    if TcpProbe.sees_congestion():
+        # What tells them apart (the feature's reason to exist): a lossy link times out, a fast clean transfer does
+        # not. Their retransmit rates alone do not: a CI run's paced transfer retransmitted 4.6 a second to the
+        # shaped link's 10.
         assert median(recorded, "link_degraded", "tcp.timeouts_rate_log1p") > 0
         assert median(recorded, "paced_transfer", "tcp.timeouts_rate_log1p") == 0
+    else:  # retransmits are all this kernel shows
+        assert degraded > median(recorded, "paced_transfer", "tcp.retransmits_rate_log1p") + 1
 
 
 def test_the_link_is_shaped_on_every_port_during_the_scenario_and_not_after(bed):
