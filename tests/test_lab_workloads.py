@@ -21,16 +21,14 @@ from .helpers import wait_for
 pytestmark = [pytest.mark.bpf, pytest.mark.timeout(180)]
 
 
+def bpf_programs() -> dict[int, list[str]]:
+    """Each loaded program's id with the processes that hold it open ("comm pid", from bpftool's pids field)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return {prog["id"]: [f"{p['comm']} {p['pid']}" for p in prog.get("pids", [])] for prog in json.loads(out or "[]")}
+
+
 def bpf_program_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    return {prog["id"] for prog in json.loads(out or "[]")}
-
-
-def bpf_program_holders(ids: set[int]) -> dict[int, list[str]]:
-    """Each program id with the processes that hold it open ("comm pid", from bpftool's pids field)."""
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    return {prog["id"]: [f"{p['comm']} {p['pid']}" for p in prog.get("pids", [])]
-            for prog in json.loads(out or "[]") if prog["id"] in ids}
+    return set(bpf_programs())
 
 
 def prometheus_value(base: str, query: str) -> float | None:
@@ -61,7 +59,7 @@ def test_telemetry_stack_exports_the_agents_metrics_and_leaves_nothing(otelcol):
     while time.monotonic() < deadline and (any(alive(pid) for pid in pids) or bpf_program_ids() & during):
         time.sleep(0.2)
     assert not [pid for pid in pids if alive(pid)], "processes of the workload still run"
-    left = bpf_program_holders(bpf_program_ids() & during)
+    left = {prog_id: holders for prog_id, holders in bpf_programs().items() if prog_id in during}
     assert not left, f"the agent's BPF programs are still loaded 20 s after the workload ended: {left}"
 
 
